@@ -1,0 +1,1 @@
+"""Pydantic wire models for the worker, controller and OpenAI-compatible API."""

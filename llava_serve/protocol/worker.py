@@ -1,0 +1,64 @@
+"""Wire models of the worker's HTTP contract (LLaVA / FastChat compatible, SPEC section 3)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class GenerateRequest(BaseModel):
+    """Body of /worker_generate_stream and /worker_generate.
+
+    Unknown keys are ignored, as LLaVA's worker ignores them (its clients send `model`).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    images: list[str] | None = None
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    max_new_tokens: int = Field(256, ge=0, le=1_000_000)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    echo: bool = True
+    ignore_eos: bool = False
+    request_id: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and any(not s for s in v):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        if isinstance(self.stop, str):
+            return [self.stop] if self.stop else []
+        return list(self.stop)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class WorkerStatus(BaseModel):
+    model_names: list[str]
+    speed: float = 1.0
+    queue_length: int = 0
+
+
+def encode_frame(obj: dict[str, Any]) -> bytes:
+    """One stream frame: JSON then a NUL byte, as LLaVA's clients split on it."""
+    return json.dumps(obj).encode() + b"\0"
