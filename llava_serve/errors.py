@@ -115,5 +115,19 @@ class NoWorker(ServeError):
     http_status = 503
 
 
+class WorkerUnavailable(ServeError):
+    """A worker could not be reached, or failed mid-stream."""
+
+    code = ErrorCode.CONTROLLER_WORKER_TIMEOUT
+    http_status = 502
+
+
+class Forbidden(ServeError):
+    """A shared secret (e.g. the workers' registration secret) is missing or wrong."""
+
+    code = ErrorCode.NO_PERMISSION
+    http_status = 403
+
+
 class ModelLoadError(Exception):
     """A checkpoint cannot be loaded; the message says what to fix."""

@@ -1,0 +1,1 @@
+"""The controller: registry of workers (heartbeats, expiry), dispatch, and the stream proxy."""

@@ -1,0 +1,109 @@
+"""create_app(config): the controller as a FastAPI app, all state on app.state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from llava_serve.common.auth import add_bearer_auth
+from llava_serve.controller.config import ControllerConfig
+from llava_serve.controller.dispatch import Dispatcher
+from llava_serve.controller.metrics import ControllerMetrics
+from llava_serve.controller.proxy import StreamProxy
+from llava_serve.controller.registry import Clock, Registry
+from llava_serve.controller.routes import STREAM_ROUTES, WORKER_ROUTES, ControllerState, router, worker_router
+from llava_serve.errors import InvalidRequest, Overloaded, ServeError
+from llava_serve.protocol.worker import encode_frame
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(
+    config: ControllerConfig,
+    *,
+    clock: Clock | None = None,
+    rng: random.Random | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """`clock`, `rng` and `transport` (outbound HTTP to workers) are injectable for tests."""
+    registry = Registry(config.heart_beat_expiration, clock)
+    dispatcher = Dispatcher(registry, config.dispatch_method, rng)
+    metrics = ControllerMetrics(registry)
+    client = _worker_client(config, transport)
+    proxy = StreamProxy(dispatcher, client, metrics, config.max_tries)
+
+    app = FastAPI(title="llava-serve controller", lifespan=_lifespan)
+    app.state.controller = ControllerState(config, registry, dispatcher, metrics, client, proxy)
+    app.include_router(worker_router)
+    app.include_router(router)
+    add_bearer_auth(app, config.api_keys, exempt_paths={"/health", *WORKER_ROUTES})
+    app.add_exception_handler(ServeError, _serve_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    ctrl: ControllerState = app.state.controller
+    expiry = asyncio.create_task(_expire_workers(ctrl.registry, ctrl.config.expiry_check_interval))
+    try:
+        yield
+    finally:
+        expiry.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await expiry
+        await ctrl.client.aclose()
+
+
+async def _expire_workers(registry: Registry, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        for name in registry.expire():
+            logger.warning("worker %s expired: no heartbeat for %.0fs", name, registry.expiration)
+
+
+def _worker_client(config: ControllerConfig, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+    headers = {"authorization": f"Bearer {config.worker_api_key}"} if config.worker_api_key else {}
+    timeout = httpx.Timeout(config.worker_timeout, connect=config.connect_timeout)
+    # No pool limit: a pool timeout would look like a dead worker. trust_env off: workers are
+    # reached directly, never through a proxy from the environment.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    return httpx.AsyncClient(
+        headers=headers, timeout=timeout, limits=limits, transport=transport, trust_env=False
+    )
+
+
+def error_response(request: Request, err: ServeError) -> Response:
+    """The one place a ServeError becomes HTTP: a FastChat body; a frame on stream routes."""
+    headers = {"retry-after": f"{err.retry_after:g}"} if isinstance(err, Overloaded) else None
+    if request.url.path in STREAM_ROUTES:
+        body = encode_frame(err.to_dict())
+        return Response(body, status_code=err.http_status, media_type="application/json", headers=headers)
+    return JSONResponse(err.to_dict(), status_code=err.http_status, headers=headers)
+
+
+async def _serve_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServeError)
+    return error_response(request, exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(request, InvalidRequest(f"invalid request: {describe_validation(exc)}"))
+
+
+def describe_validation(exc: RequestValidationError) -> str:
+    """'field.path: problem; ...' from pydantic's errors, without FastAPI's 'body' prefix."""
+    parts = []
+    for e in exc.errors():
+        where = ".".join(str(p) for p in e["loc"] if p != "body")
+        parts.append(f"{where}: {e['msg']}" if where else str(e["msg"]))
+    return "; ".join(parts)

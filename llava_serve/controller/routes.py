@@ -1,0 +1,172 @@
+"""The controller's HTTP routes (LLaVA's, with LLaVA's meaning, plus unregister/health/metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+
+import httpx
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from llava_serve.common.auth import secret_matches
+from llava_serve.common.streaming import ClosingStreamingResponse
+from llava_serve.controller.config import ControllerConfig
+from llava_serve.controller.dispatch import Dispatcher
+from llava_serve.controller.metrics import ControllerMetrics
+from llava_serve.controller.proxy import StreamProxy, fetch_worker_status
+from llava_serve.controller.registry import Registry
+from llava_serve.errors import Forbidden, InvalidRequest, WorkerUnavailable
+from llava_serve.protocol.controller import (
+    GetWorkerAddressRequest,
+    GetWorkerAddressResponse,
+    HeartBeatRequest,
+    HeartBeatResponse,
+    ListModelsResponse,
+    RegisterWorkerRequest,
+    RegisterWorkerResponse,
+    UnregisterWorkerRequest,
+    UnregisterWorkerResponse,
+)
+from llava_serve.protocol.worker import WorkerStatus
+
+logger = logging.getLogger(__name__)
+
+# Routes workers call: guarded by the registration secret instead of client API keys.
+WORKER_ROUTES = frozenset({"/register_worker", "/receive_heart_beat", "/unregister_worker"})
+STREAM_ROUTES = frozenset({"/worker_generate_stream"})
+
+
+@dataclass
+class ControllerState:
+    config: ControllerConfig
+    registry: Registry
+    dispatcher: Dispatcher
+    metrics: ControllerMetrics
+    client: httpx.AsyncClient
+    proxy: StreamProxy
+
+
+def get_state(request: Request) -> ControllerState:
+    return request.app.state.controller
+
+
+async def require_registration_secret(request: Request) -> None:
+    secret = get_state(request).config.registration_secret
+    if secret and not secret_matches(request.headers.get("x-registration-secret"), secret):
+        host = request.client.host if request.client else "?"
+        logger.warning("refused %s from %s: missing or wrong X-Registration-Secret", request.url.path, host)
+        raise Forbidden("missing or wrong X-Registration-Secret header")
+
+
+worker_router = APIRouter(dependencies=[Depends(require_registration_secret)])
+router = APIRouter()
+
+
+@worker_router.post("/register_worker")
+async def register_worker(
+    req: RegisterWorkerRequest, ctrl: ControllerState = Depends(get_state)
+) -> RegisterWorkerResponse:
+    status = req.worker_status
+    if status is None:
+        try:
+            status = await fetch_worker_status(ctrl.client, req.worker_name)
+        except (httpx.HTTPError, ValidationError, ValueError) as exc:
+            raise WorkerUnavailable(f"cannot get the status of worker {req.worker_name}: {exc}") from exc
+    ctrl.registry.register(req.worker_name, status, req.check_heart_beat)
+    logger.info("registered worker %s: models=%s speed=%s", req.worker_name, status.model_names, status.speed)
+    return RegisterWorkerResponse(heart_beat_interval=ctrl.config.heart_beat_interval)
+
+
+@worker_router.post("/receive_heart_beat")
+async def receive_heart_beat(
+    req: HeartBeatRequest, ctrl: ControllerState = Depends(get_state)
+) -> HeartBeatResponse:
+    return HeartBeatResponse(exist=ctrl.registry.heart_beat(req.worker_name, req.queue_length))
+
+
+@worker_router.post("/unregister_worker")
+async def unregister_worker(
+    req: UnregisterWorkerRequest, ctrl: ControllerState = Depends(get_state)
+) -> UnregisterWorkerResponse:
+    existed = ctrl.registry.unregister(req.worker_name)
+    logger.info("unregistered worker %s (known: %s)", req.worker_name, existed)
+    return UnregisterWorkerResponse(exist=existed)
+
+
+@router.post("/refresh_all_workers")
+async def refresh_all_workers(ctrl: ControllerState = Depends(get_state)) -> dict[str, object]:
+    """Re-read every worker's status; drop the ones that do not answer."""
+    names = [w.name for w in ctrl.registry.workers()]
+    results = await asyncio.gather(
+        *(fetch_worker_status(ctrl.client, n) for n in names), return_exceptions=True
+    )
+    removed = []
+    for name, result in zip(names, results, strict=True):
+        info = ctrl.registry.get(name)
+        if info is None:
+            continue
+        if isinstance(result, WorkerStatus):
+            ctrl.registry.register(name, result, info.check_heart_beat)
+        else:
+            ctrl.registry.unregister(name)
+            removed.append(name)
+            logger.warning("refresh: removed worker %s: %s", name, result)
+    return {"workers": len(ctrl.registry), "removed": removed}
+
+
+@router.post("/list_models")
+async def list_models(ctrl: ControllerState = Depends(get_state)) -> ListModelsResponse:
+    return ListModelsResponse(models=ctrl.registry.model_names())
+
+
+@router.post("/get_worker_address")
+async def get_worker_address(
+    req: GetWorkerAddressRequest, ctrl: ControllerState = Depends(get_state)
+) -> GetWorkerAddressResponse:
+    worker = ctrl.dispatcher.choose(req.model)
+    if worker is None:
+        return GetWorkerAddressResponse(address="")
+    ctrl.metrics.dispatches.labels(req.model).inc()
+    return GetWorkerAddressResponse(address=worker.name)
+
+
+@router.post("/worker_get_status")
+async def worker_get_status(ctrl: ControllerState = Depends(get_state)) -> WorkerStatus:
+    return ctrl.registry.aggregate_status()
+
+
+@router.post("/worker_generate_stream")
+async def worker_generate_stream(request: Request, ctrl: ControllerState = Depends(get_state)) -> Response:
+    body = await request.body()
+    worker, upstream = await ctrl.proxy.open(_model_of(body), body)
+    if upstream.status_code != 200:  # the worker refused the request: pass its answer through
+        content = await upstream.aread()
+        await upstream.aclose()
+        keep = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "retry-after")}
+        return Response(content, status_code=upstream.status_code, headers=keep)
+    media_type = upstream.headers.get("content-type", "application/octet-stream")
+    return ClosingStreamingResponse(ctrl.proxy.relay(worker, upstream), media_type=media_type)
+
+
+@router.get("/health")
+async def health(ctrl: ControllerState = Depends(get_state)) -> dict[str, object]:
+    return {"status": "ok", "workers": len(ctrl.registry)}
+
+
+@router.get("/metrics")
+async def metrics(ctrl: ControllerState = Depends(get_state)) -> Response:
+    return Response(ctrl.metrics.render(), media_type=ctrl.metrics.content_type)
+
+
+def _model_of(body: bytes) -> str:
+    try:
+        model = json.loads(body).get("model")
+    except (ValueError, AttributeError):
+        raise InvalidRequest("request body must be a JSON object") from None
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' (the model name) is required to route the request")
+    return model
