@@ -1,0 +1,123 @@
+"""What every engine shares: admission (one counter, one place), output emission, health."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from llava_serve.engine.request import Request, RequestOutput, Status
+from llava_serve.engine.text import TextAssembler
+from llava_serve.errors import EngineDead, Overloaded, ServeError
+from llava_serve.models.base import LoadedModel
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    generated_tokens: int
+    finished_requests: int
+    last_step_age: float
+    alive: bool
+
+
+class EngineBase:
+    """Subclasses implement _start_thread/_wake and call _emit/_finish from their model thread."""
+
+    name = "base"
+
+    def __init__(self, lm: LoadedModel, max_running: int, max_waiting: int) -> None:
+        self.lm = lm
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self._lock = threading.Lock()
+        self._accepted: set[Request] = set()
+        self._stopping = threading.Event()
+        self.dead: BaseException | None = None
+        self.generated_tokens = 0
+        self.finished_requests = 0
+        self.last_step = time.monotonic()
+        self.busy_since: float | None = None
+
+    # -- called from any thread ------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        """Accept a request or raise Overloaded / EngineDead; an accepted request always finishes."""
+        if self.dead is not None or self._stopping.is_set():
+            raise EngineDead(f"the engine is not running ({self.dead or 'shutting down'})")
+        ctx = self.lm.context_length
+        req.max_new_tokens = max(0, min(req.params.max_new_tokens, ctx - req.prompt_len))
+        req.state = TextAssembler(self.lm.tokenizer, req.params.stop)
+        with self._lock:
+            if len(self._accepted) >= self.max_running + self.max_waiting:
+                raise Overloaded(
+                    f"worker is at capacity ({self.max_running} running, {self.max_waiting} waiting); retry later",
+                    retry_after=1.0,
+                )
+            self._accepted.add(req)
+        self._enqueue(req)
+
+    def abort(self, req: Request) -> None:
+        req.cancel()
+        self._wake()
+
+    def queue_length(self) -> int:
+        with self._lock:
+            return len(self._accepted)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            accepted = list(self._accepted)
+        running = sum(1 for r in accepted if r.status == Status.RUNNING)
+        return EngineStats(
+            running=running,
+            waiting=len(accepted) - running,
+            generated_tokens=self.generated_tokens,
+            finished_requests=self.finished_requests,
+            last_step_age=time.monotonic() - self.last_step,
+            alive=self.is_alive(),
+        )
+
+    def is_alive(self) -> bool:
+        raise NotImplementedError
+
+    def is_ready(self, stall_seconds: float = 30.0) -> bool:
+        """Alive, and if it has work, it made a step recently."""
+        if not self.is_alive() or self.dead is not None:
+            return False
+        busy = self.busy_since
+        return busy is None or time.monotonic() - max(busy, self.last_step) < stall_seconds
+
+    # -- subclass hooks ----------------------------------------------------------------------
+    def _enqueue(self, req: Request) -> None:
+        raise NotImplementedError
+
+    def _wake(self) -> None:
+        pass
+
+    # -- called from the model thread --------------------------------------------------------
+    def _emit(self, req: Request) -> None:
+        assembler: TextAssembler = req.state
+        req.sink(
+            RequestOutput(req.request_id, assembler.visible(), len(req.output_ids), req.prompt_len, finished=False)
+        )
+
+    def _finish(self, req: Request, reason: str, error: ServeError | None = None) -> None:
+        """The one place an accepted request leaves: its final output, then its slot is free."""
+        assembler: TextAssembler = req.state
+        req.status = Status.FINISHED
+        with self._lock:
+            if req not in self._accepted:
+                return
+            self._accepted.discard(req)
+            self.finished_requests += 1
+        out = RequestOutput(
+            req.request_id,
+            assembler.visible(final=True) if assembler else "",
+            len(req.output_ids),
+            req.prompt_len,
+            finished=True,
+            finish_reason=reason,
+            error=error,
+        )
+        req.sink(out)

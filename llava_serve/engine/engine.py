@@ -1,0 +1,163 @@
+"""The continuous-batching engine: one thread owns the model; a step is schedule, run, postprocess."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import torch
+
+from llava_serve.engine.base import EngineBase
+from llava_serve.engine.request import Request
+from llava_serve.engine.runner import ModelRunner
+from llava_serve.engine.sampler import sample
+from llava_serve.engine.scheduler import Schedule, Scheduler
+from llava_serve.engine.text import TextAssembler
+from llava_serve.errors import EngineDead, OutOfMemory, ServeError
+from llava_serve.models.base import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class BatchEngine(EngineBase):
+    name = "batch"
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        max_running: int = 5,
+        max_waiting: int = 64,
+        prefill_token_budget: int = 8192,
+        feature_cache_size: int = 64,
+    ) -> None:
+        super().__init__(lm, max_running, max_waiting)
+        self.inbox: queue.Queue[Request | None] = queue.Queue()
+        self.scheduler = Scheduler(max_running, prefill_token_budget)
+        self.runner = ModelRunner(lm, max_running, feature_cache_size)
+        self.eos = set(lm.eos_token_ids)
+        self.thread = threading.Thread(target=self._loop, name="llava-serve-engine", daemon=True)
+
+    def start(self) -> BatchEngine:
+        self.thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self.inbox.put(None)
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def _enqueue(self, req: Request) -> None:
+        self.inbox.put(req)
+
+    def _wake(self) -> None:
+        self.inbox.put(None)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            self._run_loop()
+
+    def _run_loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain(block=not self.scheduler.has_work())
+                self._drop_cancelled()
+                if self.scheduler.has_work():
+                    self.busy_since = self.busy_since or time.monotonic()
+                    self.step()
+                    self.last_step = time.monotonic()
+                else:
+                    self.busy_since = None
+        except BaseException as exc:  # the engine must never die silently
+            log.exception("engine loop died")
+            self.dead = exc
+        finally:
+            self._fail_all(EngineDead("the engine stopped before this request finished"))
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+            while True:
+                if item is None:
+                    pass
+                elif item.max_new_tokens == 0:
+                    self._finish(item, "length")
+                else:
+                    self.scheduler.add(item)
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _drop_cancelled(self) -> None:
+        for req in self.scheduler.cancelled():
+            self._leave(req, "abort")
+
+    def step(self) -> None:
+        plan = self.scheduler.schedule()
+        try:
+            tokens = self._run(plan)
+        except torch.OutOfMemoryError:
+            log.exception("out of memory in a step")
+            for req in plan.decode + plan.prefill:
+                self._leave(req, "error", OutOfMemory("out of memory while generating; retry with less"))
+            return
+        except ServeError as exc:
+            for req in plan.prefill:
+                self._leave(req, "error", exc)
+            return
+        self._postprocess(*tokens)
+
+    def _run(self, plan: Schedule) -> tuple[list[Request], list[int]]:
+        """Decode the rows already in the batch, then prefill the newcomers."""
+        rows = list(self.runner.rows)
+        tokens = sample(self.runner.decode(), rows) if rows else []
+        if plan.prefill:
+            features = self.runner.encode_images(plan.prefill)
+            logits = torch.stack([self.runner.prefill(req, features) for req in plan.prefill])
+            tokens += sample(logits, plan.prefill)
+        return rows + plan.prefill, tokens
+
+    def _postprocess(self, requests: list[Request], tokens: list[int]) -> None:
+        now = time.monotonic()
+        for req, token in zip(requests, tokens):
+            if req.first_token_at is None:
+                req.first_token_at = now
+            reason = self._append(req, token)
+            self.generated_tokens += 1
+            if reason:
+                self._leave(req, reason)
+            else:
+                self._emit(req)
+
+    def _append(self, req: Request, token: int) -> str | None:
+        req.output_ids.append(token)
+        params = req.params
+        if token in params.stop_token_ids or (token in self.eos and not params.ignore_eos):
+            return "stop"
+        assembler: TextAssembler = req.state
+        if assembler.append(token):
+            return "stop"
+        if len(req.output_ids) >= req.max_new_tokens:
+            return "length"
+        return None
+
+    def _leave(self, req: Request, reason: str, error: ServeError | None = None) -> None:
+        if req in self.runner.rows:
+            self.runner.release(req)
+        self.scheduler.finish(req)
+        self._finish(req, reason, error)
+
+    def _fail_all(self, error: ServeError) -> None:
+        self._drain(block=False)
+        for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._leave(req, "error", error)
+        with self._lock:
+            stranded = list(self._accepted)
+        for req in stranded:
+            self._finish(req, "error", error)

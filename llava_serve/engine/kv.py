@@ -1,0 +1,166 @@
+"""A batched KV cache whose rows are requests: rows join and leave between decode steps.
+
+Rows are left-padded to a shared length T, so one decode step appends one column for all rows.
+Storage is preallocated and grows by doubling, so a step writes one column in place instead of
+concatenating the whole cache (what DynamicCache does). A row that leaves is replaced by the last
+row (one row copy); leading columns that are padding for every row are trimmed.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class SlotLayer(DynamicLayer):
+    def __init__(self, owner: SlotCache) -> None:
+        super().__init__()
+        self.owner = owner
+        self.kbuf: torch.Tensor | None = None
+        self.vbuf: torch.Tensor | None = None
+
+    def allocate(self, like: torch.Tensor, rows: int, cols: int) -> None:
+        _, heads, _, dim = like.shape
+        self.kbuf = like.new_zeros(rows, heads, cols, dim)
+        self.vbuf = like.new_zeros(rows, heads, cols, dim)
+        self.is_initialized = True
+        self.device = like.device
+
+    def refresh_views(self) -> None:
+        b, t = self.owner.batch, self.owner.length
+        assert self.kbuf is not None and self.vbuf is not None
+        self.keys = self.kbuf[:b, :, :t]
+        self.values = self.vbuf[:b, :, :t]
+
+    def update(self, key_states, value_states, *args, **kwargs):  # type: ignore[override]
+        b, t, q = self.owner.batch, self.owner.length, key_states.shape[-2]
+        assert self.kbuf is not None and self.vbuf is not None
+        self.kbuf[:b, :, t : t + q] = key_states
+        self.vbuf[:b, :, t : t + q] = value_states
+        self.keys = self.kbuf[:b, :, : t + q]
+        self.values = self.vbuf[:b, :, : t + q]
+        return self.keys, self.values
+
+
+class SlotCache(Cache):
+    def __init__(self, num_layers: int, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self.batch = 0
+        self.length = 0
+        self.capacity = 0
+        self.mask: torch.Tensor | None = None  # [max_rows, capacity] 1 = real token
+        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+
+    @property
+    def slot_layers(self) -> list[SlotLayer]:
+        return self.layers  # type: ignore[return-value]
+
+    def add_row(self, prefill: Cache, length: int) -> int:
+        """Copy a one-request prefill cache in as a new last row; returns its index."""
+        if self.batch >= self.max_rows:
+            raise RuntimeError("KV cache has no free row")
+        if self.mask is None:
+            self._allocate(prefill, max(64, 2 * length))
+        if length > self.length:
+            self._shift_right(length - self.length)
+        self._ensure_capacity(self.length + 1)
+        assert self.mask is not None
+        row, start = self.batch, self.length - length
+        for layer, src in zip(self.slot_layers, prefill.layers):
+            assert layer.kbuf is not None and layer.vbuf is not None
+            layer.kbuf[row, :, start : self.length] = src.keys[0, :, :length]
+            layer.vbuf[row, :, start : self.length] = src.values[0, :, :length]
+        self.mask[row, :start] = 0
+        self.mask[row, start : self.length] = 1
+        self.batch += 1
+        self._refresh()
+        return row
+
+    def remove_row(self, row: int) -> int | None:
+        """Drop a row; the last row moves into its place. Returns the moved row's old index."""
+        last = self.batch - 1
+        moved = None
+        if row != last:
+            for layer in self.slot_layers:
+                assert layer.kbuf is not None and layer.vbuf is not None
+                layer.kbuf[row, :, : self.length] = layer.kbuf[last, :, : self.length]
+                layer.vbuf[row, :, : self.length] = layer.vbuf[last, :, : self.length]
+            assert self.mask is not None
+            self.mask[row, : self.length] = self.mask[last, : self.length]
+            moved = last
+        self.batch -= 1
+        if self.batch == 0:
+            self.length = 0
+        else:
+            self._trim()
+        self._refresh()
+        return moved
+
+    def begin_step(self) -> torch.Tensor:
+        """Make room for one column; returns the attention mask for the step ([batch, length + 1])."""
+        self._ensure_capacity(self.length + 1)
+        assert self.mask is not None
+        self.mask[: self.batch, self.length] = 1
+        return self.mask[: self.batch, : self.length + 1]
+
+    def end_step(self) -> None:
+        self.length += 1
+        self._refresh()
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def _allocate(self, prefill: Cache, cols: int) -> None:
+        for layer, src in zip(self.slot_layers, prefill.layers):
+            layer.allocate(src.keys, self.max_rows, cols)
+        self.mask = torch.zeros(self.max_rows, cols, dtype=torch.long, device=prefill.layers[0].keys.device)
+        self.capacity = cols
+
+    def _ensure_capacity(self, cols: int) -> None:
+        if cols <= self.capacity:
+            return
+        new_cap = max(cols, 2 * self.capacity)
+        for layer in self.slot_layers:
+            assert layer.kbuf is not None and layer.vbuf is not None
+            kbuf, vbuf = layer.kbuf, layer.vbuf
+            layer.allocate(kbuf[:, :, :1], self.max_rows, new_cap)
+            layer.kbuf[:, :, : self.capacity] = kbuf  # type: ignore[index]
+            layer.vbuf[:, :, : self.capacity] = vbuf  # type: ignore[index]
+        assert self.mask is not None
+        mask = self.mask.new_zeros(self.max_rows, new_cap)
+        mask[:, : self.capacity] = self.mask
+        self.mask = mask
+        self.capacity = new_cap
+
+    def _shift_right(self, n: int) -> None:
+        self._ensure_capacity(self.length + n + 1)
+        b, t = self.batch, self.length
+        for layer in self.slot_layers:
+            for buf in (layer.kbuf, layer.vbuf):
+                assert buf is not None
+                buf[:b, :, n : n + t] = buf[:b, :, :t].clone()
+                buf[:b, :, :n] = 0
+        assert self.mask is not None
+        self.mask[:b, n : n + t] = self.mask[:b, :t].clone()
+        self.mask[:b, :n] = 0
+        self.length += n
+
+    def _trim(self) -> None:
+        """Drop leading columns that are padding in every row, when that saves enough."""
+        assert self.mask is not None
+        b, t = self.batch, self.length
+        real = self.mask[:b, :t].any(dim=0)
+        pad = int(real.float().argmax()) if bool(real.any()) else t
+        if pad < 32 or pad * 4 < t:
+            return
+        for layer in self.slot_layers:
+            for buf in (layer.kbuf, layer.vbuf):
+                assert buf is not None
+                buf[:b, :, : t - pad] = buf[:b, :, pad:t].clone()
+        self.mask[:b, : t - pad] = self.mask[:b, pad:t].clone()
+        self.length = t - pad
+
+    def _refresh(self) -> None:
+        for layer in self.slot_layers:
+            if layer.kbuf is not None:
+                layer.refresh_views()
