@@ -19,9 +19,8 @@ from llava_serve.controller.dispatch import Dispatcher
 from llava_serve.controller.metrics import ControllerMetrics
 from llava_serve.controller.proxy import StreamProxy
 from llava_serve.controller.registry import Clock, Registry
-from llava_serve.controller.routes import STREAM_ROUTES, WORKER_ROUTES, ControllerState, router, worker_router
+from llava_serve.controller.routes import WORKER_ROUTES, ControllerState, router, worker_router
 from llava_serve.errors import InvalidRequest, Overloaded, ServeError
-from llava_serve.protocol.worker import encode_frame
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +81,11 @@ def _worker_client(config: ControllerConfig, transport: httpx.AsyncBaseTransport
 
 
 def error_response(request: Request, err: ServeError) -> Response:
-    """The one place a ServeError becomes HTTP: a FastChat body; a frame on stream routes."""
+    """The one place a ServeError becomes HTTP: one JSON object with a FastChat code.
+
+    No trailing NUL, so `resp.json()` clients and NUL-splitting stream clients both read it.
+    """
     headers = {"retry-after": f"{err.retry_after:g}"} if isinstance(err, Overloaded) else None
-    if request.url.path in STREAM_ROUTES:
-        body = encode_frame(err.to_dict())
-        return Response(body, status_code=err.http_status, media_type="application/json", headers=headers)
     return JSONResponse(err.to_dict(), status_code=err.http_status, headers=headers)
 
 

@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 # Routes workers call: guarded by the registration secret instead of client API keys.
 WORKER_ROUTES = frozenset({"/register_worker", "/receive_heart_beat", "/unregister_worker"})
-STREAM_ROUTES = frozenset({"/worker_generate_stream"})
 
 
 @dataclass

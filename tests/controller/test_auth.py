@@ -77,8 +77,3 @@ def test_keyset_and_secret() -> None:
     assert not secret_matches("s3cre", "s3cret")
     assert not secret_matches(None, "s3cret")
     assert not secret_matches("", "s3cret")
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
