@@ -131,3 +131,8 @@ class Forbidden(ServeError):
 
 class ModelLoadError(Exception):
     """A checkpoint cannot be loaded; the message says what to fix."""
+
+
+class RequestTooLarge(InvalidRequest):
+    code = ErrorCode.REQUEST_TOO_LARGE
+    http_status = 413

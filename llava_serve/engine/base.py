@@ -98,9 +98,11 @@ class EngineBase:
     # -- called from the model thread --------------------------------------------------------
     def _emit(self, req: Request) -> None:
         assembler: TextAssembler = req.state
-        req.sink(
-            RequestOutput(req.request_id, assembler.visible(), len(req.output_ids), req.prompt_len, finished=False)
-        )
+        before = assembler.emitted
+        text = assembler.visible()
+        if text == before and req.output_ids[:-1]:
+            return  # nothing new to show (a partial character or a possible stop string)
+        req.sink(RequestOutput(req.request_id, text, len(req.output_ids), req.prompt_len, finished=False))
 
     def _finish(self, req: Request, reason: str, error: ServeError | None = None) -> None:
         """The one place an accepted request leaves: its final output, then its slot is free."""

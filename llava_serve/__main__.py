@@ -1,0 +1,5 @@
+import sys
+
+from llava_serve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""Service configuration: one frozen, validated dataclass per service, and its CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+from llava_serve.models.images import ImageLimits
+from llava_serve.models.loader import LoadOptions
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    host: str = "localhost"
+    port: int = 21002
+    worker_address: str = ""  # default: http://localhost:<port>
+    controller_address: str = "http://localhost:21001"
+    model_path: str | None = None  # None: the default model that ships with the package
+    model_base: str | None = None
+    model_name: str | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    load_8bit: bool = False
+    load_4bit: bool = False
+    vision_tower: str | None = None
+    conv_template: str | None = None
+    trust_remote_code: bool = False
+    engine: str = "batch"
+    limit_model_concurrency: int = 5
+    max_queue: int = 64
+    no_register: bool = False
+    heart_beat_interval: float = 15.0
+    api_key: tuple[str, ...] = ()
+    registration_secret: str | None = None
+    max_images: int = 8
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    ready_stall_seconds: float = 60.0
+    shutdown_grace: float = 20.0
+    feature_cache_size: int = 64
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.limit_model_concurrency < 1:
+            raise ValueError("--limit-model-concurrency must be >= 1")
+        if self.max_queue < 0:
+            raise ValueError("--max-queue must be >= 0")
+        if self.engine not in ("batch", "generate"):
+            raise ValueError("--engine must be 'batch' or 'generate'")
+        if self.heart_beat_interval <= 0:
+            raise ValueError("--heart-beat-interval must be > 0")
+        if not self.worker_address:
+            object.__setattr__(self, "worker_address", f"http://localhost:{self.port}")
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(
+            max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, max_count=self.max_images
+        )
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.max_images * (self.max_image_bytes * 4 // 3 + 1024) + 4 * 1024 * 1024
+
+    def load_options(self, model_path: str) -> LoadOptions:
+        return LoadOptions(
+            model_path=model_path,
+            model_base=self.model_base,
+            model_name=self.model_name,
+            device=self.device,
+            dtype=self.dtype,
+            load_8bit=self.load_8bit,
+            load_4bit=self.load_4bit,
+            vision_tower=self.vision_tower,
+            conv_template=self.conv_template,
+            trust_remote_code=self.trust_remote_code,
+        )
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that loads a model."""
+    parser.add_argument("--model-path", default=None, help="checkpoint folder (default: the bundled model)")
+    parser.add_argument("--model-base", default=None, help="base LM for projector-only or LoRA checkpoints")
+    parser.add_argument("--model-name", default=None)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    quant = parser.add_mutually_exclusive_group()
+    quant.add_argument("--load-8bit", action="store_true")
+    quant.add_argument("--load-4bit", action="store_true")
+    parser.add_argument("--vision-tower", default=None, help="local vision tower folder (original LLaVA)")
+    parser.add_argument("--conv-template", default=None, help="override the conversation template")
+    parser.add_argument("--trust-remote-code", action="store_true")
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llava-serve worker", description="LLaVA model worker")
+    p.add_argument("--host", default="localhost")
+    p.add_argument("--port", type=int, default=21002)
+    p.add_argument("--worker-address", default="")
+    p.add_argument("--controller-address", "--controller", dest="controller_address", default="http://localhost:21001")
+    add_model_args(p)
+    p.add_argument("--engine", default="batch", choices=["batch", "generate"])
+    p.add_argument("--limit-model-concurrency", type=int, default=5)
+    p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait beyond the running ones")
+    p.add_argument("--no-register", action="store_true")
+    p.add_argument("--heart-beat-interval", type=float, default=15.0)
+    p.add_argument("--api-key", action="append", default=[], help="bearer key clients must send (repeatable)")
+    p.add_argument("--registration-secret", default=None, help="shared secret presented to the controller")
+    p.add_argument("--max-images", type=int, default=8)
+    p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    p.add_argument("--ready-stall-seconds", type=float, default=60.0)
+    p.add_argument("--shutdown-grace", type=float, default=20.0)
+    p.add_argument("--feature-cache-size", type=int, default=64)
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def worker_config(argv: list[str] | None = None) -> WorkerConfig:
+    args = vars(worker_parser().parse_args(argv))
+    args["api_key"] = tuple(args["api_key"])
+    names = {f.name for f in fields(WorkerConfig)}
+    return WorkerConfig(**{k: v for k, v in args.items() if k in names})
+
+

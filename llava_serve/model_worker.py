@@ -1,0 +1,28 @@
+"""`python -m llava_serve.model_worker`: the model worker, with the seed's flags and defaults."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from llava_serve.config import worker_config
+from llava_serve.errors import ModelLoadError
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = worker_config(argv)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from llava_serve.models.loader import load_model
+    from llava_serve.worker.server import resolve_model_path, serve
+
+    try:
+        lm = load_model(config.load_options(resolve_model_path(config.model_path)))
+    except ModelLoadError as exc:
+        print(f"llava-serve worker: cannot load the model: {exc}", file=sys.stderr)
+        return 2
+    serve(config, lm)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The model worker service: HTTP app, admission, registration with the controller."""

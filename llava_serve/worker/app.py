@@ -1,0 +1,155 @@
+"""create_app(config, lm, engine): the worker's HTTP routes (SPEC section 3)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from llava_serve.common.auth import add_bearer_auth
+from llava_serve.config import WorkerConfig
+from llava_serve.engine.base import EngineBase
+from llava_serve.errors import ErrorCode, InvalidRequest, Overloaded, ServeError
+from llava_serve.models.base import LoadedModel
+from llava_serve.protocol.worker import GenerateRequest, encode_frame
+from llava_serve.worker.limits import add_body_limit
+from llava_serve.worker.metrics import WorkerMetrics
+from llava_serve.worker.service import Accepted, WorkerService
+
+
+class AbortingStreamingResponse(StreamingResponse):
+    """Cancels the engine request however the response ends, even before its first byte."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Any) -> None:
+        super().__init__(content, media_type="application/octet-stream")
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> FastAPI:
+    app = FastAPI(title="llava-serve worker", docs_url=None, redoc_url=None)
+    stats = engine.stats
+    metrics = WorkerMetrics(running=lambda: stats().running, waiting=lambda: stats().waiting)
+    service = WorkerService(lm, engine, config.image_limits, metrics)
+    app.state.config, app.state.service, app.state.engine, app.state.metrics = config, service, engine, metrics
+    _install_error_handlers(app, metrics)
+    add_body_limit(app, config.max_body_bytes)
+    add_bearer_auth(app, config.api_key)
+
+    @app.post("/worker_generate_stream")
+    async def generate_stream(body: GenerateRequest) -> Response:
+        accepted = await service.accept(body)
+        return AbortingStreamingResponse(_frames(service, accepted), lambda: engine.abort(accepted.request))
+
+    @app.post("/worker_generate")
+    async def generate(body: GenerateRequest) -> JSONResponse:
+        accepted = await service.accept(body)
+        last: dict[str, Any] = {}
+        async for out in service.outputs(accepted):
+            last = service.frame(accepted, out)
+        return JSONResponse(last)
+
+    @app.post("/worker_get_status")
+    async def get_status() -> dict[str, Any]:
+        return service.status()
+
+    @app.post("/count_token")
+    async def count_token(request: Request) -> dict[str, Any]:
+        body = GenerateRequest.model_validate({**(await _json(request)), "max_new_tokens": 0})
+        encoded = await _run(service._encode, body)
+        return {"count": len(encoded.input_ids), "error_code": 0}
+
+    @app.post("/model_details")
+    async def model_details() -> dict[str, Any]:
+        return {
+            "context_length": lm.context_length,
+            "is_multimodal": lm.is_multimodal,
+            "model_name": lm.name,
+            "template": lm.template_name,
+        }
+
+    @app.post("/worker_build_prompt")
+    async def build_prompt(request: Request) -> dict[str, Any]:
+        body = await _json(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("'messages' must be a non-empty list of {role, content}")
+        prompt = await _run(lm.build_prompt, _checked_messages(messages))
+        return {"prompt": prompt, "error_code": 0}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        ok = engine.is_ready(config.ready_stall_seconds) and not service.draining
+        s = stats()
+        body = {"ready": ok, "running": s.running, "waiting": s.waiting, "last_step_age": round(s.last_step_age, 3)}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+async def _frames(service: WorkerService, accepted: Accepted) -> AsyncIterator[bytes]:
+    async for out in service.outputs(accepted):
+        yield encode_frame(service.frame(accepted, out))
+
+
+async def _run(fn: Any, *args: Any) -> Any:
+    import asyncio
+
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise InvalidRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def _checked_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise InvalidRequest(f"messages[{i}] must be an object with role system, user or assistant")
+        content = m.get("content")
+        if not isinstance(content, (str, list)):
+            raise InvalidRequest(f"messages[{i}].content must be a string or a list of parts")
+        if isinstance(content, list) and not all(
+            isinstance(p, dict) and p.get("type") in ("text", "image", "image_url") for p in content
+        ):
+            raise InvalidRequest(f"messages[{i}].content parts must be {{type: text|image}}")
+    return messages
+
+
+def _install_error_handlers(app: FastAPI, metrics: WorkerMetrics) -> None:
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        metrics.rejected(type(exc).__name__)
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, Overloaded) else None
+        return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.rejected("validation")
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', [])[1:]) or 'body'}: {err.get('msg')}" for err in exc.errors()
+        )
+        code = ErrorCode.VALIDATION_TYPE_ERROR
+        return JSONResponse({"text": f"invalid request: {problems} (error_code: {int(code)})", "error_code": int(code)}, 400)

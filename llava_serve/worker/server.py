@@ -1,0 +1,103 @@
+"""Run a worker: load the model (with progress), start the engine, serve, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import uvicorn
+
+from llava_serve.config import WorkerConfig
+from llava_serve.engine.base import EngineBase
+from llava_serve.models.base import LoadedModel
+from llava_serve.worker.app import create_app
+from llava_serve.worker.registration import Registrar
+
+log = logging.getLogger("llava_serve.worker")
+
+
+def resolve_model_path(model_path: str | None) -> str:
+    if model_path:
+        return model_path
+    from llava_serve.default_model import default_model_path
+
+    return str(default_model_path())
+
+
+def build_engine(config: WorkerConfig, lm: LoadedModel) -> EngineBase:
+    if config.engine == "generate":
+        from llava_serve.engine.generate_engine import GenerateEngine
+
+        return GenerateEngine(lm, max_running=config.limit_model_concurrency, max_waiting=config.max_queue)
+    from llava_serve.engine.engine import BatchEngine
+
+    return BatchEngine(
+        lm,
+        max_running=config.limit_model_concurrency,
+        max_waiting=config.max_queue,
+        feature_cache_size=config.feature_cache_size,
+    )
+
+
+class DrainingServer(uvicorn.Server):
+    """First SIGTERM/SIGINT: refuse new work, leave the controller, let streams finish (grace), exit 0."""
+
+    def __init__(self, config: uvicorn.Config, app: Any, registrar: Registrar | None, grace: float) -> None:
+        super().__init__(config)
+        self.app = app
+        self.registrar = registrar
+        self.grace = grace
+        self._drain_task: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        if self.registrar is not None and not self.should_exit:
+            self.registrar.start()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._drain_task is not None:  # second signal: stop now
+            return super().handle_exit(sig, frame)
+        loop = asyncio.get_event_loop()
+        self._drain_task = loop.create_task(self.drain())
+
+    async def drain(self) -> None:
+        service, engine = self.app.state.service, self.app.state.engine
+        service.draining = True
+        log.info("draining: no new requests; %d in flight", engine.queue_length())
+        if self.registrar is not None:
+            await self.registrar.stop(unregister=True)
+        deadline = time.monotonic() + self.grace
+        while engine.queue_length() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for req in list(getattr(engine, "_accepted", ())):
+            engine.abort(req)  # past the grace period: end streams with a final frame
+        while engine.queue_length() and time.monotonic() < deadline + 5:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # let final frames reach the clients
+        self.should_exit = True
+
+
+def serve(config: WorkerConfig, lm: LoadedModel) -> None:
+    engine = build_engine(config, lm).start()
+    app = create_app(config, lm, engine)
+    registrar = None
+    if not config.no_register:
+        registrar = Registrar(
+            config.controller_address,
+            config.worker_address,
+            app.state.service.status,
+            interval=config.heart_beat_interval,
+            secret=config.registration_secret,
+        )
+
+    uv_config = uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5
+    )
+    server = DrainingServer(uv_config, app, registrar, config.shutdown_grace)
+    try:
+        server.run()
+    finally:
+        app.state.service.close()
+        engine.shutdown()

@@ -1,0 +1,105 @@
+"""Worker logic without HTTP: validate a request, run it on the engine, report status."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from llava_serve.engine.base import EngineBase
+from llava_serve.engine.params import SamplingParams
+from llava_serve.engine.request import Request, RequestOutput
+from llava_serve.errors import ImageTooLarge, InvalidRequest, ShuttingDown
+from llava_serve.models.base import LoadedModel
+from llava_serve.models.images import ImageLimits, decode_base64_image
+from llava_serve.protocol.worker import GenerateRequest
+from llava_serve.worker.metrics import WorkerMetrics
+from llava_serve.worker.stream import OutputChannel
+
+
+@dataclass
+class Accepted:
+    request: Request
+    channel: OutputChannel
+    body: GenerateRequest
+
+
+class WorkerService:
+    def __init__(
+        self, lm: LoadedModel, engine: EngineBase, limits: ImageLimits, metrics: WorkerMetrics
+    ) -> None:
+        self.lm = lm
+        self.engine = engine
+        self.limits = limits
+        self.metrics = metrics
+        self.draining = False
+        # CPU-bound preprocessing (image decode, tokenizer) stays off the event loop, bounded.
+        self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llava-serve-prep")
+
+    def close(self) -> None:
+        self._prep.shutdown(wait=False, cancel_futures=True)
+
+    async def accept(self, body: GenerateRequest) -> Accepted:
+        """Validate and submit; raises a typed error (4xx/429/503) before any token exists."""
+        if self.draining:
+            raise ShuttingDown("worker is shutting down; retry on another worker")
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(self._prep, self._encode, body)
+        params = SamplingParams(
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            repetition_penalty=body.repetition_penalty,
+            seed=body.seed,
+            max_new_tokens=body.max_new_tokens,
+            stop=tuple(body.stop_list()),
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+        )
+        channel = OutputChannel()
+        request = Request(prompt=encoded, params=params, sink=channel.sink)
+        if body.request_id:
+            request.request_id = body.request_id
+        self.engine.submit(request)
+        self.metrics.accepted()
+        return Accepted(request, channel, body)
+
+    def _encode(self, body: GenerateRequest) -> Any:
+        images = body.images or []
+        if len(images) > self.limits.max_count:
+            raise ImageTooLarge(f"{len(images)} images sent; this worker accepts at most {self.limits.max_count}")
+        tags = body.prompt.count("<image>")
+        if tags > self.limits.max_count:
+            raise InvalidRequest(f"the prompt has {tags} <image> tags; at most {self.limits.max_count} allowed")
+        decoded = [decode_base64_image(img, self.limits, i) for i, img in enumerate(images)]
+        return self.lm.encode(body.prompt, [d.image for d in decoded], [d.sha256 for d in decoded])
+
+    async def outputs(self, accepted: Accepted) -> AsyncIterator[RequestOutput]:
+        """The request's outputs; leaving early (disconnect, error) cancels it in the engine."""
+        finished = False
+        try:
+            async for out in self.metrics.timed(accepted.channel):
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.engine.abort(accepted.request)
+
+    def status(self) -> dict[str, Any]:
+        return {"model_names": [self.lm.name], "speed": 1, "queue_length": self.engine.queue_length()}
+
+    def frame(self, accepted: Accepted, out: RequestOutput) -> dict[str, Any]:
+        text = accepted.body.prompt + out.text if accepted.body.echo else out.text
+        obj: dict[str, Any] = {"text": text, "error_code": 0}
+        if out.error is not None:
+            obj = {**out.error.to_dict(), "partial_text": text}
+        if out.finished:
+            obj["finish_reason"] = out.finish_reason
+            obj["usage"] = {
+                "prompt_tokens": out.prompt_tokens,
+                "completion_tokens": out.completion_tokens,
+                "total_tokens": out.prompt_tokens + out.completion_tokens,
+            }
+        return obj
