@@ -18,6 +18,7 @@ class TextAssembler:
         self.text = ""  # full decoded text so far (stop string cut off once found)
         self.emitted = ""  # what the client has seen
         self._scanned = 0  # stop strings cannot start before this index
+        self.stopped = False
 
     def append(self, token_id: int) -> bool:
         """Add one token; True when a stop string has been found (the text is cut before it)."""
@@ -37,10 +38,13 @@ class TextAssembler:
         if not hits:
             return False
         self.text = self.text[: min(hits)]
+        self.stopped = True
         return True
 
     def visible(self, final: bool = False) -> str:
-        """The text safe to show now; with final, everything."""
+        """The text safe to show now; with final, everything (a trailing partial character too)."""
+        if final and not self.stopped:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         candidate = self.text if final else self.text[: len(self.text) - self._held_back()]
         if candidate.startswith(self.emitted) and len(candidate) >= len(self.emitted):
             self.emitted = candidate
