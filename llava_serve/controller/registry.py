@@ -102,13 +102,17 @@ class Registry:
         ]
 
     def model_names(self) -> list[str]:
-        """Models with at least one healthy worker, sorted."""
-        return sorted({m for w in self._workers.values() if w.healthy for m in w.model_names})
+        """Models of all registered workers, sorted (as LLaVA lists them).
+
+        A model whose workers are all out of rotation stays listed until they expire, so clients
+        can tell "no worker right now" (503) from "no such model" (404).
+        """
+        return sorted({m for w in self._workers.values() for m in w.model_names})
 
     def aggregate_status(self) -> WorkerStatus:
         healthy = [w for w in self._workers.values() if w.healthy]
         return WorkerStatus(
-            model_names=self.model_names(),
+            model_names=sorted({m for w in healthy for m in w.model_names}),
             speed=sum(w.speed for w in healthy),
             queue_length=sum(w.queue_length for w in healthy),
         )

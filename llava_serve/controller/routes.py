@@ -148,7 +148,9 @@ async def worker_generate_stream(request: Request, ctrl: ControllerState = Depen
         keep = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "retry-after")}
         return Response(content, status_code=upstream.status_code, headers=keep)
     media_type = upstream.headers.get("content-type", "application/octet-stream")
-    return ClosingStreamingResponse(ctrl.proxy.relay(worker, upstream), media_type=media_type)
+    return ClosingStreamingResponse(
+        ctrl.proxy.relay(worker, upstream), on_close=upstream.aclose, media_type=media_type
+    )
 
 
 @router.get("/health")

@@ -187,7 +187,9 @@ async def test_mid_stream_death_ends_with_error_frame() -> None:
         assert frames[0] == FRAMES[0]  # the partial second frame is dropped, not garbled
         assert frames[-1]["error_code"] == ErrorCode.CONTROLLER_WORKER_TIMEOUT
         assert frames[-1]["finish_reason"] == "error" and "mid-stream" in frames[-1]["text"]
-        assert (await c.post("/list_models")).json() == {"models": []}
+        assert (await c.post("/worker_get_status")).json()["model_names"] == []  # out of rotation
+        again = await c.post("/worker_generate_stream", json={"model": "m", "prompt": "x"})
+        assert again.status_code == 503 and again.json()["error_code"] == ErrorCode.CONTROLLER_NO_WORKER
 
 
 async def test_worker_refusal_passed_through() -> None:

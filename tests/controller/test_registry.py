@@ -50,10 +50,12 @@ def test_unhealthy_out_of_rotation_until_heartbeat() -> None:
     reg.register("http://b", _status("m", "n"))
     reg.mark_unhealthy("http://b")
     assert [w.name for w in reg.candidates("m")] == ["http://a"]
-    assert reg.model_names() == ["m"]
+    assert reg.candidates("n") == []
+    assert reg.model_names() == ["m", "n"]  # still registered: "no worker now", not "no such model"
+    assert reg.aggregate_status().model_names == ["m"]
     assert reg.heart_beat("http://b", 0)
     assert [w.name for w in reg.candidates("m")] == ["http://a", "http://b"]
-    assert reg.model_names() == ["m", "n"]
+    assert reg.aggregate_status().model_names == ["m", "n"]
     assert [w.name for w in reg.candidates("m", exclude=["http://a"])] == ["http://b"]
     reg.mark_unhealthy("http://b")
     reg.register("http://b", _status("m"))  # re-registration also restores it
