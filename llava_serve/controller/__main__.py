@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
     if not _is_loopback(config.host) and not config.api_keys:
         logger.warning("listening on %s without --api-key: anyone who can reach it can use it", config.host)
     if not config.registration_secret:

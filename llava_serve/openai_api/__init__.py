@@ -1,0 +1,1 @@
+"""OpenAI-compatible API: routes (HTTP) -> serving (logic) -> protocol (pydantic models)."""

@@ -1,0 +1,80 @@
+"""create_app(config): the OpenAI-compatible API as a FastAPI app, all state on app.state."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from llava_serve.common.auth import add_bearer_auth
+from llava_serve.errors import InvalidRequest, Overloaded, ServeError, Unauthorized
+from llava_serve.openai_api.config import ApiConfig
+from llava_serve.openai_api.errors import openai_error, with_param
+from llava_serve.openai_api.images import ImageFetcher, Resolver, system_resolver
+from llava_serve.openai_api.routes import ApiState, router
+from llava_serve.openai_api.serving import ChatService
+from llava_serve.openai_api.upstream import Upstream
+
+
+def create_app(
+    config: ApiConfig,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    image_transport: httpx.AsyncBaseTransport | None = None,
+    resolver: Resolver = system_resolver,
+) -> FastAPI:
+    """`transport` (to controller and workers), `image_transport` and `resolver` (remote images)
+    are injectable for tests."""
+    upstream = Upstream(config, transport)
+    images = ImageFetcher(config.image_policy(), resolver, image_transport)
+    app = FastAPI(title="llava-serve OpenAI-compatible API", lifespan=_lifespan)
+    app.state.api = ApiState(config, upstream, images, ChatService(config, upstream, images))
+    app.include_router(router)
+    add_bearer_auth(app, config.api_keys, render=_auth_error)
+    app.add_exception_handler(ServeError, _serve_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    api: ApiState = app.state.api
+    await api.upstream.aclose()
+    await api.images.aclose()
+
+
+def error_response(err: ServeError) -> Response:
+    """The one place an error becomes HTTP: OpenAI's error body with the matching status."""
+    status, body = openai_error(err)
+    headers = {"retry-after": f"{err.retry_after:g}"} if isinstance(err, Overloaded) else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _auth_error(err: Unauthorized) -> tuple[int, dict[str, object]]:
+    return openai_error(err)
+
+
+async def _serve_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServeError)
+    return error_response(exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    param = _param_path([p for p in first["loc"] if p != "body"])
+    message = f"{param}: {first['msg']}" if param else str(first["msg"])
+    return error_response(with_param(InvalidRequest(message), param) if param else InvalidRequest(message))
+
+
+def _param_path(loc: list[object]) -> str:
+    """('messages', 0, 'content') -> 'messages[0].content' (OpenAI's `param` style)."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
