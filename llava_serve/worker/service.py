@@ -11,7 +11,7 @@ from typing import Any
 from llava_serve.engine.base import EngineBase
 from llava_serve.engine.params import SamplingParams
 from llava_serve.engine.request import Request, RequestOutput
-from llava_serve.errors import ImageTooLarge, InvalidRequest, ShuttingDown
+from llava_serve.errors import ImageCountMismatch, ImageTooLarge, InvalidRequest, ShuttingDown
 from llava_serve.models.base import LoadedModel
 from llava_serve.models.images import ImageLimits, decode_base64_image
 from llava_serve.protocol.worker import GenerateRequest
@@ -69,10 +69,19 @@ class WorkerService:
     def _encode(self, body: GenerateRequest) -> Any:
         images = body.images or []
         if len(images) > self.limits.max_count:
-            raise ImageTooLarge(f"{len(images)} images sent; this worker accepts at most {self.limits.max_count}")
+            raise ImageTooLarge(
+                f"{len(images)} images sent; this worker accepts at most {self.limits.max_count}"
+            )
         tags = body.prompt.count("<image>")
         if tags > self.limits.max_count:
-            raise InvalidRequest(f"the prompt has {tags} <image> tags; at most {self.limits.max_count} allowed")
+            raise InvalidRequest(
+                f"the prompt has {tags} <image> tags; at most {self.limits.max_count} allowed"
+            )
+        if tags != len(images):  # before any decoding: the cheapest refusal first
+            raise ImageCountMismatch(
+                f"the prompt has {tags} <image> placeholder(s) but {len(images)} image(s) were sent; "
+                "send exactly one image per <image>"
+            )
         decoded = [decode_base64_image(img, self.limits, i) for i, img in enumerate(images)]
         return self.lm.encode(body.prompt, [d.image for d in decoded], [d.sha256 for d in decoded])
 
