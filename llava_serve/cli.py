@@ -6,7 +6,10 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "controller": ("llava_serve.controller.__main__", "the controller: worker registry, dispatch, stream proxy"),
+    "controller": (
+        "llava_serve.controller.__main__",
+        "the controller: worker registry, dispatch, stream proxy",
+    ),
     "worker": ("llava_serve.model_worker", "a model worker: loads a model, serves generation"),
     "api": ("llava_serve.openai_api.__main__", "the OpenAI-compatible API, routed through the controller"),
     "web": ("llava_serve.web.__main__", "the Gradio web demo"),

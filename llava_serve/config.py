@@ -97,11 +97,15 @@ def worker_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="localhost")
     p.add_argument("--port", type=int, default=21002)
     p.add_argument("--worker-address", default="")
-    p.add_argument("--controller-address", "--controller", dest="controller_address", default="http://localhost:21001")
+    p.add_argument(
+        "--controller-address", "--controller", dest="controller_address", default="http://localhost:21001"
+    )
     add_model_args(p)
     p.add_argument("--engine", default="batch", choices=["batch", "generate"])
     p.add_argument("--limit-model-concurrency", type=int, default=5)
-    p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait beyond the running ones")
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="requests allowed to wait beyond the running ones"
+    )
     p.add_argument("--no-register", action="store_true")
     p.add_argument("--heart-beat-interval", type=float, default=15.0)
     p.add_argument("--api-key", action="append", default=[], help="bearer key clients must send (repeatable)")
@@ -121,5 +125,3 @@ def worker_config(argv: list[str] | None = None) -> WorkerConfig:
     args["api_key"] = tuple(args["api_key"])
     names = {f.name for f in fields(WorkerConfig)}
     return WorkerConfig(**{k: v for k, v in args.items() if k in names})
-
-

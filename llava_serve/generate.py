@@ -33,7 +33,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_once(lm: LoadedModel, prompt: str, images: list, keys: list[str], params: SamplingParams) -> RequestOutput:
+def run_once(
+    lm: LoadedModel, prompt: str, images: list, keys: list[str], params: SamplingParams
+) -> RequestOutput:
     from llava_serve.engine.engine import BatchEngine
 
     engine = BatchEngine(lm, max_running=1, max_waiting=0).start()
@@ -98,6 +100,13 @@ def _main(args: argparse.Namespace) -> int:
 
 
 _MODEL_KEYS = (
-    "model_base", "model_name", "device", "dtype", "load_8bit", "load_4bit",
-    "vision_tower", "conv_template", "trust_remote_code",
+    "model_base",
+    "model_name",
+    "device",
+    "dtype",
+    "load_8bit",
+    "load_4bit",
+    "vision_tower",
+    "conv_template",
+    "trust_remote_code",
 )

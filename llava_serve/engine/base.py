@@ -89,6 +89,12 @@ class EngineBase:
         return busy is None or time.monotonic() - max(busy, self.last_step) < stall_seconds
 
     # -- subclass hooks ----------------------------------------------------------------------
+    def start(self) -> EngineBase:
+        raise NotImplementedError
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        raise NotImplementedError
+
     def _enqueue(self, req: Request) -> None:
         raise NotImplementedError
 

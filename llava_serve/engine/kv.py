@@ -8,6 +8,8 @@ row (one row copy); leading columns that are padding for every row are trimmed.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -55,7 +57,7 @@ class SlotCache(Cache):
     def slot_layers(self) -> list[SlotLayer]:
         return self.layers  # type: ignore[return-value]
 
-    def add_row(self, prefill: Cache, length: int) -> int:
+    def add_row(self, prefill: Any, length: int) -> int:
         """Copy a one-request prefill cache in as a new last row; returns its index."""
         if self.batch >= self.max_rows:
             raise RuntimeError("KV cache has no free row")
@@ -110,7 +112,7 @@ class SlotCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
-    def _allocate(self, prefill: Cache, cols: int) -> None:
+    def _allocate(self, prefill: Any, cols: int) -> None:
         for layer, src in zip(self.slot_layers, prefill.layers):
             layer.allocate(src.keys, self.max_rows, cols)
         self.mask = torch.zeros(self.max_rows, cols, dtype=torch.long, device=prefill.layers[0].keys.device)

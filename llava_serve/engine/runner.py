@@ -88,7 +88,12 @@ class ModelRunner:
         pos = torch.tensor(positions, device=self.device).unsqueeze(1)
         mask = self.kv.begin_step()
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, cache=self.kv, use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            cache=self.kv,
+            use_cache=True,
+            logits_to_keep=1,
         )
         self.kv.end_step()
         return out.logits[:, -1]

@@ -19,13 +19,88 @@ from llava_serve.models.templates import VICUNA_CHAT_TEMPLATE
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 IMAGE_TOKEN = "<image>"
-_CORPUS_WORDS = (
-    "the a an of to in is was it that for on with as by at from this be are or not his her they we you "
-    "red green blue yellow orange purple circle square triangle star shape image picture colour color "
-    "what where how many left right top bottom center describe there one two three assistant user human "
-    "chat curious artificial intelligence helpful detailed polite answers questions cat dog house tree "
-    "café naïve 東京 こんにちは 😀 über straße ñandú"
-).split()
+_CORPUS_WORDS = [
+    "the",
+    "a",
+    "an",
+    "of",
+    "to",
+    "in",
+    "is",
+    "was",
+    "it",
+    "that",
+    "for",
+    "on",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "this",
+    "be",
+    "are",
+    "or",
+    "not",
+    "his",
+    "her",
+    "they",
+    "we",
+    "you",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "orange",
+    "purple",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "shape",
+    "image",
+    "picture",
+    "colour",
+    "color",
+    "what",
+    "where",
+    "how",
+    "many",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "center",
+    "describe",
+    "there",
+    "one",
+    "two",
+    "three",
+    "assistant",
+    "user",
+    "human",
+    "chat",
+    "curious",
+    "artificial",
+    "intelligence",
+    "helpful",
+    "detailed",
+    "polite",
+    "answers",
+    "questions",
+    "cat",
+    "dog",
+    "house",
+    "tree",
+    "café",
+    "naïve",
+    "東京",
+    "こんにちは",
+    "😀",
+    "über",
+    "straße",
+    "ñandú",
+]
 
 
 @dataclass(frozen=True)
@@ -48,7 +123,7 @@ SIZES = {
     "tiny": Size(64, 128, 2, 4, 2, 512, 32, 2, 2, 32, 8, 1024),
     "small": Size(256, 688, 4, 8, 4, 1024, 64, 2, 4, 64, 16, 2048),
     # ~170M parameters: a 1024x2816 MLP, 64 image tokens per image
-    "bench": Size(1024, 2816, 12, 16, 16, 2048, 256, 4, 4, 128, 16, 2048),
+    "bench": Size(1024, 2816, 12, 16, 16, 2048, 256, 4, 4, 128, 16, 2048),  # noqa: E501
 }
 
 

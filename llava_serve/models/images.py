@@ -54,12 +54,16 @@ def decode_image_bytes(raw: bytes, limits: ImageLimits, index: int = 0) -> Decod
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageError(f"image {index}: not a decodable image ({type(exc).__name__})") from None
     except Image.DecompressionBombError:
-        raise ImageTooLarge(f"image {index}: too many pixels to decode safely (decompression-bomb guard); downscale it") from None
+        raise ImageTooLarge(
+            f"image {index}: too many pixels to decode safely (decompression-bomb guard); downscale it"
+        ) from None
     _check_size(img.size, limits, index)
     try:
         img.load()
     except Image.DecompressionBombError:
-        raise ImageTooLarge(f"image {index}: too many pixels to decode safely (decompression-bomb guard); downscale it") from None
+        raise ImageTooLarge(
+            f"image {index}: too many pixels to decode safely (decompression-bomb guard); downscale it"
+        ) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"image {index}: truncated or corrupt image data ({exc})") from None
     return DecodedImage(image=to_rgb(img), sha256=hashlib.sha256(raw).hexdigest())

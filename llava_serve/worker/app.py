@@ -39,7 +39,12 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
     stats = engine.stats
     metrics = WorkerMetrics(running=lambda: stats().running, waiting=lambda: stats().waiting)
     service = WorkerService(lm, engine, config.image_limits, metrics)
-    app.state.config, app.state.service, app.state.engine, app.state.metrics = config, service, engine, metrics
+    app.state.config, app.state.service, app.state.engine, app.state.metrics = (
+        config,
+        service,
+        engine,
+        metrics,
+    )
     _install_error_handlers(app, metrics)
     add_body_limit(app, config.max_body_bytes)
     add_bearer_auth(app, config.api_key)
@@ -93,7 +98,12 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
     async def ready() -> JSONResponse:
         ok = engine.is_ready(config.ready_stall_seconds) and not service.draining
         s = stats()
-        body = {"ready": ok, "running": s.running, "waiting": s.waiting, "last_step_age": round(s.last_step_age, 3)}
+        body = {
+            "ready": ok,
+            "running": s.running,
+            "waiting": s.waiting,
+            "last_step_age": round(s.last_step_age, 3),
+        }
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -152,4 +162,6 @@ def _install_error_handlers(app: FastAPI, metrics: WorkerMetrics) -> None:
             f"{'.'.join(str(p) for p in err.get('loc', [])[1:]) or 'body'}: {err.get('msg')}" for err in exc.errors()
         )
         code = ErrorCode.VALIDATION_TYPE_ERROR
-        return JSONResponse({"text": f"invalid request: {problems} (error_code: {int(code)})", "error_code": int(code)}, 400)
+        return JSONResponse(
+            {"text": f"invalid request: {problems} (error_code: {int(code)})", "error_code": int(code)}, 400
+        )

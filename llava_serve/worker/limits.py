@@ -51,7 +51,16 @@ class BodyLimit:
     async def _refuse(self, send) -> None:  # type: ignore[no-untyped-def]
         code = int(ErrorCode.REQUEST_TOO_LARGE)
         body = json.dumps(
-            {"text": f"request body larger than {self.max_bytes} bytes (error_code: {code})", "error_code": code}
+            {
+                "text": f"request body larger than {self.max_bytes} bytes (error_code: {code})",
+                "error_code": code,
+            }
         ).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -19,7 +19,10 @@ class WorkerMetrics:
         self.requests = Counter("llava_worker_requests", "Requests by outcome", ["outcome"], registry=r)
         self.tokens = Counter("llava_worker_generated_tokens", "Generated tokens", registry=r)
         self.ttft = Histogram(
-            "llava_worker_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
+            "llava_worker_time_to_first_token_seconds",
+            "Time to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.itl = Histogram(
             "llava_worker_inter_token_seconds", "Time between tokens", buckets=_LATENCY_BUCKETS, registry=r
@@ -33,7 +36,7 @@ class WorkerMetrics:
     def rejected(self, reason: str) -> None:
         self.requests.labels(f"rejected_{reason}").inc()
 
-    async def timed(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    async def timed(self, outputs: AsyncIterable[RequestOutput]) -> AsyncIterator[RequestOutput]:
         start = last = time.monotonic()
         seen = 0
         async for out in outputs:

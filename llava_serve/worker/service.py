@@ -27,9 +27,7 @@ class Accepted:
 
 
 class WorkerService:
-    def __init__(
-        self, lm: LoadedModel, engine: EngineBase, limits: ImageLimits, metrics: WorkerMetrics
-    ) -> None:
+    def __init__(self, lm: LoadedModel, engine: EngineBase, limits: ImageLimits, metrics: WorkerMetrics) -> None:
         self.lm = lm
         self.engine = engine
         self.limits = limits
@@ -69,14 +67,10 @@ class WorkerService:
     def _encode(self, body: GenerateRequest) -> Any:
         images = body.images or []
         if len(images) > self.limits.max_count:
-            raise ImageTooLarge(
-                f"{len(images)} images sent; this worker accepts at most {self.limits.max_count}"
-            )
+            raise ImageTooLarge(f"{len(images)} images sent; this worker accepts at most {self.limits.max_count}")
         tags = body.prompt.count("<image>")
         if tags > self.limits.max_count:
-            raise InvalidRequest(
-                f"the prompt has {tags} <image> tags; at most {self.limits.max_count} allowed"
-            )
+            raise InvalidRequest(f"the prompt has {tags} <image> tags; at most {self.limits.max_count} allowed")
         if tags != len(images):  # before any decoding: the cheapest refusal first
             raise ImageCountMismatch(
                 f"the prompt has {tags} <image> placeholder(s) but {len(images)} image(s) were sent; "

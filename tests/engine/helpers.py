@@ -27,7 +27,9 @@ def make_cases(lm: LoadedModel, n: int) -> list[Case]:
     cases = []
     for i in range(n):
         n_images = 0 if (i % 5 == 4 or not lm.is_multimodal) else 1 + (i % 7 == 0)
-        colours = [((37 * i + 50 * k) % 256, (91 * i) % 256, (53 * i + 17 * k) % 256) for k in range(n_images)]
+        colours = [
+            ((37 * i + 50 * k) % 256, (91 * i) % 256, (53 * i + 17 * k) % 256) for k in range(n_images)
+        ]
         images = [Image.new("RGB", (24 + 7 * i, 40 + 3 * k), c) for k, c in enumerate(colours)]
         question = f"Question {i}: " + "what is in this picture? " * (i % 4)
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
@@ -54,7 +56,9 @@ class Collector:
     def __init__(self, lm: LoadedModel, case: Case, params: SamplingParams) -> None:
         self.outputs: queue.Queue[RequestOutput] = queue.Queue()
         self.seen: list[RequestOutput] = []
-        self.request = Request(prompt=lm.encode(case.prompt, case.images, case.keys()), params=params, sink=self.outputs.put)
+        self.request = Request(
+            prompt=lm.encode(case.prompt, case.images, case.keys()), params=params, sink=self.outputs.put
+        )
 
     def next(self, timeout: float = 60) -> RequestOutput:
         out = self.outputs.get(timeout=timeout)

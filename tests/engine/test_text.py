@@ -41,6 +41,6 @@ def test_stop_string_split_over_tokens_is_held_back_then_cut(tok):
 
 
 def test_partial_stop_that_never_completes_is_released(tok):
-    asm, shown, stopped = stream(tok, "the red cir and more", stop=["circle"])
+    asm, _shown, stopped = stream(tok, "the red cir and more", stop=["circle"])
     assert not stopped
     assert asm.visible(final=True) == "the red cir and more"

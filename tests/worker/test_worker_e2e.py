@@ -30,20 +30,38 @@ def png_b64(colour=(220, 30, 30), size=(48, 48)) -> str:
 
 
 def worker_argv(model: Path, port: int, *extra: str) -> list[str]:
-    return ["llava_serve.model_worker", "--model-path", str(model), "--device", "cpu", "--port", str(port), *extra]
+    return [
+        "llava_serve.model_worker",
+        "--model-path",
+        str(model),
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def worker(tiny_llava):
     port = free_port()
-    argv = worker_argv(tiny_llava, port, "--no-register", "--limit-model-concurrency", "4", "--max-queue", "4")
+    argv = worker_argv(
+        tiny_llava, port, "--no-register", "--limit-model-concurrency", "4", "--max-queue", "4"
+    )
     with start_service(argv, port, ready_path="/ready", timeout=120) as proc:
         yield proc
 
 
 def llava_client(url: str, prompt: str, images: list[str], **params) -> str:
     """Exactly what LLaVA's gradio demo / test_message do."""
-    pload = {"model": "x", "prompt": prompt, "images": images, "temperature": 0.0, "max_new_tokens": 16, **params}
+    pload = {
+        "model": "x",
+        "prompt": prompt,
+        "images": images,
+        "temperature": 0.0,
+        "max_new_tokens": 16,
+        **params,
+    }
     response = requests.post(url + "/worker_generate_stream", json=pload, stream=True, timeout=60)
     output = ""
     for chunk in response.iter_lines(decode_unicode=False, delimiter=b"\0"):
@@ -59,9 +77,27 @@ def test_llava_client_gets_the_generate_cli_answer(worker, tiny_llava, tmp_path)
     image.write_bytes(base64.b64decode(png_b64()))
     served = llava_client(worker.url, PROMPT, [png_b64()])
     cli = subprocess.run(
-        [sys.executable, "-m", "llava_serve", "generate", "--model-path", str(tiny_llava), "--device", "cpu",
-         "--image", str(image), "--raw-prompt", PROMPT, "--max-new-tokens", "16", "--json"],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            sys.executable,
+            "-m",
+            "llava_serve",
+            "generate",
+            "--model-path",
+            str(tiny_llava),
+            "--device",
+            "cpu",
+            "--image",
+            str(image),
+            "--raw-prompt",
+            PROMPT,
+            "--max-new-tokens",
+            "16",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     assert served and served == json.loads(cli.stdout)["text"].strip()
 
@@ -113,7 +149,12 @@ def _proc_status(pid: int) -> dict[str, int]:
 
 async def _disconnecting_client(url: str, i: int, sem: asyncio.Semaphore) -> int:
     async with sem, httpx.AsyncClient(timeout=60) as client:
-        body = {"prompt": PROMPT, "images": [png_b64((i % 256, 80, 160))], "max_new_tokens": 200, "ignore_eos": True}
+        body = {
+            "prompt": PROMPT,
+            "images": [png_b64((i % 256, 80, 160))],
+            "max_new_tokens": 200,
+            "ignore_eos": True,
+        }
         async with client.stream("POST", url + "/worker_generate_stream", json=body) as response:
             if response.status_code != 200:
                 return response.status_code
@@ -169,7 +210,10 @@ def test_status_details_and_metrics(worker):
     count = requests.post(worker.url + "/count_token", json={"prompt": "hello there"}, timeout=5).json()
     assert count["count"] > 1 and count["error_code"] == 0
     metrics = requests.get(worker.url + "/metrics", timeout=5).text
-    assert "llava_worker_generated_tokens_total" in metrics and "llava_worker_time_to_first_token_seconds" in metrics
+    assert (
+        "llava_worker_generated_tokens_total" in metrics
+        and "llava_worker_time_to_first_token_seconds" in metrics
+    )
 
 
 def _registered(controller_url: str) -> list[str]:
@@ -181,10 +225,26 @@ def _registered(controller_url: str) -> list[str]:
 
 def test_worker_before_controller_registers_and_survives_restart(tiny_llava):
     cport, wport = free_port(), free_port()
-    controller = ["llava_serve.controller", "--port", str(cport), "--heart-beat-expiration", "6", "--heart-beat-interval", "2"]
+    controller = [
+        "llava_serve.controller",
+        "--port",
+        str(cport),
+        "--heart-beat-expiration",
+        "6",
+        "--heart-beat-interval",
+        "2",
+    ]
     waddr = f"http://localhost:{wport}"
-    wargv = worker_argv(tiny_llava, wport, "--controller-address", f"http://localhost:{cport}",
-                        "--worker-address", waddr, "--heart-beat-interval", "2")
+    wargv = worker_argv(
+        tiny_llava,
+        wport,
+        "--controller-address",
+        f"http://localhost:{cport}",
+        "--worker-address",
+        waddr,
+        "--heart-beat-interval",
+        "2",
+    )
     with start_service(wargv, wport, ready_path="/ready", timeout=120) as _worker:
         with start_service(controller, cport) as ctrl:
             deadline = time.monotonic() + 10
@@ -202,8 +262,16 @@ def test_worker_before_controller_registers_and_survives_restart(tiny_llava):
 def test_sigterm_drains_streams_and_leaves_the_controller(tiny_llava):
     cport, wport = free_port(), free_port()
     with start_service(["llava_serve.controller", "--port", str(cport)], cport) as ctrl:
-        wargv = worker_argv(tiny_llava, wport, "--controller-address", ctrl.url, "--shutdown-grace", "2",
-                            "--worker-address", f"http://localhost:{wport}")
+        wargv = worker_argv(
+            tiny_llava,
+            wport,
+            "--controller-address",
+            ctrl.url,
+            "--shutdown-grace",
+            "2",
+            "--worker-address",
+            f"http://localhost:{wport}",
+        )
         with start_service(wargv, wport, ready_path="/ready", timeout=120) as worker:
             deadline = time.monotonic() + 10
             while not _registered(ctrl.url):
@@ -213,7 +281,9 @@ def test_sigterm_drains_streams_and_leaves_the_controller(tiny_llava):
 
             def stream() -> None:
                 body = {"prompt": PROMPT, "images": [png_b64()], "max_new_tokens": 100000, "ignore_eos": True}
-                with requests.post(worker.url + "/worker_generate_stream", json=body, stream=True, timeout=60) as r:
+                with requests.post(
+                    worker.url + "/worker_generate_stream", json=body, stream=True, timeout=60
+                ) as r:
                     frames = [json.loads(c) for c in r.iter_lines(delimiter=b"\0") if c]
                 finals.append(frames[-1])
 
