@@ -13,6 +13,8 @@ _DONE = object()
 async def gather_or_cancel(aws: Sequence[Awaitable[T]]) -> list[T]:
     """Like asyncio.gather, but the first failure cancels the others before it is raised."""
     tasks = [asyncio.ensure_future(a) for a in aws]
+    if not tasks:
+        return []
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in tasks:

@@ -1,0 +1,237 @@
+"""The API in-process, driven by the official `openai` client (ASGI transport), with the
+controller and worker mocked at the HTTP level: request mapping, streaming shape, errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from llava_serve.openai_api.app import create_app
+from llava_serve.openai_api.config import ApiConfig
+from tests.fakes.fake_worker import build_prompt
+from tests.openai_api.conftest import data_url, png_bytes
+
+pytestmark = pytest.mark.anyio
+WORDS = ["Hello", " there", ",", " red", " square", "."]
+
+
+def frames(words: list[str] = WORDS, finish: str = "stop", error_at: int | None = None) -> bytes:
+    out, text = [], ""
+    for i, word in enumerate(words):
+        if i == error_at:
+            out.append({"text": "engine died (error_code: 50007)", "error_code": 50007})
+            break
+        text += word
+        frame: dict[str, Any] = {"text": text, "error_code": 0}
+        if i == len(words) - 1:
+            usage = {"prompt_tokens": 20, "completion_tokens": len(words), "total_tokens": 20 + len(words)}
+            frame |= {"finish_reason": finish, "usage": usage}
+        out.append(frame)
+    return b"".join(json.dumps(f).encode() + b"\0" for f in out)
+
+
+class Cluster:
+    """A controller at controller.test and one worker at worker.test, as HTTP mocks."""
+
+    def __init__(self) -> None:
+        self.models = ["fake"]
+        self.available = True
+        self.controller_down = False
+        self.generations: list[dict[str, Any]] = []
+        self.prompts: list[list[dict[str, Any]]] = []
+        self.generate: Callable[[dict[str, Any]], httpx.Response] = lambda body: httpx.Response(200, content=frames())
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content or b"{}")
+        route = (request.url.host, request.url.path)
+        if request.url.host == "controller.test" and self.controller_down:
+            raise httpx.ConnectError("connection refused", request=request)
+        if route == ("controller.test", "/list_models"):
+            return httpx.Response(200, json={"models": self.models})
+        if route == ("controller.test", "/get_worker_address"):
+            ok = self.available and body["model"] in self.models
+            return httpx.Response(200, json={"address": "http://worker.test" if ok else ""})
+        if route == ("controller.test", "/worker_generate_stream"):
+            self.generations.append(body)
+            return self.generate(body)
+        if route == ("worker.test", "/worker_build_prompt"):
+            self.prompts.append(body["messages"])
+            return httpx.Response(200, json={"prompt": build_prompt(body["messages"])})
+        if route == ("worker.test", "/model_details"):
+            return httpx.Response(200, json={"context_length": 100, "is_multimodal": True, "model_name": "fake"})
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[tuple[openai.AsyncOpenAI, Cluster]]:
+    cluster = Cluster()
+    config = ApiConfig(controller_address="http://controller.test", api_keys=("sk-test",), max_images_per_request=3)
+    app = create_app(config, transport=httpx.MockTransport(cluster))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as http:
+        yield (
+            openai.AsyncOpenAI(base_url="http://api.test/v1", api_key="sk-test", http_client=http, max_retries=0),
+            cluster,
+        )
+
+
+def user(text: str, *images: str) -> dict[str, Any]:
+    parts: list[dict[str, Any]] = [{"type": "text", "text": text}]
+    parts += [{"type": "image_url", "image_url": {"url": url}} for url in images]
+    return {"role": "user", "content": parts}
+
+
+async def test_request_mapped_to_worker_body(env: tuple[openai.AsyncOpenAI, Cluster]) -> None:
+    client, cluster = env
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        user("Compare", data_url("red"), data_url("green")),
+        {"role": "assistant", "content": "Red and green."},
+        {"role": "user", "content": "And now?"},
+    ]
+    resp = await client.chat.completions.create(
+        model="fake", messages=messages, temperature=0.3, top_p=0.9, max_tokens=50,  # type: ignore[arg-type]
+        max_completion_tokens=7, stop="END", seed=5, n=2,
+    )  # fmt: skip
+    assert [c.message.content for c in resp.choices] == ["Hello there, red square."] * 2
+    assert [c.finish_reason for c in resp.choices] == ["stop", "stop"]
+    assert resp.usage is not None and (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (20, 12)
+    assert cluster.prompts[0] == [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "image"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Red and green."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And now?"}]},
+    ]
+    first, second = cluster.generations
+    expected_images = [base64.b64encode(png_bytes(c)).decode() for c in ("red", "green")]
+    assert first["images"] == expected_images
+    assert first["prompt"] == build_prompt(cluster.prompts[0]) and first["prompt"].count("<image>") == 2
+    assert {k: first[k] for k in ("model", "temperature", "top_p", "max_new_tokens", "stop", "echo")} == {
+        "model": "fake", "temperature": 0.3, "top_p": 0.9, "max_new_tokens": 7, "stop": ["END"], "echo": False,
+    }  # fmt: skip
+    assert (first["seed"], second["seed"]) == (5, 6)
+
+
+async def test_streaming_chunks_usage_and_n(env: tuple[openai.AsyncOpenAI, Cluster]) -> None:
+    client, _ = env
+    stream = await client.chat.completions.create(
+        model="fake", messages=[user("hi", data_url())], stream=True, n=2, stream_options={"include_usage": True}
+    )
+    chunks = [c async for c in stream]
+    by_choice: dict[int, str] = {0: "", 1: ""}
+    finishes = {}
+    for c in chunks[:-1]:
+        (choice,) = c.choices
+        by_choice[choice.index] += choice.delta.content or ""
+        if choice.finish_reason:
+            finishes[choice.index] = choice.finish_reason
+    assert by_choice == {0: "Hello there, red square.", 1: "Hello there, red square."}
+    assert finishes == {0: "stop", 1: "stop"}
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (20, 12)
+    assert len({c.id for c in chunks}) == 1
+
+
+async def test_length_finish_and_no_usage_unless_asked(env: tuple[openai.AsyncOpenAI, Cluster]) -> None:
+    client, cluster = env
+    cluster.generate = lambda body: httpx.Response(200, content=frames(finish="length"))
+    stream = await client.chat.completions.create(model="fake", messages=[user("hi")], stream=True)
+    chunks = [c async for c in stream]
+    assert all(c.usage is None for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+async def test_mid_stream_worker_error(env: tuple[openai.AsyncOpenAI, Cluster]) -> None:
+    client, cluster = env
+    cluster.generate = lambda body: httpx.Response(200, content=frames(error_at=3))
+    stream = await client.chat.completions.create(model="fake", messages=[user("hi")], stream=True)
+    got = ""
+    with pytest.raises(openai.APIError, match="engine died"):
+        async for c in stream:
+            got += c.choices[0].delta.content or ""
+    assert got == "Hello there,"  # what came before the failure was delivered
+    with pytest.raises(openai.APIStatusError, match="engine died") as info:
+        await client.chat.completions.create(model="fake", messages=[user("hi")])
+    assert info.value.status_code == 503
+
+
+def _worker_refusal(status: int, code: int, text: str, **headers: str) -> Callable[..., httpx.Response]:
+    return lambda body: httpx.Response(status, json={"text": text, "error_code": code}, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("setup", "status", "code", "param"),
+    [
+        (lambda c: setattr(c, "models", ["other"]), 404, "model_not_found", None),
+        (lambda c: setattr(c, "available", False), 503, "controller_no_worker", None),
+        (lambda c: setattr(c, "controller_down", True), 503, "internal_error", None),
+        (lambda c: setattr(c, "generate", _worker_refusal(429, 42903, "busy", **{"retry-after": "3"})),
+         429, "rate_limit_exceeded", None),
+        (lambda c: setattr(c, "generate", _worker_refusal(400, 40004, "2 placeholders, 1 image")),
+         400, "image_count_mismatch", None),
+        (lambda c: setattr(c, "generate", _worker_refusal(400, 40303, "prompt too long")),
+         400, "context_length_exceeded", None),
+        (lambda c: setattr(c, "generate", _worker_refusal(503, 50005, "no worker")), 503, "controller_no_worker", None),
+        (lambda c: setattr(c, "generate", lambda b: httpx.Response(502, text="<html>bad gateway</html>")),
+         502, "controller_worker_timeout", None),
+    ],
+)  # fmt: skip
+async def test_upstream_errors_mapped(
+    env: tuple[openai.AsyncOpenAI, Cluster], setup: Any, status: int, code: str, param: str | None
+) -> None:
+    client, cluster = env
+    setup(cluster)
+    for stream in (False, True):  # refusals before the first token are HTTP errors in both modes
+        with pytest.raises(openai.APIStatusError) as info:
+            await client.chat.completions.create(model="fake", messages=[user("hi")], stream=stream)
+        assert info.value.status_code == status
+        assert info.value.body["code"] == code, info.value.body  # type: ignore[index]
+        assert info.value.body["message"]  # type: ignore[index]
+    if status == 429:
+        assert info.value.response.headers["retry-after"] == "3"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param", "match"),
+    [
+        ({"messages": [user("hi", "")]}, "messages[0].content[1].image_url", "missing"),
+        ({"messages": [user("hi", "data:image/png;base64,!!")]}, "messages[0].content[1].image_url", "base64"),
+        ({"messages": [user("hi", "https://example.com/a.png")]}, "messages[0].content[1].image_url",
+         "remote image URLs are disabled"),
+        ({"messages": [user("hi", *[data_url()] * 4)]}, "messages", "at most 3"),
+        ({"messages": [user("hi")], "n": 9}, "n", "at most 8"),
+        ({"messages": [user("hi")], "max_tokens": 101}, "max_tokens", "context of 100"),
+        ({"messages": [user("hi")], "temperature": 5}, "temperature", "less than or equal to 2"),
+        ({"messages": []}, "messages", "at least 1"),
+        ({"messages": [user("hi")], "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
+         "not supported"),
+        ({"messages": [user("hi")], "logprobs": True}, "logprobs", "not supported"),
+        ({"messages": [user("hi")], "stop": ["a", "b", "c", "d", "e"]}, "stop", "up to 4"),
+    ],
+)  # fmt: skip
+async def test_bad_requests(env: tuple[openai.AsyncOpenAI, Cluster], kwargs: dict[str, Any], param: str,
+                            match: str) -> None:  # fmt: skip
+    client, cluster = env
+    with pytest.raises(openai.BadRequestError, match=match) as info:
+        await client.chat.completions.create(model="fake", **kwargs)
+    assert info.value.body["param"] == param  # type: ignore[index]
+    assert info.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+    assert cluster.generations == []  # refused before any generation started
+
+
+async def test_keys_and_models(env: tuple[openai.AsyncOpenAI, Cluster]) -> None:
+    client, _ = env
+    assert [m.id for m in (await client.models.list()).data] == ["fake"]
+    for key in ("wrong", ""):
+        other = client.with_options(api_key=key) if key else client.with_options(default_headers={"Authorization": ""})
+        with pytest.raises(openai.AuthenticationError) as info:
+            await other.models.list()
+        assert info.value.body["code"] == "invalid_api_key"  # type: ignore[index]
+        with pytest.raises(openai.AuthenticationError):
+            await other.chat.completions.create(model="fake", messages=[user("hi")])
