@@ -54,9 +54,7 @@ class WorkerConfig:
 
     @property
     def image_limits(self) -> ImageLimits:
-        return ImageLimits(
-            max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, max_count=self.max_images
-        )
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, max_count=self.max_images)
 
     @property
     def max_body_bytes(self) -> int:
@@ -77,9 +75,12 @@ class WorkerConfig:
         )
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that loads a model."""
-    parser.add_argument("--model-path", default=None, help="checkpoint folder (default: the bundled model)")
+def add_model_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """Flags shared by every command that loads a model; several: --model-path may repeat."""
+    if several:
+        parser.add_argument("--model-path", action="append", default=[], help="checkpoint folder (repeatable)")
+    else:
+        parser.add_argument("--model-path", default=None, help="checkpoint folder (default: the bundled model)")
     parser.add_argument("--model-base", default=None, help="base LM for projector-only or LoRA checkpoints")
     parser.add_argument("--model-name", default=None)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -97,15 +98,11 @@ def worker_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="localhost")
     p.add_argument("--port", type=int, default=21002)
     p.add_argument("--worker-address", default="")
-    p.add_argument(
-        "--controller-address", "--controller", dest="controller_address", default="http://localhost:21001"
-    )
+    p.add_argument("--controller-address", "--controller", dest="controller_address", default="http://localhost:21001")
     add_model_args(p)
     p.add_argument("--engine", default="batch", choices=["batch", "generate"])
     p.add_argument("--limit-model-concurrency", type=int, default=5)
-    p.add_argument(
-        "--max-queue", type=int, default=64, help="requests allowed to wait beyond the running ones"
-    )
+    p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait beyond the running ones")
     p.add_argument("--no-register", action="store_true")
     p.add_argument("--heart-beat-interval", type=float, default=15.0)
     p.add_argument("--api-key", action="append", default=[], help="bearer key clients must send (repeatable)")
