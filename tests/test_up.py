@@ -1,0 +1,104 @@
+"""`llava-serve up` end to end: the whole stack in one command, asked through the official openai client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from PIL import Image, ImageDraw
+
+from llava_serve.default_model import default_model_path
+from tests.procs import free_port
+
+HAS_DEFAULT = (default_model_path() / "config.json").is_file()
+
+
+def red_circle_png() -> str:
+    img = Image.new("RGB", (160, 120), (245, 245, 240))
+    ImageDraw.Draw(img).ellipse((50, 30, 110, 90), fill=(220, 30, 30))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def wait_for(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else "up exited"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} not ready")
+
+
+@pytest.mark.skipif(not HAS_DEFAULT, reason="the default model's weights are not built")
+def test_up_serves_the_default_model_and_stops_cleanly():
+    ports = [free_port() for _ in range(4)]
+    argv = [
+        sys.executable,
+        "-m",
+        "llava_serve",
+        "up",
+        "--device",
+        "cpu",
+        "--no-web",
+        "--controller-port",
+        str(ports[0]),
+        "--worker-port",
+        str(ports[1]),
+        "--api-port",
+        str(ports[2]),
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(f"http://127.0.0.1:{ports[1]}/ready", proc)
+        wait_for(f"http://127.0.0.1:{ports[2]}/health", proc)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports[2]}/v1", api_key="none")
+        deadline = time.monotonic() + 30
+        while not client.models.list().data:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        model = client.models.list().data[0].id
+        content = [
+            {"type": "image_url", "image_url": {"url": red_circle_png()}},
+            {"type": "text", "text": "What colour is the circle?"},
+        ]
+        answer = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": content}], temperature=0, max_tokens=20
+        )
+        assert "red" in answer.choices[0].message.content.lower()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out.decode()
+    assert b"all services stopped" in out
+    for port in ports[:3]:
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+
+
+def test_up_refuses_a_taken_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "llava_serve", "up", "--controller-port", str(taken)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert f"controller port {taken}" in result.stderr and "--controller-port" in result.stderr
