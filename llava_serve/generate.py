@@ -8,6 +8,7 @@ import json
 import queue
 import sys
 from pathlib import Path
+from typing import Any
 
 from llava_serve.config import add_model_args
 from llava_serve.engine.params import SamplingParams
@@ -33,9 +34,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_once(
-    lm: LoadedModel, prompt: str, images: list, keys: list[str], params: SamplingParams
-) -> RequestOutput:
+def run_once(lm: LoadedModel, prompt: str, images: list, keys: list[str], params: SamplingParams) -> RequestOutput:
     from llava_serve.engine.engine import BatchEngine
 
     engine = BatchEngine(lm, max_running=1, max_waiting=0).start()
@@ -77,9 +76,9 @@ def _main(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
         seed=args.seed,
     )
-    options = WorkerConfig(
-        model_path=args.model_path, **{k: getattr(args, k) for k in _MODEL_KEYS}
-    ).load_options(resolve_model_path(args.model_path))
+    options = WorkerConfig(model_path=args.model_path, **{k: getattr(args, k) for k in _MODEL_KEYS}).load_options(
+        resolve_model_path(args.model_path)
+    )
     lm = load_model(options)
     if args.raw_prompt is not None:
         prompt = args.raw_prompt
@@ -110,3 +109,8 @@ _MODEL_KEYS = (
     "conv_template",
     "trust_remote_code",
 )
+
+
+def model_keys(args: argparse.Namespace) -> dict[str, Any]:
+    """The model-loading flags of add_model_args, as WorkerConfig fields."""
+    return {k: getattr(args, k) for k in _MODEL_KEYS}
