@@ -1,13 +1,31 @@
-"""Small asyncio helpers: run-all-or-cancel, and merging several async iterators."""
+"""Small asyncio helpers: shielded cleanup, run-all-or-cancel, merging async iterators."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
+
+import anyio
 
 T = TypeVar("T")
 _DONE = object()
+
+
+class _Closable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+async def aclose_shielded(*resources: _Closable) -> None:
+    """Close upstream streams even while the task is being cancelled.
+
+    Starlette cancels a streaming response through an anyio cancel scope, which cancels every
+    await inside it again, the ones in `finally` blocks too. An httpx response whose close is
+    cut short counts as closed yet leaves its connection open, and the worker keeps generating.
+    """
+    with anyio.CancelScope(shield=True):
+        for resource in resources:
+            await resource.aclose()
 
 
 async def gather_or_cancel(aws: Sequence[Awaitable[T]]) -> list[T]:
@@ -24,7 +42,8 @@ async def gather_or_cancel(aws: Sequence[Awaitable[T]]) -> list[T]:
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def merge(iterators: Sequence[AsyncIterator[T]]) -> AsyncIterator[T]:
@@ -39,9 +58,8 @@ async def merge(iterators: Sequence[AsyncIterator[T]]) -> AsyncIterator[T]:
         except Exception as exc:
             await queue.put(exc)
         finally:
-            aclose = getattr(it, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            if hasattr(it, "aclose"):
+                await aclose_shielded(it)  # type: ignore[arg-type]
 
     tasks = [asyncio.create_task(pump(it)) for it in iterators]
     try:
@@ -57,4 +75,5 @@ async def merge(iterators: Sequence[AsyncIterator[T]]) -> AsyncIterator[T]:
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        with anyio.CancelScope(shield=True):  # stopped and closed before this returns
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -55,9 +55,7 @@ class KeySet:
             return
         token = bearer_token(authorization)
         if token is None:
-            raise Unauthorized(
-                "missing API key: send 'Authorization: Bearer <key>'", code=ErrorCode.INVALID_AUTH_KEY
-            )
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", code=ErrorCode.INVALID_AUTH_KEY)
         given = _digest(token)
         matched = False
         for d in self._digests:  # no early exit: every key costs the same
@@ -126,9 +124,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _send_json(
-    send: Send, status: int, body: dict[str, Any], extra_headers: list[tuple[bytes, bytes]]
-) -> None:
+async def _send_json(send: Send, status: int, body: dict[str, Any], extra_headers: list[tuple[bytes, bytes]]) -> None:
     payload = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers + extra_headers})

@@ -13,14 +13,13 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 
 class ClosingStreamingResponse(StreamingResponse):
-    def __init__(
-        self, content: Any, *, on_close: Callable[[], Awaitable[None]] | None = None, **kwargs: Any
-    ) -> None:
+    def __init__(self, content: Any, *, on_close: Callable[[], Awaitable[None]] | None = None, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self._source = content
         self._on_close = on_close
@@ -29,7 +28,8 @@ class ClosingStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            if inspect.isasyncgen(self._source):
-                await self._source.aclose()
-            if self._on_close is not None:
-                await self._on_close()
+            with anyio.CancelScope(shield=True):
+                if inspect.isasyncgen(self._source):
+                    await self._source.aclose()
+                if self._on_close is not None:
+                    await self._on_close()

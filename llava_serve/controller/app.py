@@ -75,9 +75,7 @@ def _worker_client(config: ControllerConfig, transport: httpx.AsyncBaseTransport
     # No pool limit: a pool timeout would look like a dead worker. trust_env off: workers are
     # reached directly, never through a proxy from the environment.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    return httpx.AsyncClient(
-        headers=headers, timeout=timeout, limits=limits, transport=transport, trust_env=False
-    )
+    return httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits, transport=transport, trust_env=False)
 
 
 def error_response(request: Request, err: ServeError) -> Response:

@@ -43,9 +43,7 @@ class ControllerConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     d = ControllerConfig()
-    p = argparse.ArgumentParser(
-        prog="llava-serve controller", description="Registry and dispatcher of workers."
-    )
+    p = argparse.ArgumentParser(prog="llava-serve controller", description="Registry and dispatcher of workers.")
     p.add_argument("--host", default=d.host, help="bind address (default: localhost only)")
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--dispatch-method", choices=sorted(METHODS), default=d.dispatch_method)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 
+from llava_serve.common.aio import aclose_shielded
 from llava_serve.common.frames import FrameSplitter
 from llava_serve.controller.dispatch import Dispatcher
 from llava_serve.controller.metrics import ControllerMetrics
@@ -74,7 +75,7 @@ class StreamProxy:
             err = WorkerUnavailable(f"worker {worker.name} failed mid-stream: {reason}")
             yield encode_frame({**err.to_dict(), "finish_reason": "error"})
         finally:
-            await upstream.aclose()
+            await aclose_shielded(upstream)
 
     def failed(self, worker: WorkerInfo, kind: str, error: object) -> str:
         """Take `worker` out of rotation until its next heartbeat; returns the reason."""
@@ -100,8 +101,10 @@ class StreamProxy:
 
 
 async def _going_away(resp: httpx.Response) -> bool:
-    await resp.aread()
-    await resp.aclose()
+    try:
+        await resp.aread()
+    finally:
+        await aclose_shielded(resp)
     try:
         return int(json.loads(resp.content.rstrip(b"\0")).get("error_code", 0)) in _GOING_AWAY
     except (ValueError, AttributeError, TypeError):

@@ -87,9 +87,7 @@ class Registry:
     def expire(self) -> list[str]:
         """Drop workers whose heartbeats stopped; returns their names."""
         deadline = self._clock() - self.expiration
-        stale = [
-            w.name for w in self._workers.values() if w.check_heart_beat and w.last_heart_beat < deadline
-        ]
+        stale = [w.name for w in self._workers.values() if w.check_heart_beat and w.last_heart_beat < deadline]
         for name in stale:
             del self._workers[name]
         return stale
@@ -97,9 +95,7 @@ class Registry:
     def candidates(self, model: str, exclude: Iterable[str] = ()) -> list[WorkerInfo]:
         """Healthy workers serving `model`, minus `exclude`."""
         skip = set(exclude)
-        return [
-            w for w in self._workers.values() if w.healthy and model in w.model_names and w.name not in skip
-        ]
+        return [w for w in self._workers.values() if w.healthy and model in w.model_names and w.name not in skip]
 
     def model_names(self) -> list[str]:
         """Models of all registered workers, sorted (as LLaVA lists them).

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
+from llava_serve.common.aio import aclose_shielded
 from llava_serve.common.auth import secret_matches
 from llava_serve.common.streaming import ClosingStreamingResponse
 from llava_serve.controller.config import ControllerConfig
@@ -81,9 +82,7 @@ async def register_worker(
 
 
 @worker_router.post("/receive_heart_beat")
-async def receive_heart_beat(
-    req: HeartBeatRequest, ctrl: ControllerState = Depends(get_state)
-) -> HeartBeatResponse:
+async def receive_heart_beat(req: HeartBeatRequest, ctrl: ControllerState = Depends(get_state)) -> HeartBeatResponse:
     return HeartBeatResponse(exist=ctrl.registry.heart_beat(req.worker_name, req.queue_length))
 
 
@@ -100,9 +99,7 @@ async def unregister_worker(
 async def refresh_all_workers(ctrl: ControllerState = Depends(get_state)) -> dict[str, object]:
     """Re-read every worker's status; drop the ones that do not answer."""
     names = [w.name for w in ctrl.registry.workers()]
-    results = await asyncio.gather(
-        *(fetch_worker_status(ctrl.client, n) for n in names), return_exceptions=True
-    )
+    results = await asyncio.gather(*(fetch_worker_status(ctrl.client, n) for n in names), return_exceptions=True)
     removed = []
     for name, result in zip(names, results, strict=True):
         info = ctrl.registry.get(name)
@@ -143,14 +140,14 @@ async def worker_generate_stream(request: Request, ctrl: ControllerState = Depen
     body = await request.body()
     worker, upstream = await ctrl.proxy.open(_model_of(body), body)
     if upstream.status_code != 200:  # the worker refused the request: pass its answer through
-        content = await upstream.aread()
-        await upstream.aclose()
+        try:
+            content = await upstream.aread()
+        finally:
+            await aclose_shielded(upstream)
         keep = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "retry-after")}
         return Response(content, status_code=upstream.status_code, headers=keep)
     media_type = upstream.headers.get("content-type", "application/octet-stream")
-    return ClosingStreamingResponse(
-        ctrl.proxy.relay(worker, upstream), on_close=upstream.aclose, media_type=media_type
-    )
+    return ClosingStreamingResponse(ctrl.proxy.relay(worker, upstream), on_close=upstream.aclose, media_type=media_type)
 
 
 @router.get("/health")

@@ -18,9 +18,7 @@ def main(argv: list[str] | None = None) -> None:
         config = config_from_args(parser.parse_args(argv))
     except ValueError as exc:
         parser.error(str(exc))
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
         logger.warning("listening on %s without --api-key: anyone who can reach it can use it", config.host)

@@ -87,9 +87,7 @@ def openai_error(err: ServeError) -> tuple[int, dict[str, Any]]:
     return err.http_status, ErrorResponse(error=info).model_dump()
 
 
-def error_from_code(
-    code: int, text: str, *, status: int | None = None, retry_after: float = 1.0
-) -> ServeError:
+def error_from_code(code: int, text: str, *, status: int | None = None, retry_after: float = 1.0) -> ServeError:
     """The typed error for a FastChat `error_code` (from a worker or controller answer or frame)."""
     message = text or f"upstream error {code}"
     if code // 100 == 429:

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from llava_serve.common.aio import gather_or_cancel, merge
+from llava_serve.common.aio import aclose_shielded, gather_or_cancel, merge
 from llava_serve.common.frames import iter_frames
 from llava_serve.errors import ErrorCode, ImageError, InvalidParameter, InvalidRequest, ServeError
 from llava_serve.openai_api.config import ApiConfig
@@ -80,9 +80,7 @@ class ChatService:
             Choice(index=i, message=AssistantMessage(content=text), finish_reason=reason)
             for i, (text, reason, _) in enumerate(results)
         ]
-        return ChatCompletion(
-            id=prep.id, model=req.model, choices=choices, usage=total_usage(r[2] for r in results)
-        )
+        return ChatCompletion(id=prep.id, model=req.model, choices=choices, usage=total_usage(r[2] for r in results))
 
     async def open_stream(self, req: ChatCompletionRequest) -> ChatStream:
         """Start the generations; refusals before the first token are raised here, as HTTP errors."""
@@ -92,8 +90,7 @@ class ChatService:
             for body in prep.bodies:
                 responses.append(await self.upstream.open_generation(body))
         except BaseException:
-            for resp in responses:
-                await resp.aclose()
+            await aclose_shielded(*responses)
             raise
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return ChatStream(prep.id, req.model, responses, include_usage)
@@ -127,8 +124,7 @@ class ChatService:
         if n_images > self.config.max_images_per_request:
             raise with_param(
                 InvalidRequest(
-                    f"{n_images} images in one request; this server takes at most "
-                    f"{self.config.max_images_per_request}",
+                    f"{n_images} images in one request; this server takes at most {self.config.max_images_per_request}",
                     code=ErrorCode.REQUEST_TOO_LARGE,
                 ),
                 "messages",
@@ -188,7 +184,7 @@ async def choice_updates(index: int, resp: httpx.Response) -> AsyncIterator[Upda
     except httpx.TransportError as exc:
         raise ControllerUnavailable(f"lost the generation stream from the controller: {exc!r}") from None
     finally:
-        await resp.aclose()
+        await aclose_shielded(resp)
 
 
 def total_usage(usages: Any) -> Usage:
@@ -207,8 +203,7 @@ class ChatStream:
         self.created = int(time.time())
 
     async def aclose(self) -> None:
-        for resp in self.responses:
-            await resp.aclose()
+        await aclose_shielded(*self.responses)
 
     async def sse(self) -> AsyncIterator[str]:
         usages: dict[int, dict[str, int]] = {}

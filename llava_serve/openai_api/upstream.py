@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 
+from llava_serve.common.aio import aclose_shielded
 from llava_serve.errors import NoWorker, UnknownModel, WorkerUnavailable
 from llava_serve.openai_api.config import ApiConfig
 from llava_serve.openai_api.errors import ControllerUnavailable, error_from_response
@@ -72,8 +73,10 @@ class Upstream:
         except httpx.TransportError as exc:
             raise self._controller_down(exc) from None
         if resp.status_code != 200:
-            await resp.aread()
-            await resp.aclose()
+            try:
+                await resp.aread()
+            finally:
+                await aclose_shielded(resp)
             raise error_from_response(resp.status_code, resp.content, resp.headers)
         return resp
 

@@ -88,9 +88,7 @@ def check(req: GenerateRequest, state: FakeState) -> JSONResponse | None:
             f"prompt has {req.prompt.count('<image>')} <image> placeholders but {n_images} images were sent",
         )
     if len(req.prompt) > CONTEXT_LENGTH:
-        return _error(
-            400, ErrorCode.CONTEXT_OVERFLOW, f"prompt of {len(req.prompt)} tokens exceeds the context"
-        )
+        return _error(400, ErrorCode.CONTEXT_OVERFLOW, f"prompt of {len(req.prompt)} tokens exceeds the context")
     if state.active >= state.config.max_concurrency:
         return _error(429, ErrorCode.ENGINE_OVERLOADED, "worker overloaded", {"retry-after": "1"})
     return None

@@ -18,7 +18,7 @@ import pytest
 
 from llava_serve.errors import ImageError, ImageTooLarge
 from llava_serve.openai_api.images import ImageFetcher, ImagePolicy, decode_data_url, is_public_address
-from tests.openai_api.conftest import data_url, png_bytes
+from tests.fakes.images import data_url, png_bytes
 
 pytestmark = pytest.mark.anyio
 PUBLIC_IP, CDN_IP = "93.184.215.14", "93.184.215.15"  # never contacted: rewritten to 127.0.0.1

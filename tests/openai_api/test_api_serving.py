@@ -15,7 +15,7 @@ import pytest
 from llava_serve.openai_api.app import create_app
 from llava_serve.openai_api.config import ApiConfig
 from tests.fakes.fake_worker import build_prompt
-from tests.openai_api.conftest import data_url, png_bytes
+from tests.fakes.images import data_url, png_bytes
 
 pytestmark = pytest.mark.anyio
 WORDS = ["Hello", " there", ",", " red", " square", "."]

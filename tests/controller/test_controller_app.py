@@ -49,9 +49,7 @@ class Workers:
         if host.startswith("leaving"):
             return httpx.Response(503, json={"text": "shutting down", "error_code": 50008})
         if host.startswith("busy"):
-            return httpx.Response(
-                429, json={"text": "busy", "error_code": 42903}, headers={"retry-after": "2"}
-            )
+            return httpx.Response(429, json={"text": "busy", "error_code": 42903}, headers={"retry-after": "2"})
         return httpx.Response(200, content=GOOD_BODY, headers={"content-type": "application/octet-stream"})
 
 
