@@ -64,6 +64,11 @@ class KeySet:
             raise Unauthorized("incorrect API key", code=ErrorCode.INCORRECT_AUTH_KEY)
 
 
+def bearer_headers(key: str | None) -> dict[str, str]:
+    """Headers that present `key` to a service that checks bearer keys (none if no key)."""
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
 def bearer_token(authorization: str | None) -> str | None:
     if not authorization:
         return None

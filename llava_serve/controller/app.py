@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from llava_serve.common.auth import add_bearer_auth
+from llava_serve.common.auth import add_bearer_auth, bearer_headers
 from llava_serve.controller.config import ControllerConfig
 from llava_serve.controller.dispatch import Dispatcher
 from llava_serve.controller.metrics import ControllerMetrics
@@ -70,7 +70,7 @@ async def _expire_workers(registry: Registry, every: float) -> None:
 
 
 def _worker_client(config: ControllerConfig, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
-    headers = {"authorization": f"Bearer {config.worker_api_key}"} if config.worker_api_key else {}
+    headers = bearer_headers(config.worker_api_key)
     timeout = httpx.Timeout(config.worker_timeout, connect=config.connect_timeout)
     # No pool limit: a pool timeout would look like a dead worker. trust_env off: workers are
     # reached directly, never through a proxy from the environment.

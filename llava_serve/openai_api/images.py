@@ -102,7 +102,7 @@ class ImageFetcher:
             )
         try:
             return await asyncio.wait_for(self._follow(url), self.policy.timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise ImageError(f"fetching image {_short(url)} took over {self.policy.timeout:g}s") from None
         except httpx.HTTPError as exc:
             raise ImageError(f"cannot fetch image {_short(url)}: {type(exc).__name__}") from None

@@ -8,13 +8,10 @@ from typing import Any
 import httpx
 
 from llava_serve.common.aio import aclose_shielded
+from llava_serve.common.auth import bearer_headers
 from llava_serve.errors import NoWorker, UnknownModel, WorkerUnavailable
 from llava_serve.openai_api.config import ApiConfig
 from llava_serve.openai_api.errors import ControllerUnavailable, error_from_response
-
-
-def _bearer(key: str | None) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"} if key else {}
 
 
 class Upstream:
@@ -23,14 +20,14 @@ class Upstream:
         timeout = httpx.Timeout(config.upstream_timeout, connect=5.0)
         self.controller = httpx.AsyncClient(
             base_url=self.controller_address,
-            headers=_bearer(config.controller_api_key),
+            headers=bearer_headers(config.controller_api_key),
             timeout=timeout,
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
             transport=transport,
             trust_env=False,
         )
         self.workers = httpx.AsyncClient(
-            headers=_bearer(config.worker_api_key),
+            headers=bearer_headers(config.worker_api_key),
             timeout=httpx.Timeout(60.0, connect=5.0),
             transport=transport,
             trust_env=False,

@@ -233,3 +233,18 @@ def test_config_validation() -> None:
         ControllerConfig(dispatch_method="random")
     with pytest.raises(ValueError, match="must exceed"):
         ControllerConfig(heart_beat_expiration=10, heart_beat_interval=15)
+
+
+def test_cli_flags_build_the_config() -> None:
+    from llava_serve.controller.__main__ import main
+    from llava_serve.controller.config import build_parser, config_from_args
+
+    argv = ["--port", "1234", "--dispatch-method", "lottery", "--api-key", "a", "--api-key", "b",
+            "--registration-secret", "s", "--heart-beat-interval", "2", "--heart-beat-expiration", "5"]  # fmt: skip
+    config = config_from_args(build_parser().parse_args(argv))
+    assert (config.host, config.port, config.dispatch_method) == ("127.0.0.1", 1234, "lottery")
+    assert (config.api_keys, config.registration_secret, config.heart_beat_interval) == (("a", "b"), "s", 2.0)
+    for bad in (["--dispatch-method", "random"], ["--heart-beat-expiration", "1"], ["--max-tries", "0"]):
+        with pytest.raises(SystemExit) as info:
+            main(bad)
+        assert info.value.code == 2

@@ -235,3 +235,21 @@ async def test_keys_and_models(env: tuple[openai.AsyncOpenAI, Cluster]) -> None:
         assert info.value.body["code"] == "invalid_api_key"  # type: ignore[index]
         with pytest.raises(openai.AuthenticationError):
             await other.chat.completions.create(model="fake", messages=[user("hi")])
+
+
+def test_cli_flags_build_the_config() -> None:
+    from llava_serve.openai_api.__main__ import main
+    from llava_serve.openai_api.config import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args([]))
+    assert (config.host, config.port, config.controller_address) == ("127.0.0.1", 8000, "http://localhost:21001")
+    assert (config.max_images_per_request, config.allow_remote_images, config.api_keys) == (8, False, ())
+    argv = ["--api-key", "k1", "--api-key", "k2", "--allow-remote-images", "--max-image-bytes", "1000",
+            "--remote-image-timeout", "2", "--controller-api-key", "c"]  # fmt: skip
+    config = config_from_args(build_parser().parse_args(argv))
+    assert config.api_keys == ("k1", "k2") and config.controller_api_key == "c"
+    assert config.image_policy().allow_remote and config.image_policy().max_bytes == 1000
+    for bad in (["--controller-address", "localhost:21001"], ["--max-n", "0"]):
+        with pytest.raises(SystemExit) as info:
+            main(bad)
+        assert info.value.code == 2
