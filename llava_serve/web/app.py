@@ -1,0 +1,43 @@
+"""The web demo as an ASGI app: the Gradio page at `/`, plus `GET /health`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import gradio as gr
+from fastapi import FastAPI
+
+from llava_serve.web.client import ControllerClient
+from llava_serve.web.config import WebConfig
+from llava_serve.web.demo import CSS, create_demo, theme
+
+
+def create_app(config: WebConfig, client: ControllerClient | None = None) -> FastAPI:
+    client = client or ControllerClient.from_config(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await client.aclose()
+
+    app = FastAPI(title="llava-serve web demo", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.config = config
+    app.state.client = client
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    demo = create_demo(config, client)
+    app.state.demo = demo
+    return gr.mount_gradio_app(
+        app,
+        demo,
+        path="/",
+        ssr_mode=False,  # no Node server
+        theme=theme(),
+        css=CSS,
+        max_file_size=f"{config.max_upload_mb}mb",
+        footer_links=["gradio", "settings"],
+    )

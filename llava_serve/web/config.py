@@ -1,0 +1,90 @@
+"""The web demo's settings: one frozen dataclass, validated, with the CLI built from it."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import urlsplit
+
+ModelListMode = Literal["once", "reload"]
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    controller_url: str = "http://localhost:21001"
+    controller_api_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 7860
+    # Chat answers streamed at the same time, over all browser sessions (Gradio's queue).
+    concurrency_count: int = 16
+    # "once": the model list is fetched on the first page load and kept (the refresh button
+    # fetches it again); "reload": fetched again on every page load.
+    model_list_mode: ModelListMode = "once"
+    request_timeout: float = 20.0  # list models, worker address, prompt building
+    stream_timeout: float = 120.0  # longest wait for the next frame of an answer
+    max_image_side: int = 1344  # longer images are scaled down before they are sent
+    max_upload_mb: int = 20
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.controller_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"--controller-url must be an http(s) URL, got {self.controller_url!r}")
+        object.__setattr__(self, "controller_url", self.controller_url.rstrip("/"))
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port must be in 1..65535, got {self.port}")
+        if self.concurrency_count < 1:
+            raise ValueError(f"--concurrency-count must be at least 1, got {self.concurrency_count}")
+        if self.model_list_mode not in ("once", "reload"):
+            raise ValueError(f"--model-list-mode must be 'once' or 'reload', got {self.model_list_mode!r}")
+        for name in ("request_timeout", "stream_timeout", "max_image_side", "max_upload_mb"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = WebConfig()
+    p = argparse.ArgumentParser(
+        prog="llava-serve web", description="Gradio chat demo, a client of the llava-serve controller."
+    )
+    p.add_argument("--controller-url", default=d.controller_url, help="the controller's address")
+    p.add_argument("--controller-api-key", default=None, help="bearer key, if the controller has --api-key")
+    p.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument(
+        "--concurrency-count",
+        type=int,
+        default=d.concurrency_count,
+        help="answers streamed at once, over all users",
+    )
+    p.add_argument(
+        "--model-list-mode",
+        choices=["once", "reload"],
+        default=d.model_list_mode,
+        help="fetch the model list once, or again on every page load",
+    )
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds")
+    p.add_argument(
+        "--stream-timeout",
+        type=float,
+        default=d.stream_timeout,
+        help="seconds to wait for the next piece of an answer",
+    )
+    p.add_argument(
+        "--max-image-side",
+        type=int,
+        default=d.max_image_side,
+        help="pixels; larger uploads are scaled down before sending",
+    )
+    p.add_argument("--max-upload-mb", type=int, default=d.max_upload_mb)
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> WebConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return WebConfig(**vars(args))
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # parser.error exits; this keeps type checkers content

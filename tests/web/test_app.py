@@ -1,0 +1,71 @@
+"""The app and CLI: built by create_app/create_demo with no globals, flags validated."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from llava_serve.web import WebConfig, create_app, create_demo
+from llava_serve.web.__main__ import main
+from llava_serve.web.config import config_from_args
+
+
+def test_cli_flags_map_to_config() -> None:
+    config = config_from_args(
+        [
+            "--controller-url",
+            "http://ctrl:21001/",
+            "--controller-api-key",
+            "k",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "7861",
+            "--concurrency-count",
+            "4",
+            "--model-list-mode",
+            "reload",
+        ]
+    )
+    assert config == WebConfig(
+        controller_url="http://ctrl:21001",
+        controller_api_key="k",
+        host="0.0.0.0",
+        port=7861,
+        concurrency_count=4,
+        model_list_mode="reload",
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--controller-url", "localhost:21001"],
+        ["--port", "0"],
+        ["--concurrency-count", "0"],
+        ["--model-list-mode", "sometimes"],
+    ],
+)
+def test_bad_flags_exit_with_a_message(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_each_app_has_its_own_demo_and_health() -> None:
+    a, b = create_app(WebConfig(port=7001)), create_app(WebConfig(port=7002))
+    assert a.state.demo is not b.state.demo and a.state.client is not b.state.client
+    ids = {blk.elem_id for blk in create_demo(WebConfig()).blocks.values()}
+    assert {"model-selector", "image-input", "chatbot", "msg-input", "stop-btn", "regenerate-btn"} <= ids
+
+    transport = httpx.ASGITransport(app=a)
+
+    async def get(path: str) -> httpx.Response:
+        async with httpx.AsyncClient(transport=transport, base_url="http://web") as http:
+            return await http.get(path)
+
+    assert asyncio.run(get("/health")).json() == {"status": "ok"}
+    page = asyncio.run(get("/config"))
+    assert page.status_code == 200 and "LLaVA chat" in page.text

@@ -1,0 +1,216 @@
+"""The web demo in a real browser: real processes on free ports, driven by Playwright + Chromium.
+
+A picture of a red circle is uploaded, "What colour is the circle?" asked, and "red" must
+stream into the page (the answer is seen growing); backend errors must read as text; Stop must
+close the stream. The screenshot in docs/images/web_demo.png comes from here.
+
+The chat test talks to `chat_backend`, today the fake controller+worker. To run it against the
+real stack, point LLAVA_SERVE_WEB_BACKEND at a running controller (and LLAVA_SERVE_WEB_BACKEND_KEY
+at its API key, if any), or change `chat_backend` to start one: nothing else changes. The error
+and stop tests always use the fake, which can fail on purpose and counts closed streams.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.procs import Proc, free_port, start_service
+from tests.web.conftest import Backend
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "images" / "web_demo.png"
+QUESTION = "What colour is the circle?"
+
+
+def _missing() -> str | None:
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} not found (apt-get install -y chromium)"
+    if importlib.util.find_spec("playwright") is None:
+        return "the playwright Python package is not installed (pip install playwright)"
+    return None
+
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(_missing() is not None, reason=_missing() or ""),
+    pytest.mark.timeout(120),
+]
+
+if _missing() is None:
+    from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+
+@pytest.fixture(scope="module")
+def chat_backend(fake_backend: Backend) -> Backend:
+    """The controller the chat test talks to (swap point for the real stack)."""
+    url = os.environ.get("LLAVA_SERVE_WEB_BACKEND")
+    if url:
+        return Backend(url.rstrip("/"), os.environ.get("LLAVA_SERVE_WEB_BACKEND_KEY"))
+    return fake_backend
+
+
+@pytest.fixture(scope="module")
+def web_for() -> Iterator[Callable[[Backend], Proc]]:
+    """One web demo process per backend, started on first use, stopped by pid at the end."""
+    started: dict[str, Proc] = {}
+
+    def web(backend: Backend) -> Proc:
+        if backend.url not in started:
+            port = free_port()
+            argv = ["llava_serve.web", "--controller-url", backend.url, "--port", str(port)]
+            if backend.api_key:
+                argv += ["--controller-api-key", backend.api_key]
+            started[backend.url] = start_service(argv, port, timeout=60)
+        return started[backend.url]
+
+    yield web
+    for proc in started.values():
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def open_demo(browser: Browser, web_for: Callable[[Backend], Proc]) -> Iterator[Callable[[Backend], Page]]:
+    """A fresh page (its own Gradio session) on the demo for a backend, models loaded."""
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+
+    def open_page(backend: Backend) -> Page:
+        page = context.new_page()
+        page.goto(web_for(backend).url + "/")
+        expect(page.locator("#model-selector input")).not_to_have_value("", timeout=20_000)
+        if backend.model:
+            choose_model(page, backend.model)
+        _record_answer_texts(page)
+        return page
+
+    yield open_page
+    context.close()
+
+
+def choose_model(page: Page, model: str) -> None:
+    page.locator("#model-selector input").click()
+    page.get_by_role("option", name=model, exact=True).click()
+    expect(page.locator("#model-selector input")).to_have_value(model)
+
+
+def _record_answer_texts(page: Page) -> None:
+    """Keep every distinct text the latest answer shows, however fast it changes."""
+    page.evaluate(
+        """() => {
+        window.answerTexts = [];
+        const root = document.querySelector('#chatbot');
+        new MutationObserver(() => {
+            const bots = root.querySelectorAll('[data-testid="bot"]');
+            const text = bots.length ? bots[bots.length - 1].innerText.trim() : '';
+            const seen = window.answerTexts;
+            if (text && seen[seen.length - 1] !== text) seen.push(text);
+        }).observe(root, {subtree: true, childList: true, characterData: true});
+    }"""
+    )
+
+
+def ask(page: Page, question: str, image: Path | None = None) -> None:
+    if image is not None:
+        page.locator("#image-input input[type=file]").set_input_files(str(image))
+        expect(page.locator("#image-input img")).to_be_visible(timeout=10_000)
+    page.locator("#msg-input textarea").fill(question)
+    page.locator("#msg-input textarea").press("Enter")
+
+
+def last_answer(page: Page) -> str:
+    texts = page.locator('#chatbot [data-testid="bot"]').all_inner_texts()
+    return texts[-1].strip() if texts else ""
+
+
+def wait_settled(page: Page, pattern: str, timeout: float = 60.0, quiet: float = 1.0) -> str:
+    """The last answer once it matches `pattern` and has not changed for `quiet` seconds."""
+    expect(page.locator('#chatbot [data-testid="bot"]').last).to_contain_text(
+        re.compile(pattern, re.IGNORECASE), timeout=timeout * 1000
+    )
+    text, since = last_answer(page), time.monotonic()
+    while time.monotonic() - since < quiet:
+        time.sleep(0.1)
+        if (now := last_answer(page)) != text:
+            text, since = now, time.monotonic()
+    return text
+
+
+def fake_stats(backend: Backend) -> dict[str, int]:
+    return httpx.get(backend.url + "/stats", timeout=5).json()
+
+
+def test_red_circle_answer_streams_in(
+    open_demo: Callable[[Backend], Page], chat_backend: Backend, red_circle: Path
+) -> None:
+    page = open_demo(chat_backend)
+    ask(page, QUESTION, red_circle)
+    final = wait_settled(page, r"\bred\b")
+    seen: list[str] = page.evaluate("window.answerTexts")
+    partial = [t for t in seen if t != final]
+    assert len(partial) >= 2, f"the answer did not stream: texts seen {seen}"
+    assert all(len(a) < len(b) for a, b in zip(seen, seen[1:])), seen
+    assert all(final.startswith(t) for t in partial), seen  # each step extends the one before
+    expect(page.locator('#chatbot [data-testid="user"]').last).to_contain_text(QUESTION)
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))
+    if chat_backend.proc is not None:  # the fake records what it was sent
+        sent = httpx.get(chat_backend.url + "/last_request", timeout=5).json()
+        assert sent["echo"] is False and len(sent["images"]) == 1 and sent["prompt"].count("<image>") == 1
+        assert QUESTION in sent["prompt"]
+
+
+def test_backend_errors_read_as_text(
+    open_demo: Callable[[Backend], Page], fake_backend: Backend, red_circle: Path
+) -> None:
+    page = open_demo(fake_backend)
+    choose_model(page, "fake-broken")
+    ask(page, QUESTION, red_circle)
+    failed = wait_settled(page, r"error code 50002")
+    assert failed.startswith("Looking at") and "Error: worker ran out of GPU memory while decoding" in failed
+    choose_model(page, "fake-busy")
+    ask(page, "And now?")
+    busy = wait_settled(page, r"error code 42903")
+    assert "busy (HTTP 429)" in busy and "try again in 3 s" in busy
+    body = page.locator("body").inner_text()
+    assert "Traceback" not in body and "NETWORK ERROR" not in body
+
+
+def test_stop_closes_the_stream(open_demo: Callable[[Backend], Page], fake_backend: Backend, red_circle: Path) -> None:
+    page = open_demo(fake_backend)
+    before = fake_stats(fake_backend)
+    ask(page, QUESTION, red_circle)
+    expect(page.locator('#chatbot [data-testid="bot"]').last).to_contain_text("Looking", timeout=20_000)
+    page.locator("#stop-btn").click()
+    deadline = time.monotonic() + 5
+    while fake_stats(fake_backend)["cancelled"] == before["cancelled"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = fake_stats(fake_backend)
+    assert after["cancelled"] == before["cancelled"] + 1 and after["active"] == 0, (before, after)
+    stopped = wait_settled(page, r"Looking", quiet=1.0)
+    assert not stopped.endswith("red.")  # it did stop half-way
+    ask(page, "Try once more?")  # the chat is usable again after a stop
+    assert wait_settled(page, r"\bred\.").endswith("is red.")
