@@ -70,7 +70,7 @@ class StreamProxy:
                     yield frame
             if splitter.rest.strip():
                 yield splitter.rest + b"\0"
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:  # transport failures, undecodable bodies
             reason = self.failed(worker, "midstream", exc)
             err = WorkerUnavailable(f"worker {worker.name} failed mid-stream: {reason}")
             yield encode_frame({**err.to_dict(), "finish_reason": "error"})

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from llava_serve.common.disconnect import ClientDisconnected, cancel_on_disconnect
 from llava_serve.common.streaming import ClosingStreamingResponse
 from llava_serve.openai_api.config import ApiConfig
 from llava_serve.openai_api.images import ImageFetcher
@@ -36,9 +37,15 @@ async def list_models(api: ApiState = Depends(get_state)) -> ModelList:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, api: ApiState = Depends(get_state)) -> Response:
+async def chat_completions(
+    req: ChatCompletionRequest, request: Request, api: ApiState = Depends(get_state)
+) -> Response:
     if not req.stream:
-        return JSONResponse((await api.chat.complete(req)).model_dump())
+        try:
+            completion = await cancel_on_disconnect(request, api.chat.complete(req))
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody is listening; the generations were stopped
+        return JSONResponse(completion.model_dump())
     stream = await api.chat.open_stream(req)
     return ClosingStreamingResponse(
         stream.sse(),

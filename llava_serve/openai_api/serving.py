@@ -17,7 +17,14 @@ import httpx
 
 from llava_serve.common.aio import aclose_shielded, gather_or_cancel, merge
 from llava_serve.common.frames import iter_frames
-from llava_serve.errors import ErrorCode, ImageError, InvalidParameter, InvalidRequest, ServeError
+from llava_serve.errors import (
+    ErrorCode,
+    ImageError,
+    InvalidParameter,
+    InvalidRequest,
+    ServeError,
+    WorkerUnavailable,
+)
 from llava_serve.openai_api.config import ApiConfig
 from llava_serve.openai_api.errors import ControllerUnavailable, error_from_code, with_param
 from llava_serve.openai_api.images import ImageFetcher
@@ -33,6 +40,7 @@ from llava_serve.protocol.openai import (
 )
 
 logger = logging.getLogger(__name__)
+PROMPT_TRIES = 3
 
 
 @dataclass
@@ -99,8 +107,7 @@ class ChatService:
         self._validate(req)
         messages, image_urls = worker_messages(req)
         images = await gather_or_cancel([self._image(url, param) for url, param in image_urls])
-        address = await self.upstream.worker_for(req.model)
-        prompt = await self.upstream.build_prompt(address, messages)
+        address, prompt = await self._build_prompt(req.model, messages)
         if prompt.count("<image>") != len(images):
             raise ServeError(
                 f"worker {address} built a prompt with {prompt.count('<image>')} image "
@@ -113,6 +120,19 @@ class ChatService:
             )
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         return Prepared(rid, [self._body(req, prompt, images, rid, i) for i in range(req.n)])
+
+    async def _build_prompt(self, model: str, messages: list[dict[str, Any]]) -> tuple[str, str]:
+        """A worker of `model` builds the prompt; an unreachable one (the controller has not
+        noticed yet) is passed over for the next address the controller gives."""
+        for attempt in range(PROMPT_TRIES):
+            address = await self.upstream.worker_for(model)
+            try:
+                return address, await self.upstream.build_prompt(address, messages)
+            except WorkerUnavailable as err:
+                if attempt == PROMPT_TRIES - 1:
+                    raise
+                logger.warning("building the prompt on %s failed (%s); asking for another worker", address, err)
+        raise AssertionError("unreachable")
 
     def _validate(self, req: ChatCompletionRequest) -> None:
         unsupported = req.unsupported()
@@ -181,8 +201,10 @@ async def choice_updates(index: int, resp: httpx.Response) -> AsyncIterator[Upda
             if finish:
                 return
         yield Update(index, "", "stop")  # a worker that does not send finish_reason
-    except httpx.TransportError as exc:
+    except httpx.HTTPError as exc:
         raise ControllerUnavailable(f"lost the generation stream from the controller: {exc!r}") from None
+    except ValueError as exc:  # a frame that is not a JSON object
+        raise WorkerUnavailable(f"invalid frame in the generation stream: {exc}") from None
     finally:
         await aclose_shielded(resp)
 

@@ -43,6 +43,7 @@ class Cluster:
         self.models = ["fake"]
         self.available = True
         self.controller_down = False
+        self.addresses: list[str] = []  # what /get_worker_address answers next (then worker.test)
         self.generations: list[dict[str, Any]] = []
         self.prompts: list[list[dict[str, Any]]] = []
         self.generate: Callable[[dict[str, Any]], httpx.Response] = lambda body: httpx.Response(200, content=frames())
@@ -56,7 +57,10 @@ class Cluster:
             return httpx.Response(200, json={"models": self.models})
         if route == ("controller.test", "/get_worker_address"):
             ok = self.available and body["model"] in self.models
-            return httpx.Response(200, json={"address": "http://worker.test" if ok else ""})
+            address = self.addresses.pop(0) if self.addresses else "http://worker.test"
+            return httpx.Response(200, json={"address": address if ok else ""})
+        if request.url.host == "dead.test":
+            raise httpx.ConnectError("connection refused", request=request)
         if route == ("controller.test", "/worker_generate_stream"):
             self.generations.append(body)
             return self.generate(body)
@@ -159,6 +163,30 @@ async def test_mid_stream_worker_error(env: tuple[openai.AsyncOpenAI, Cluster]) 
     with pytest.raises(openai.APIStatusError, match="engine died") as info:
         await client.chat.completions.create(model="fake", messages=[user("hi")])
     assert info.value.status_code == 503
+
+
+async def test_prompt_worker_gone_another_is_asked(env: tuple[openai.AsyncOpenAI, Cluster]) -> None:
+    client, cluster = env
+    cluster.addresses = ["http://dead.test", "http://dead.test"]
+    resp = await client.chat.completions.create(model="fake", messages=[user("hi")])
+    assert resp.choices[0].message.content == "Hello there, red square."
+    assert len(cluster.prompts) == 1  # built on the live worker, the third address asked for
+    cluster.addresses = ["http://dead.test"] * 3
+    with pytest.raises(openai.APIStatusError, match=r"cannot reach worker http://dead\.test") as info:
+        await client.chat.completions.create(model="fake", messages=[user("hi")])
+    assert info.value.status_code == 502
+
+
+async def test_garbled_frame_is_an_error_not_a_cut(env: tuple[openai.AsyncOpenAI, Cluster]) -> None:
+    client, cluster = env
+    cluster.generate = lambda body: httpx.Response(200, content=frames()[:40] + b"<html>\0")
+    stream = await client.chat.completions.create(model="fake", messages=[user("hi")], stream=True)
+    with pytest.raises(openai.APIError, match="invalid frame"):
+        async for _ in stream:
+            pass
+    with pytest.raises(openai.APIStatusError, match="invalid frame") as info:
+        await client.chat.completions.create(model="fake", messages=[user("hi")])
+    assert info.value.status_code == 502
 
 
 def _worker_refusal(status: int, code: int, text: str, **headers: str) -> Callable[..., httpx.Response]:
