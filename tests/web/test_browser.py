@@ -2,7 +2,8 @@
 
 A picture of a red circle is uploaded, "What colour is the circle?" asked, and "red" must
 stream into the page (the answer is seen growing); backend errors must read as text; Stop must
-close the stream. The screenshot in docs/images/web_demo.png comes from here.
+close the stream. The screenshot in docs/images/web_demo.png comes from here
+(`UPDATE_SCREENSHOTS=1 pytest -m browser tests/web` rewrites it).
 
 The chat test talks to `chat_backend`, today the fake controller+worker. To run it against the
 real stack, point LLAVA_SERVE_WEB_BACKEND at a running controller (and LLAVA_SERVE_WEB_BACKEND_KEY
@@ -159,12 +160,21 @@ def wait_settled(page: Page, pattern: str, timeout: float = 60.0, quiet: float =
     return text
 
 
+def screenshot_path(tmp_path: Path) -> Path:
+    """docs/images/web_demo.png with UPDATE_SCREENSHOTS=1; otherwise a temp file (the PNG's bytes
+    differ from run to run, and a test run should not dirty the checkout)."""
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        return SCREENSHOT
+    return tmp_path / SCREENSHOT.name
+
+
 def fake_stats(backend: Backend) -> dict[str, int]:
     return httpx.get(backend.url + "/stats", timeout=5).json()
 
 
 def test_red_circle_answer_streams_in(
-    open_demo: Callable[[Backend], Page], chat_backend: Backend, red_circle: Path
+    open_demo: Callable[[Backend], Page], chat_backend: Backend, red_circle: Path, tmp_path: Path
 ) -> None:
     page = open_demo(chat_backend)
     ask(page, QUESTION, red_circle)
@@ -175,8 +185,7 @@ def test_red_circle_answer_streams_in(
     assert all(len(a) < len(b) for a, b in zip(seen, seen[1:])), seen
     assert all(final.startswith(t) for t in partial), seen  # each step extends the one before
     expect(page.locator('#chatbot [data-testid="user"]').last).to_contain_text(QUESTION)
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
+    page.screenshot(path=str(screenshot_path(tmp_path)))
     if chat_backend.proc is not None:  # the fake records what it was sent
         sent = httpx.get(chat_backend.url + "/last_request", timeout=5).json()
         assert sent["echo"] is False and len(sent["images"]) == 1 and sent["prompt"].count("<image>") == 1
