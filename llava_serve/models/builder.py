@@ -7,6 +7,7 @@ with plain transformers (and, for the `original*` kinds, in the original LLaVA l
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,5 +319,5 @@ def _count_params(path: Path) -> int:
     for file in path.rglob("*.safetensors"):
         with safe_open(str(file), "pt") as f:
             for key in f.keys():  # noqa: SIM118
-                total += f.get_slice(key).get_shape().numel() if hasattr(torch.Size, "numel") else 0
+                total += math.prod(f.get_slice(key).get_shape())  # get_shape() is a list
     return total

@@ -13,7 +13,7 @@ from PIL import Image
 from llava_serve.errors import ModelLoadError
 from llava_serve.models.base import IMAGE_PLACEHOLDER, EncodedPrompt, LoadedModel, Message, PreparedImage
 from llava_serve.models.loader import LoadOptions
-from llava_serve.models.quant import quantization_config
+from llava_serve.models.quant import detach_from_checkpoint, quantization_config
 from llava_serve.models.templates import fallback_prompt
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ def load_hf(options: LoadOptions, path: Path, raw_config: dict, device: torch.de
     model = model_class(config).from_pretrained(path, **kwargs)
     if quant is None:
         model.to(device)
+    else:
+        detach_from_checkpoint(model)
     model.eval()
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust) if multimodal else None
     tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(path)
