@@ -11,9 +11,7 @@ from llava_serve.errors import ModelLoadError
 
 def main(argv: list[str] | None = None) -> int:
     config = worker_config(argv)
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from llava_serve.models.loader import load_model
     from llava_serve.worker.server import resolve_model_path, serve
 
