@@ -112,9 +112,7 @@ class LoadedModel:
 
     def _vision(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         device, dtype = self.device, self.dtype
-        moved = {
-            k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()
-        }
+        moved = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
         result = self.model.get_image_features(**moved)
         pooled = result.pooler_output if hasattr(result, "pooler_output") else result
         if isinstance(pooled, torch.Tensor):

@@ -77,9 +77,7 @@ def read_config(path: Path) -> dict:
 
 def is_original_llava(config: dict) -> bool:
     archs = set(config.get("architectures") or [])
-    return (
-        bool(archs & ORIGINAL_ARCHITECTURES) or "mm_vision_tower" in config or "mm_projector_type" in config
-    )
+    return bool(archs & ORIGINAL_ARCHITECTURES) or "mm_vision_tower" in config or "mm_projector_type" in config
 
 
 def load_model(options: LoadOptions) -> LoadedModel:
