@@ -1,0 +1,149 @@
+"""Controller + real model worker + OpenAI API as processes, driven by the official openai client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+from PIL import Image
+
+from tests.procs import ProcGroup, free_port
+
+
+def data_url(colour: tuple[int, int, int]) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 32), colour).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_llava):
+    cport, wport, aport = free_port(), free_port(), free_port()
+    with ProcGroup() as group:
+        group.start(["llava_serve.controller", "--port", str(cport), "--registration-secret", "s3"], cport)
+        group.start(
+            [
+                "llava_serve.model_worker",
+                "--model-path",
+                str(tiny_llava),
+                "--device",
+                "cpu",
+                "--port",
+                str(wport),
+                "--controller-address",
+                f"http://localhost:{cport}",
+                "--worker-address",
+                f"http://localhost:{wport}",
+                "--registration-secret",
+                "s3",
+                "--model-name",
+                "tiny-llava",
+            ],
+            wport,
+            ready_path="/ready",
+            timeout=120,
+        )
+        group.start(
+            [
+                "llava_serve.openai_api",
+                "--port",
+                str(aport),
+                "--controller-address",
+                f"http://localhost:{cport}",
+                "--api-key",
+                "k1",
+            ],
+            aport,
+        )
+        client = openai.OpenAI(base_url=f"http://localhost:{aport}/v1", api_key="k1", max_retries=0)
+        for _ in range(100):
+            if [m.id for m in client.models.list().data] == ["tiny-llava"]:
+                break
+            time.sleep(0.2)
+        yield client
+
+
+def ask(client, content, **kw):
+    return client.chat.completions.create(
+        model="tiny-llava", messages=[{"role": "user", "content": content}], temperature=0, max_tokens=12, **kw
+    )
+
+
+def test_answer_equals_generate_cli(stack, tiny_llava, tmp_path):
+    url = data_url((200, 30, 30))
+    reply = ask(stack, [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}])
+    image = tmp_path / "img.png"
+    image.write_bytes(base64.b64decode(url.split(",", 1)[1]))
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llava_serve",
+            "generate",
+            "--model-path",
+            str(tiny_llava),
+            "--device",
+            "cpu",
+            "--image",
+            str(image),
+            "--prompt",
+            "What is it?",
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert reply.choices[0].message.content == json.loads(cli.stdout)["text"]
+    assert reply.usage.completion_tokens == 12 and reply.choices[0].finish_reason == "length"
+
+
+def test_streaming_equals_non_streaming_and_images_matter(stack):
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url((20, 200, 30))}},
+        {"type": "image_url", "image_url": {"url": data_url((20, 30, 220))}},
+        {"type": "text", "text": "Compare them."},
+    ]
+    full = ask(stack, content).choices[0].message.content
+    chunks = ask(stack, content, stream=True, stream_options={"include_usage": True})
+    parts, usage = [], None
+    for chunk in chunks:
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    assert "".join(parts) == full and len(parts) > 1
+    assert usage is not None and usage.completion_tokens == 12
+    swapped = ask(stack, [content[1], content[0], content[2]]).choices[0].message.content
+    assert swapped != full
+
+
+def test_multi_turn_and_errors(stack):
+    turn1 = [{"type": "image_url", "image_url": {"url": data_url((240, 200, 0))}}, {"type": "text", "text": "Hi"}]
+    first = ask(stack, turn1).choices[0].message.content
+    reply = stack.chat.completions.create(
+        model="tiny-llava",
+        messages=[
+            {"role": "user", "content": turn1},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "And now?"},
+        ],
+        temperature=0,
+        max_tokens=5,
+    )
+    assert reply.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="image"):
+        ask(stack, [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}])
+    with pytest.raises(openai.NotFoundError):
+        stack.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    bad = openai.OpenAI(base_url=str(stack.base_url), api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
