@@ -7,9 +7,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from llava_serve.common.auth import add_bearer_auth
+from llava_serve.common.disconnect import ClientDisconnected, cancel_on_disconnect
+from llava_serve.common.streaming import ClosingStreamingResponse
 from llava_serve.config import WorkerConfig
 from llava_serve.engine.base import EngineBase
 from llava_serve.errors import ErrorCode, InvalidRequest, Overloaded, ServeError
@@ -18,20 +20,6 @@ from llava_serve.protocol.worker import GenerateRequest, encode_frame
 from llava_serve.worker.limits import add_body_limit
 from llava_serve.worker.metrics import WorkerMetrics
 from llava_serve.worker.service import Accepted, WorkerService
-
-
-class AbortingStreamingResponse(StreamingResponse):
-    """Cancels the engine request however the response ends, even before its first byte."""
-
-    def __init__(self, content: AsyncIterator[bytes], on_close: Any) -> None:
-        super().__init__(content, media_type="application/octet-stream")
-        self._on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
 
 
 def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> FastAPI:
@@ -52,15 +40,28 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
     @app.post("/worker_generate_stream")
     async def generate_stream(body: GenerateRequest) -> Response:
         accepted = await service.accept(body)
-        return AbortingStreamingResponse(_frames(service, accepted), lambda: engine.abort(accepted.request))
+
+        async def cancel() -> None:  # however the response ends, even before its first byte
+            engine.abort(accepted.request)
+
+        return ClosingStreamingResponse(
+            _frames(service, accepted), on_close=cancel, media_type="application/octet-stream"
+        )
 
     @app.post("/worker_generate")
-    async def generate(body: GenerateRequest) -> JSONResponse:
+    async def generate(body: GenerateRequest, request: Request) -> Response:
         accepted = await service.accept(body)
-        last: dict[str, Any] = {}
-        async for out in service.outputs(accepted):
-            last = service.frame(accepted, out)
-        return JSONResponse(last)
+
+        async def answer() -> dict[str, Any]:
+            last: dict[str, Any] = {}
+            async for out in service.outputs(accepted):  # cancelled on disconnect: aborts the request
+                last = service.frame(accepted, out)
+            return last
+
+        try:
+            return JSONResponse(await cancel_on_disconnect(request, answer()))
+        except ClientDisconnected:
+            return Response(status_code=499)
 
     @app.post("/worker_get_status")
     async def get_status() -> dict[str, Any]:

@@ -33,6 +33,9 @@ class WorkerMetrics:
     def accepted(self) -> None:
         self.requests.labels("accepted").inc()
 
+    def finished(self, reason: str) -> None:
+        self.requests.labels(reason).inc()
+
     def rejected(self, reason: str) -> None:
         self.requests.labels(f"rejected_{reason}").inc()
 
@@ -51,8 +54,6 @@ class WorkerMetrics:
                         self.itl.observe(per_token)
                 self.tokens.inc(new)
                 seen, last = out.completion_tokens, now
-            if out.finished:
-                self.requests.labels(out.finish_reason or "unknown").inc()
             yield out
 
     def render(self) -> bytes:

@@ -57,7 +57,13 @@ class WorkerService:
             ignore_eos=body.ignore_eos,
         )
         channel = OutputChannel()
-        request = Request(prompt=encoded, params=params, sink=channel.sink)
+
+        def sink(out: RequestOutput) -> None:  # engine thread; counted here, read or not
+            if out.finished:
+                self.metrics.finished(out.finish_reason or "unknown")
+            channel.sink(out)
+
+        request = Request(prompt=encoded, params=params, sink=sink)
         if body.request_id:
             request.request_id = body.request_id
         self.engine.submit(request)

@@ -297,3 +297,15 @@ def test_sigterm_drains_streams_and_leaves_the_controller(tiny_llava):
                 t.join(30)
             assert worker.wait(30) == 0
             assert len(finals) == 2 and all(f.get("finish_reason") in ("abort", "length") for f in finals)
+
+
+def test_non_streaming_client_that_leaves_cancels_its_generation(worker):
+    body = {"prompt": PROMPT, "images": [png_b64()], "max_new_tokens": 900, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(worker.url + "/worker_generate", json=body, timeout=httpx.Timeout(5, read=1.0))
+    deadline = time.monotonic() + 5
+    while requests.post(worker.url + "/worker_get_status", timeout=5).json()["queue_length"]:
+        assert time.monotonic() < deadline, "the abandoned generation kept its slot"
+        time.sleep(0.1)
+    metrics = requests.get(worker.url + "/metrics", timeout=5).text
+    assert 'llava_worker_requests_total{outcome="abort"}' in metrics
