@@ -15,6 +15,7 @@ from llava_serve.engine.runner import ModelRunner
 from llava_serve.engine.sampler import sample
 from llava_serve.engine.scheduler import Schedule, Scheduler
 from llava_serve.engine.text import TextAssembler
+from llava_serve.engine.threads import ThreadTuner
 from llava_serve.errors import EngineDead, OutOfMemory, ServeError
 from llava_serve.models.base import LoadedModel
 
@@ -31,12 +32,15 @@ class BatchEngine(EngineBase):
         max_waiting: int = 64,
         prefill_token_budget: int = 8192,
         feature_cache_size: int = 64,
+        adapt_threads: bool = True,
     ) -> None:
         super().__init__(lm, max_running, max_waiting)
         self.inbox: queue.Queue[Request | None] = queue.Queue()
         self.scheduler = Scheduler(max_running, prefill_token_budget)
         self.runner = ModelRunner(lm, max_running, feature_cache_size)
         self.eos = set(lm.eos_token_ids)
+        on_cpu = adapt_threads and lm.device.type == "cpu"
+        self.tuner = ThreadTuner(torch.get_num_threads() if on_cpu else 1)
         self.thread = threading.Thread(target=self._loop, name="llava-serve-engine", daemon=True)
 
     def start(self) -> BatchEngine:
@@ -74,6 +78,7 @@ class BatchEngine(EngineBase):
                     self.last_step = time.monotonic()
                 else:
                     self.busy_since = None
+                    self.tuner.idle()
         except BaseException as exc:  # the engine must never die silently
             log.exception("engine loop died")
             self.dead = exc
@@ -116,12 +121,21 @@ class BatchEngine(EngineBase):
     def _run(self, plan: Schedule) -> tuple[list[Request], list[int]]:
         """Decode the rows already in the batch, then prefill the newcomers."""
         rows = list(self.runner.rows)
-        tokens = sample(self.runner.decode(), rows) if rows else []
+        tokens = sample(self._decode(), rows) if rows else []
         if plan.prefill:
             features = self.runner.encode_images(plan.prefill)
-            logits = torch.stack([self.runner.prefill(req, features) for req in plan.prefill])
+            logits = torch.stack([self._prefill(req, features) for req in plan.prefill])
             tokens += sample(logits, plan.prefill)
         return rows + plan.prefill, tokens
+
+    # the tuner times decode steps per batch size and prefills per prompt token
+    def _decode(self) -> torch.Tensor:
+        with self.tuner.timed(("decode", len(self.runner.rows))):
+            return self.runner.decode()
+
+    def _prefill(self, req: Request, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self.tuner.timed(("prefill",), units=req.prompt_len):
+            return self.runner.prefill(req, features)
 
     def _postprocess(self, requests: list[Request], tokens: list[int]) -> None:
         now = time.monotonic()
