@@ -1,9 +1,11 @@
 """A batched KV cache whose rows are requests: rows join and leave between decode steps.
 
 Rows are left-padded to a shared length T, so one decode step appends one column for all rows.
-Storage is preallocated and grows by doubling, so a step writes one column in place instead of
-concatenating the whole cache (what DynamicCache does). A row that leaves is replaced by the last
-row (one row copy); leading columns that are padding for every row are trimmed.
+Storage grows by doubling, in columns and in rows (up to max_rows), so a step writes one column in
+place instead of concatenating the whole cache (what DynamicCache does), and a lone request does
+not pay for (allocate, zero, copy on growth) the rows of a full batch. A row that leaves is
+replaced by the last row (one row copy); leading columns that are padding for every row are
+trimmed; when the last row leaves, the storage is freed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ class SlotLayer(DynamicLayer):
         self.is_initialized = True
         self.device = like.device
 
+    def free(self) -> None:
+        self.kbuf = self.vbuf = None
+        self.keys = self.values = None  # type: ignore[assignment]
+        self.is_initialized = False
+
     def refresh_views(self) -> None:
         b, t = self.owner.batch, self.owner.length
         assert self.kbuf is not None and self.vbuf is not None
@@ -49,8 +56,9 @@ class SlotCache(Cache):
         self.max_rows = max_rows
         self.batch = 0
         self.length = 0
-        self.capacity = 0
-        self.mask: torch.Tensor | None = None  # [max_rows, capacity] 1 = real token
+        self.capacity = 0  # columns allocated
+        self.row_capacity = 0  # rows allocated
+        self.mask: torch.Tensor | None = None  # [row_capacity, capacity] 1 = real token
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
     @property
@@ -62,7 +70,8 @@ class SlotCache(Cache):
         if self.batch >= self.max_rows:
             raise RuntimeError("KV cache has no free row")
         if self.mask is None:
-            self._allocate(prefill, max(64, 2 * length))
+            self._allocate(prefill.layers[0].keys, 1, max(64, 2 * length))
+        self._ensure_rows(self.batch + 1)
         if length > self.length:
             self._shift_right(length - self.length)
         self._ensure_capacity(self.length + 1)
@@ -92,9 +101,9 @@ class SlotCache(Cache):
             moved = last
         self.batch -= 1
         if self.batch == 0:
-            self.length = 0
-        else:
-            self._trim()
+            self._free()
+            return moved
+        self._trim()
         self._refresh()
         return moved
 
@@ -112,27 +121,39 @@ class SlotCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
-    def _allocate(self, prefill: Any, cols: int) -> None:
-        for layer, src in zip(self.slot_layers, prefill.layers):
-            layer.allocate(src.keys, self.max_rows, cols)
-        self.mask = torch.zeros(self.max_rows, cols, dtype=torch.long, device=prefill.layers[0].keys.device)
-        self.capacity = cols
+    def _allocate(self, like: torch.Tensor, rows: int, cols: int) -> None:
+        for layer in self.slot_layers:
+            layer.allocate(like, rows, cols)
+        self.mask = torch.zeros(rows, cols, dtype=torch.long, device=like.device)
+        self.row_capacity, self.capacity = rows, cols
+
+    def _free(self) -> None:
+        for layer in self.slot_layers:
+            layer.free()
+        self.mask = None
+        self.batch = self.length = self.capacity = self.row_capacity = 0
+
+    def _ensure_rows(self, rows: int) -> None:
+        if rows > self.row_capacity:
+            self._resize(min(self.max_rows, max(rows, 2 * self.row_capacity)), self.capacity)
 
     def _ensure_capacity(self, cols: int) -> None:
-        if cols <= self.capacity:
-            return
-        new_cap = max(cols, 2 * self.capacity)
-        for layer in self.slot_layers:
-            assert layer.kbuf is not None and layer.vbuf is not None
-            kbuf, vbuf = layer.kbuf, layer.vbuf
-            layer.allocate(kbuf[:, :, :1], self.max_rows, new_cap)
-            layer.kbuf[:, :, : self.capacity] = kbuf  # type: ignore[index]
-            layer.vbuf[:, :, : self.capacity] = vbuf  # type: ignore[index]
+        if cols > self.capacity:
+            self._resize(self.row_capacity, max(cols, 2 * self.capacity))
+
+    def _resize(self, rows: int, cols: int) -> None:
+        """New zeroed storage of rows x cols with the live rows and columns copied over."""
+        b, t = self.batch, self.length
+        old = [(layer.kbuf, layer.vbuf) for layer in self.slot_layers]
+        old_mask = self.mask
+        assert old_mask is not None and old[0][0] is not None
+        self._allocate(old[0][0], rows, cols)
+        for layer, (kbuf, vbuf) in zip(self.slot_layers, old, strict=True):
+            assert layer.kbuf is not None and layer.vbuf is not None and kbuf is not None and vbuf is not None
+            layer.kbuf[:b, :, :t] = kbuf[:b, :, :t]
+            layer.vbuf[:b, :, :t] = vbuf[:b, :, :t]
         assert self.mask is not None
-        mask = self.mask.new_zeros(self.max_rows, new_cap)
-        mask[:, : self.capacity] = self.mask
-        self.mask = mask
-        self.capacity = new_cap
+        self.mask[:b, :t] = old_mask[:b, :t]
 
     def _shift_right(self, n: int) -> None:
         self._ensure_capacity(self.length + n + 1)

@@ -1,0 +1,69 @@
+"""SlotCache storage: rows and columns grow on demand, contents survive growth, empty frees."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from llava_serve.engine.kv import SlotCache
+
+HEADS, DIM, LAYERS = 2, 4, 3
+
+
+def prefill(length: int, seed: int) -> SimpleNamespace:
+    gen = torch.Generator().manual_seed(seed)
+    layers = [
+        SimpleNamespace(
+            keys=torch.randn(1, HEADS, length, DIM, generator=gen),
+            values=torch.randn(1, HEADS, length, DIM, generator=gen),
+        )
+        for _ in range(LAYERS)
+    ]
+    return SimpleNamespace(layers=layers)
+
+
+def row_contents(cache: SlotCache, row: int, length: int) -> torch.Tensor:
+    """The last `length` real columns of a row, all layers, keys and values."""
+    layers = cache.slot_layers
+    return torch.stack([torch.stack([lay.keys[row, :, -length:], lay.values[row, :, -length:]]) for lay in layers])
+
+
+def expected(p: SimpleNamespace) -> torch.Tensor:
+    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in p.layers])
+
+
+def test_rows_grow_on_demand_and_contents_survive() -> None:
+    cache = SlotCache(LAYERS, max_rows=8)
+    lengths = [5, 9, 3, 40, 7]
+    prefills = [prefill(n, i) for i, n in enumerate(lengths)]
+    for i, (p, n) in enumerate(zip(prefills, lengths, strict=True)):
+        assert cache.add_row(p, n) == i
+        assert cache.row_capacity <= max(1, 2 * (i + 1)), "rows are allocated as needed, not max_rows at once"
+    assert cache.row_capacity == 8 and cache.length == 40 and cache.capacity >= 41
+    for i, (p, n) in enumerate(zip(prefills, lengths, strict=True)):
+        assert torch.equal(row_contents(cache, i, n), expected(p))
+        assert cache.mask is not None and int(cache.mask[i].sum()) == n
+    for _ in range(200):  # decode steps: columns grow by doubling, rows keep their contents
+        cache.begin_step()
+        for layer in cache.slot_layers:
+            layer.update(torch.zeros(5, HEADS, 1, DIM), torch.zeros(5, HEADS, 1, DIM))
+        cache.end_step()
+    assert cache.length == 240 and cache.capacity >= 241
+    assert torch.equal(row_contents(cache, 1, 209)[..., :9, :], expected(prefills[1]))
+
+
+def test_remove_moves_the_last_row_and_empty_frees_storage() -> None:
+    cache = SlotCache(LAYERS, max_rows=4)
+    a, b, c = prefill(6, 1), prefill(6, 2), prefill(6, 3)
+    for p in (a, b, c):
+        cache.add_row(p, 6)
+    assert cache.remove_row(0) == 2  # c moves into row 0
+    assert torch.equal(row_contents(cache, 0, 6), expected(c))
+    assert torch.equal(row_contents(cache, 1, 6), expected(b))
+    cache.remove_row(1)
+    cache.remove_row(0)
+    assert cache.batch == 0 and cache.mask is None and cache.capacity == 0
+    assert all(layer.kbuf is None for layer in cache.slot_layers)
+    cache.add_row(a, 6)  # and it comes back
+    assert torch.equal(row_contents(cache, 0, 6), expected(a))
