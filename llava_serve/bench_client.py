@@ -1,0 +1,191 @@
+"""The benchmark's clients: N concurrent streaming requests to one worker, and what they measured.
+
+A client reads the worker's `\\0`-delimited JSON frames as a LLaVA client does and stamps each
+frame's arrival. TTFT is the first frame (the worker always sends the first token's frame);
+inter-token latency is the gap between successive frames (a frame can carry more than one token
+when a token ends in half a character, so `frames_per_token` is reported beside it); TPOT is a
+request's (last frame - first frame) / (tokens - 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import httpx
+import numpy as np
+import psutil
+
+from llava_serve.bench_workload import BenchRequest
+
+
+@dataclass
+class StreamResult:
+    start: float
+    end: float = 0.0
+    frame_times: list[float] = field(default_factory=list)
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class LevelSummary:
+    engine: str
+    concurrency: int
+    max_new_tokens: int
+    requests: int
+    errors: int
+    wall_s: float
+    tokens: int
+    tokens_per_s: float
+    requests_per_s: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+    itl_p50_ms: float
+    itl_p95_ms: float
+    tpot_mean_ms: float
+    frames_per_token: float
+    peak_rss_mib: float
+    first_error: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+Progress = Callable[[int], None]
+
+
+def _no_progress(tokens: int) -> None:
+    pass
+
+
+async def stream_one(
+    client: httpx.AsyncClient, url: str, body: dict, progress: Progress = _no_progress
+) -> StreamResult:
+    result = StreamResult(start=time.perf_counter())
+    try:
+        async with client.stream("POST", url, json=body) as resp:
+            buffer = b""
+            async for chunk in resp.aiter_bytes():
+                now = time.perf_counter()
+                buffer += chunk
+                *frames, buffer = buffer.split(b"\0")
+                for raw in frames:
+                    if raw.strip():
+                        seen = len(result.frame_times)
+                        _read_frame(result, json.loads(raw), now)
+                        progress(max(result.completion_tokens, len(result.frame_times)) - seen)
+            if resp.status_code != 200 and result.error is None:
+                result.error = f"HTTP {resp.status_code}"
+    except (httpx.HTTPError, ValueError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    result.end = time.perf_counter()
+    if result.error is None and result.finish_reason is None:
+        result.error = "the stream ended without a final frame"
+    return result
+
+
+def _read_frame(result: StreamResult, frame: dict, now: float) -> None:
+    if frame.get("error_code", 0) != 0:
+        result.error = str(frame.get("text", frame))[:300]
+        return
+    if "finish_reason" in frame and frame["finish_reason"] is not None:
+        result.finish_reason = frame["finish_reason"]
+        result.completion_tokens = int((frame.get("usage") or {}).get("completion_tokens", 0))
+        if frame.get("text") and not result.frame_times:
+            result.frame_times.append(now)  # a one-token answer: its only frame is the last
+        return
+    result.frame_times.append(now)
+
+
+class RssSampler:
+    """Peak resident memory of a process (and its children) while a round runs."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.process = psutil.Process(pid)
+        self.interval = interval
+        self.peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self) -> None:
+        try:
+            procs = [self.process, *self.process.children(recursive=True)]
+            self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+        except psutil.Error:
+            pass
+
+    async def _run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sample()
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def drive(
+    url: str,
+    requests: Sequence[BenchRequest],
+    max_new_tokens: int,
+    pid: int,
+    timeout: float,
+    progress: Progress = _no_progress,
+) -> tuple[list[StreamResult], float, float]:
+    """All requests at once; returns the results, the wall time and the worker's peak RSS (MiB)."""
+    limits = httpx.Limits(max_connections=len(requests) + 4, max_keepalive_connections=len(requests) + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=30.0), limits=limits) as client:
+        bodies = [r.body(max_new_tokens) for r in requests]
+        with RssSampler(pid) as rss:
+            start = time.perf_counter()
+            results = await asyncio.gather(*(stream_one(client, url, b, progress) for b in bodies))
+            wall = time.perf_counter() - start
+    return list(results), wall, rss.peak / 2**20
+
+
+def summarize(
+    engine: str, concurrency: int, max_new_tokens: int, results: Sequence[StreamResult], wall: float, rss: float
+) -> LevelSummary:
+    ok = [r for r in results if r.error is None]
+    tokens = sum(r.completion_tokens for r in ok)
+    ttft = [r.frame_times[0] - r.start for r in ok if r.frame_times]
+    gaps = [b - a for r in ok for a, b in zip(r.frame_times, r.frame_times[1:], strict=False)]
+    tpot = [
+        (r.frame_times[-1] - r.frame_times[0]) / (r.completion_tokens - 1)
+        for r in ok
+        if r.completion_tokens > 1 and len(r.frame_times) > 1
+    ]
+    frames = sum(len(r.frame_times) for r in ok)
+    errors = [r.error for r in results if r.error is not None]
+    return LevelSummary(
+        engine=engine,
+        concurrency=concurrency,
+        max_new_tokens=max_new_tokens,
+        requests=len(results),
+        errors=len(errors),
+        wall_s=wall,
+        tokens=tokens,
+        tokens_per_s=tokens / wall if wall > 0 else 0.0,
+        requests_per_s=len(ok) / wall if wall > 0 else 0.0,
+        ttft_p50_s=_pct(ttft, 50),
+        ttft_p95_s=_pct(ttft, 95),
+        itl_p50_ms=1000 * _pct(gaps, 50),
+        itl_p95_ms=1000 * _pct(gaps, 95),
+        tpot_mean_ms=1000 * float(np.mean(tpot)) if tpot else float("nan"),
+        frames_per_token=frames / tokens if tokens else float("nan"),
+        peak_rss_mib=rss,
+        first_error=errors[0] if errors else None,
+    )
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")

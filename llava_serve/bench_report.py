@@ -1,0 +1,142 @@
+"""The benchmark's outputs: a markdown table, ratios against the targets, JSON and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from llava_serve.bench_client import LevelSummary
+
+# issue 3's targets, measured in the same run
+TARGETS = {
+    "batch/generate at 16 clients": (16, "generate", 4.0),
+    "batch/static at 16 clients": (16, "static", 1.3),
+    "batch/generate at 1 client": (1, "generate", 0.95),
+}
+
+
+def _f(value: float, digits: int = 1) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def results_table(rows: Sequence[LevelSummary]) -> str:
+    lines = [
+        "| clients | engine | tokens/s | TTFT p50 / p95 (s) | ITL p50 / p95 (ms) | TPOT (ms) | requests/s "
+        "| peak RSS (MiB) | errors |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r.concurrency, r.engine)):
+        lines.append(
+            f"| {r.concurrency} | {r.engine} | {_f(r.tokens_per_s)} | {_f(r.ttft_p50_s, 2)} / {_f(r.ttft_p95_s, 2)} "
+            f"| {_f(r.itl_p50_ms, 0)} / {_f(r.itl_p95_ms, 0)} | {_f(r.tpot_mean_ms, 0)} | {_f(r.requests_per_s, 2)} "
+            f"| {_f(r.peak_rss_mib, 0)} | {r.errors} |"
+        )
+    return "\n".join(lines)
+
+
+def throughput(rows: Sequence[LevelSummary]) -> dict[int, dict[str, float]]:
+    by_level: dict[int, dict[str, float]] = {}
+    for r in rows:
+        by_level.setdefault(r.concurrency, {})[r.engine] = r.tokens_per_s if r.errors == 0 else float("nan")
+    return by_level
+
+
+def ratios(rows: Sequence[LevelSummary]) -> list[dict]:
+    out = []
+    for level, tps in sorted(throughput(rows).items()):
+        batch = tps.get("batch", float("nan"))
+        out.append(
+            {
+                "concurrency": level,
+                **{f"{k}_tokens_per_s": v for k, v in sorted(tps.items())},
+                "batch_over_generate": batch / tps["generate"] if tps.get("generate") else float("nan"),
+                "batch_over_static": batch / tps["static"] if tps.get("static") else float("nan"),
+            }
+        )
+    return out
+
+
+def ratio_table(rows: Sequence[LevelSummary]) -> str:
+    lines = [
+        "| clients | batch tok/s | generate tok/s | static tok/s | batch / generate | batch / static |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in ratios(rows):
+        lines.append(
+            f"| {r['concurrency']} | {_f(r.get('batch_tokens_per_s', float('nan')))} "
+            f"| {_f(r.get('generate_tokens_per_s', float('nan')))} | {_f(r.get('static_tokens_per_s', float('nan')))} "
+            f"| {_f(r['batch_over_generate'], 2)} | {_f(r['batch_over_static'], 2)} |"
+        )
+    return "\n".join(lines)
+
+
+def target_lines(rows: Sequence[LevelSummary]) -> list[str]:
+    tps = throughput(rows)
+    lines = []
+    for name, (level, other, goal) in TARGETS.items():
+        got = tps.get(level, {})
+        if "batch" not in got or other not in got:
+            lines.append(f"- {name}: not measured in this run (target >= {goal})")
+            continue
+        ratio = got["batch"] / got[other] if got[other] else float("nan")
+        verdict = "met" if ratio >= goal else "MISSED"
+        lines.append(f"- {name}: {ratio:.2f} (target >= {goal}) {verdict}")
+    return lines
+
+
+def markdown(rows: Sequence[LevelSummary], meta: dict) -> str:
+    parts = [
+        "# llava-serve bench",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Model: {meta['model']}; {meta['machine']}; {meta['date']}; commit {meta['commit']}.",
+        "",
+        ratio_table(rows),
+        "",
+        *target_lines(rows),
+        "",
+        results_table(rows),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def plot(rows: Sequence[LevelSummary], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    styles = {"batch": ("o-", "continuous batching (BatchEngine)"), "generate": ("s--", "thread per request")}
+    styles["static"] = ("^:", "one static model.generate batch")
+    for engine in sorted({r.engine for r in rows} - set(styles)):  # variants such as generate@1
+        styles[engine] = (".-", engine)
+    for engine, (style, label) in styles.items():
+        points = sorted((r.concurrency, r.tokens_per_s) for r in rows if r.engine == engine and r.errors == 0)
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label)
+    ax.set_xscale("log", base=2)
+    levels = sorted({r.concurrency for r in rows})
+    ax.set_xticks(levels, [str(c) for c in levels])
+    ax.set_xlabel("concurrent streaming clients")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_all(rows: Sequence[LevelSummary], meta: dict, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "bench.png"}
+    payload = {"meta": meta, "results": [r.as_dict() for r in rows], "ratios": ratios(rows)}
+    paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
+    paths["markdown"].write_text(markdown(rows, meta))
+    plot(rows, paths["plot"], f"{meta['model']} — {meta['machine']}")
+    return paths
