@@ -13,7 +13,7 @@ from llava_serve.engine.base import EngineBase
 from llava_serve.engine.request import Request
 from llava_serve.engine.runner import ModelRunner
 from llava_serve.engine.sampler import sample
-from llava_serve.engine.scheduler import Schedule, Scheduler
+from llava_serve.engine.scheduler import Scheduler
 from llava_serve.engine.text import TextAssembler
 from llava_serve.engine.threads import ThreadTuner
 from llava_serve.errors import EngineDead, OutOfMemory, ServeError
@@ -104,29 +104,47 @@ class BatchEngine(EngineBase):
             self._leave(req, "abort")
 
     def step(self) -> None:
+        """Decode the rows in the batch and send their tokens, then prefill the newcomers."""
         plan = self.scheduler.schedule()
+        rows = list(self.runner.rows)
+        if rows:
+            try:
+                tokens = sample(self._decode(), rows)
+            except torch.OutOfMemoryError:
+                log.exception("out of memory in a decode step")
+                self._fail(rows + plan.prefill, OutOfMemory("out of memory while generating; retry with less"))
+                return
+            self._postprocess(rows, tokens)
+        if plan.prefill:
+            self._admit(plan.prefill)
+
+    def _admit(self, newcomers: list[Request]) -> None:
+        """Prefill each newcomer; its first token goes out as soon as its own prefill is done, and a
+        request that fails (a bad image, too little memory) takes no other request with it."""
         try:
-            tokens = self._run(plan)
+            features = self.runner.encode_images(newcomers)
         except torch.OutOfMemoryError:
-            log.exception("out of memory in a step")
-            for req in plan.decode + plan.prefill:
-                self._leave(req, "error", OutOfMemory("out of memory while generating; retry with less"))
+            log.exception("out of memory encoding images")
+            self._fail(newcomers, OutOfMemory("out of memory encoding the images; retry with fewer or smaller"))
             return
         except ServeError as exc:
-            for req in plan.prefill:
-                self._leave(req, "error", exc)
+            self._fail(newcomers, exc)
             return
-        self._postprocess(*tokens)
+        for i, req in enumerate(newcomers):
+            try:
+                logits = self._prefill(req, features)
+            except torch.OutOfMemoryError:
+                log.exception("out of memory in a prefill")
+                self._fail(newcomers[i:], OutOfMemory("out of memory while reading the prompt; retry with less"))
+                return
+            except ServeError as exc:
+                self._fail([req], exc)
+                continue
+            self._postprocess([req], sample(logits.unsqueeze(0), [req]))
 
-    def _run(self, plan: Schedule) -> tuple[list[Request], list[int]]:
-        """Decode the rows already in the batch, then prefill the newcomers."""
-        rows = list(self.runner.rows)
-        tokens = sample(self._decode(), rows) if rows else []
-        if plan.prefill:
-            features = self.runner.encode_images(plan.prefill)
-            logits = torch.stack([self._prefill(req, features) for req in plan.prefill])
-            tokens += sample(logits, plan.prefill)
-        return rows + plan.prefill, tokens
+    def _fail(self, requests: list[Request], error: ServeError) -> None:
+        for req in requests:
+            self._leave(req, "error", error)
 
     # the tuner times decode steps per batch size and prefills per prompt token
     def _decode(self) -> torch.Tensor:

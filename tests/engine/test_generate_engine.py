@@ -144,9 +144,7 @@ def test_same_tokens_as_batch_engine(lm: LoadedModel) -> None:
         for name, eng in (("generate", engine), ("batch", batch)):
             reqs = [request(lm, n, **kw) for n in range(4) for kw in cases]
             finals = run_all(eng, reqs)
-            results[name] = [
-                (r.output_ids, f.text, f.finish_reason) for (r, _), f in zip(reqs, finals, strict=True)
-            ]
+            results[name] = [(r.output_ids, f.text, f.finish_reason) for (r, _), f in zip(reqs, finals, strict=True)]
         assert results["generate"] == results["batch"]
     finally:
         batch.shutdown()
@@ -231,3 +229,21 @@ def test_shutdown_fails_running_and_waiting(lm: LoadedModel) -> None:
     eng.shutdown()
     assert run_sink.final.finish_reason == "error" and wait_sink.final.finish_reason == "error"
     assert eng.queue_length() == 0 and not eng.is_alive()
+
+
+@pytest.mark.parametrize("kind", ["generate", "batch"])
+def test_a_failing_request_takes_no_other_with_it(lm: LoadedModel, kind: str) -> None:
+    eng = (GenerateEngine if kind == "generate" else BatchEngine)(lm, max_running=4, max_waiting=4)
+    reqs = [request(lm, n, max_new_tokens=6) for n in range(3)]
+    reqs[1][0].prompt.images = encode(lm, 0)[0].images  # features with no image tokens to put them in
+    for req, _ in reqs:  # submitted before start: the batch engine admits all three in one step
+        eng.submit(req)
+    eng.start()
+    try:
+        finals = [sink.final for _, sink in reqs]
+        assert finals[1].finish_reason == "error" and isinstance(finals[1].error, InvalidRequest)
+        for n in (0, 2):
+            assert reqs[n][0].output_ids == reference(lm, n, 6)
+            assert finals[n].finish_reason in ("length", "stop")
+    finally:
+        eng.shutdown()
