@@ -11,12 +11,16 @@ from typing import Any
 from llava_serve.engine.base import EngineBase
 from llava_serve.engine.params import SamplingParams
 from llava_serve.engine.request import Request, RequestOutput
-from llava_serve.errors import ImageCountMismatch, ImageTooLarge, InvalidRequest, ShuttingDown
+from llava_serve.errors import ContextOverflow, ImageCountMismatch, ImageTooLarge, InvalidRequest, ShuttingDown
 from llava_serve.models.base import LoadedModel
 from llava_serve.models.images import ImageLimits, decode_base64_image
 from llava_serve.protocol.worker import GenerateRequest
 from llava_serve.worker.metrics import WorkerMetrics
 from llava_serve.worker.stream import OutputChannel
+
+# Tokenizing costs time and memory in proportion to the text (a 50 MB prompt: minutes and GBs), so a
+# prompt too long to fit is refused before it: no real prompt averages this many characters a token.
+MAX_CHARS_PER_TOKEN = 32
 
 
 @dataclass
@@ -81,6 +85,12 @@ class WorkerService:
             raise ImageCountMismatch(
                 f"the prompt has {tags} <image> placeholder(s) but {len(images)} image(s) were sent; "
                 "send exactly one image per <image>"
+            )
+        most = self.lm.context_length * MAX_CHARS_PER_TOKEN
+        if len(body.prompt) > most:
+            raise ContextOverflow(
+                f"the prompt is {len(body.prompt)} characters; more than {most} cannot fit in the context of "
+                f"{self.lm.context_length} tokens; shorten the prompt"
             )
         decoded = [decode_base64_image(img, self.limits, i) for i, img in enumerate(images)]
         return self.lm.encode(body.prompt, [d.image for d in decoded], [d.sha256 for d in decoded])
