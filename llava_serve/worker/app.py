@@ -6,18 +6,20 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from llava_serve.common.auth import add_bearer_auth
 from llava_serve.common.disconnect import ClientDisconnected, cancel_on_disconnect
+from llava_serve.common.limits import add_body_limit, body_error
 from llava_serve.common.streaming import ClosingStreamingResponse
 from llava_serve.config import WorkerConfig
 from llava_serve.engine.base import EngineBase
 from llava_serve.errors import ErrorCode, InvalidRequest, Overloaded, ServeError
 from llava_serve.models.base import LoadedModel
 from llava_serve.protocol.worker import GenerateRequest, encode_frame
-from llava_serve.worker.limits import add_body_limit
 from llava_serve.worker.metrics import WorkerMetrics
 from llava_serve.worker.service import Accepted, WorkerService
 
@@ -130,6 +132,8 @@ async def _json(request: Request) -> dict[str, Any]:
         body = await request.json()
     except ValueError:
         raise InvalidRequest("the request body is not valid JSON") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is JSON nested too deeply to parse") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body
@@ -166,3 +170,8 @@ def _install_error_handlers(app: FastAPI, metrics: WorkerMetrics) -> None:
         return JSONResponse(
             {"text": f"invalid request: {problems} (error_code: {int(code)})", "error_code": int(code)}, 400
         )
+
+    @app.exception_handler(HTTPException)
+    async def unreadable_body(request: Request, exc: HTTPException) -> Response:
+        err = body_error(exc)  # FastAPI's 400 "error parsing the body": say what, in the worker's shape
+        return await serve_error(request, err) if err is not None else await http_exception_handler(request, exc)
