@@ -10,10 +10,13 @@ from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from llava_serve.common.auth import add_bearer_auth, bearer_headers
+from llava_serve.common.limits import add_body_limit, body_error
 from llava_serve.controller.config import ControllerConfig
 from llava_serve.controller.dispatch import Dispatcher
 from llava_serve.controller.metrics import ControllerMetrics
@@ -43,9 +46,11 @@ def create_app(
     app.state.controller = ControllerState(config, registry, dispatcher, metrics, client, proxy)
     app.include_router(worker_router)
     app.include_router(router)
+    add_body_limit(app, config.max_body_bytes)
     add_bearer_auth(app, config.api_keys, exempt_paths={"/health", *WORKER_ROUTES})
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _unreadable_body)
     return app
 
 
@@ -90,6 +95,14 @@ def error_response(request: Request, err: ServeError) -> Response:
 async def _serve_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServeError)
     return error_response(request, exc)
+
+
+async def _unreadable_body(request: Request, exc: Exception) -> Response:
+    """FastAPI's 400 "error parsing the body" (an over-limit body without Content-Length, JSON nested
+    too deeply) as the error it hides; other HTTP errors (404, 405) as FastAPI answers them."""
+    assert isinstance(exc, HTTPException)
+    err = body_error(exc)
+    return error_response(request, err) if err is not None else await http_exception_handler(request, exc)
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:

@@ -25,6 +25,8 @@ class ControllerConfig:
     # Longest silence allowed from a worker (before its answer, or between frames).
     worker_timeout: float = 100.0
     max_tries: int = 3
+    # Largest request body read (a worker's default limit is about 230 MB: 8 images of 20 MB).
+    max_body_bytes: int = 256 * 1024 * 1024
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -39,6 +41,8 @@ class ControllerConfig:
             raise ValueError("--heart-beat-expiration must exceed --heart-beat-interval")
         if self.connect_timeout <= 0 or self.worker_timeout <= 0 or self.max_tries < 1:
             raise ValueError("timeouts must be > 0 and --max-tries >= 1")
+        if self.max_body_bytes < 1:
+            raise ValueError("--max-body-bytes must be >= 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
     p.add_argument("--worker-timeout", type=float, default=d.worker_timeout)
     p.add_argument("--max-tries", type=int, default=d.max_tries, help="workers tried per request")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body accepted")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     return p
 

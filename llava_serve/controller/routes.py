@@ -165,6 +165,8 @@ def _model_of(body: bytes) -> str:
         model = json.loads(body).get("model")
     except (ValueError, AttributeError):
         raise InvalidRequest("request body must be a JSON object") from None
+    except RecursionError:
+        raise InvalidRequest("request body is JSON nested too deeply to parse") from None
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' (the model name) is required to route the request")
     return model
