@@ -7,11 +7,14 @@ from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from llava_serve.common.auth import add_bearer_auth
-from llava_serve.errors import InvalidRequest, Overloaded, ServeError, Unauthorized
+from llava_serve.common.limits import add_body_limit, body_error
+from llava_serve.errors import InvalidRequest, Overloaded, RequestTooLarge, ServeError, Unauthorized
 from llava_serve.openai_api.config import ApiConfig
 from llava_serve.openai_api.errors import openai_error, with_param
 from llava_serve.openai_api.images import ImageFetcher, Resolver, system_resolver
@@ -34,9 +37,11 @@ def create_app(
     app = FastAPI(title="llava-serve OpenAI-compatible API", lifespan=_lifespan)
     app.state.api = ApiState(config, upstream, images, ChatService(config, upstream, images))
     app.include_router(router)
+    add_body_limit(app, config.body_limit, render=_too_large)
     add_bearer_auth(app, config.api_keys, render=_auth_error)
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _unreadable_body)
     return app
 
 
@@ -57,6 +62,18 @@ def error_response(err: ServeError) -> Response:
 
 def _auth_error(err: Unauthorized) -> tuple[int, dict[str, object]]:
     return openai_error(err)
+
+
+def _too_large(err: RequestTooLarge) -> tuple[int, dict[str, object]]:
+    return openai_error(err)
+
+
+async def _unreadable_body(request: Request, exc: Exception) -> Response:
+    """FastAPI's 400 "error parsing the body" (an over-limit body without Content-Length, JSON nested
+    too deeply) as the error it hides; other HTTP errors (404, 405) as FastAPI answers them."""
+    assert isinstance(exc, HTTPException)
+    err = body_error(exc)
+    return error_response(err) if err is not None else await http_exception_handler(request, exc)
 
 
 async def _serve_error(request: Request, exc: Exception) -> Response:

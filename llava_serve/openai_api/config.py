@@ -24,6 +24,8 @@ class ApiConfig:
     max_n: int = 8
     # Longest silence allowed from the controller (before its answer, or between frames).
     upstream_timeout: float = 300.0
+    # Largest request body read; None: room for the image limits (base64) plus 4 MiB (body_limit).
+    max_body_bytes: int | None = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -35,6 +37,14 @@ class ApiConfig:
             raise ValueError("--max-images-per-request >= 0, --max-image-bytes > 0 and --max-n >= 1")
         if self.remote_image_timeout <= 0 or self.upstream_timeout <= 0:
             raise ValueError("timeouts must be > 0")
+        if self.max_body_bytes is not None and self.max_body_bytes < 1:
+            raise ValueError("--max-body-bytes must be >= 1")
+
+    @property
+    def body_limit(self) -> int:
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return self.max_images_per_request * (self.max_image_bytes * 4 // 3 + 1024) + 4 * 1024 * 1024
 
     def image_policy(self) -> ImagePolicy:
         return ImagePolicy(
@@ -63,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
     p.add_argument("--max-n", type=int, default=d.max_n, help="largest n (choices per request)")
     p.add_argument("--upstream-timeout", type=float, default=d.upstream_timeout)
+    p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default: images + 4 MiB)")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     return p
 
