@@ -184,7 +184,9 @@ def check_is_image(raw: bytes) -> None:
     try:
         with Image.open(io.BytesIO(raw)) as img:
             img.size  # noqa: B018 - parsing the header is the check
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError as exc:  # a real image, with far too many pixels
+        raise ImageTooLarge(f"image has too many pixels to decode safely ({exc}); downscale it") from None
+    except (UnidentifiedImageError, OSError, ValueError):
         raise ImageError("image data is not a recognisable image (PNG, JPEG, WebP, GIF, ...)") from None
 
 
