@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from llava_serve.common.auth import add_bearer_auth
@@ -71,7 +72,10 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
 
     @app.post("/count_token")
     async def count_token(request: Request) -> dict[str, Any]:
-        body = GenerateRequest.model_validate({**(await _json(request)), "max_new_tokens": 0})
+        try:
+            body = GenerateRequest.model_validate({**(await _json(request)), "max_new_tokens": 0})
+        except ValidationError as exc:  # the same 400 as a route that declares its body
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
         encoded = await _run(service._encode, body)
         return {"count": len(encoded.input_ids), "error_code": 0}
 
