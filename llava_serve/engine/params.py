@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from llava_serve.errors import InvalidParameter
 
 GREEDY_TEMPERATURE = 1e-3
+# Below this, dividing a logit by the penalty can overflow float32 to inf, and sampling then fails in
+# the engine thread (which killed the engine for every request); any real use is >= 0.5.
+MIN_REPETITION_PENALTY = 1e-3
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,12 @@ class SamplingParams:
             raise InvalidParameter(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1 or self.top_k == 0:
             raise InvalidParameter(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise InvalidParameter(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not self.repetition_penalty >= MIN_REPETITION_PENALTY:
+            raise InvalidParameter(
+                f"repetition_penalty must be >= {MIN_REPETITION_PENALTY}, got {self.repetition_penalty}"
+            )
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise InvalidParameter(f"seed must fit in 64 bits ({SEED_RANGE[0]}..{SEED_RANGE[1]}), got {self.seed}")
         if self.max_new_tokens < 0:
             raise InvalidParameter(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if any(not s for s in self.stop):
