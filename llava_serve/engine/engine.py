@@ -78,7 +78,6 @@ class BatchEngine(EngineBase):
                     self.last_step = time.monotonic()
                 else:
                     self.busy_since = None
-                    self.tuner.idle()
         except BaseException as exc:  # the engine must never die silently
             log.exception("engine loop died")
             self.dead = exc

@@ -6,22 +6,26 @@ out stalls every region it takes part in, and a forward pass has hundreds of the
 a 2-core machine next to a 2-thread training job, a one-row decode step took 57 ms on one thread
 and ~700 ms on two; on the idle machine two threads win (97 vs 151 ms for 16 rows). So the engine
 measures instead of guessing. Work comes in kinds whose timings are comparable: decode steps of
-the same batch size, and prefills per prompt token. Every `period` operations of a kind the tuner
-runs the next few at each candidate count in turn (dropping a candidate after one try when it is
-clearly slower, so a bad probe costs one operation), keeps the fastest, and backs off while the
-choice holds. Other jobs come and go, so the period stays short.
+the same batch size, and prefills per prompt token. From time to time the tuner runs the next few
+operations of one kind at each candidate count in turn (dropping a candidate after one try when
+it is clearly slower), keeps the fastest, and waits before probing again: longer while the choice
+holds, and long enough that probing costs at most `budget` of the time.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 
 import torch
 
+log = logging.getLogger(__name__)
+
 CLEARLY_SLOWER = 1.5  # a candidate this much slower than the current count is dropped after one try
 SWITCH_MARGIN = 0.9  # switch only for a >10% faster operation, so noise does not flip the choice
+GIVE_UP_AFTER = 8  # operations of other kinds before a probe whose kind stopped coming is dropped
 
 
 class ThreadTuner:
@@ -29,21 +33,25 @@ class ThreadTuner:
         self,
         max_threads: int,
         rounds: int = 2,
-        min_period: int = 8,
-        max_period: int = 64,
+        budget: float = 0.05,
+        min_interval: float = 1.0,
+        max_interval: float = 60.0,
         set_threads: Callable[[int], None] = torch.set_num_threads,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.candidates = sorted({1, max(1, max_threads // 2), max_threads})
         self.enabled = len(self.candidates) > 1
         self.current = max_threads
         self.rounds = rounds
-        self.min_period = min_period
-        self.max_period = max_period
-        self.period = min_period
-        self.since_probe = min_period  # probe at the first operations
+        self.budget = budget
+        self.min_interval = min_interval
+        self.max_interval = max_interval
+        self.interval = min_interval
+        self.clock = clock
+        self.next_probe = clock()  # probe at the first operations
         self.probe_key: Hashable = None
         self.plan: list[int] = []  # thread counts still to time in this probe, in order
-        self.samples: dict[int, list[float]] = {}
+        self.samples: dict[int, list[tuple[float, int]]] = {}  # count -> (seconds per unit, units)
         self.foreign = 0  # operations of other kinds since this probe began
         self._set_threads = set_threads
         self._applied: int | None = None
@@ -52,61 +60,58 @@ class ThreadTuner:
     def timed(self, key: Hashable, units: int = 1) -> Iterator[None]:
         """Run one operation of kind `key` (`units` of work, e.g. prompt tokens) at the chosen count."""
         self.begin(key)
-        started = time.perf_counter()
+        started = self.clock()
         yield
-        self.end(key, (time.perf_counter() - started) / max(1, units))
+        self.end(key, self.clock() - started, units)
 
     def begin(self, key: Hashable) -> None:
         if not self.enabled:
             return
-        if not self.plan and self.since_probe >= self.period:
+        if not self.plan and self.clock() >= self.next_probe:
             others = [c for c in self.candidates if c != self.current]
             self.plan = [self.current, *others] * self.rounds
             self.samples, self.probe_key, self.foreign = {}, key, 0
         probing = self.plan and key == self.probe_key
         self._apply(self.plan[0] if probing else self.current)
 
-    def end(self, key: Hashable, seconds: float) -> None:
-        if not self.enabled:
+    def end(self, key: Hashable, seconds: float, units: int = 1) -> None:
+        if not self.enabled or not self.plan:
             return
-        if not self.plan:
-            self.since_probe += 1
-        elif key == self.probe_key:
-            self._record(seconds)
+        if key == self.probe_key:
+            self._record(seconds / max(1, units), max(1, units))
         elif _kind(key) == _kind(self.probe_key):  # the batch changed under the probe: try again soon
-            self._abandon(self.period // 2)
+            self._abandon(self.interval / 2)
         else:
             self.foreign += 1
-            if self.foreign >= self.min_period:  # no more of the probed kind: probe what runs now
-                self._abandon(self.period)
+            if self.foreign >= GIVE_UP_AFTER:  # no more of the probed kind: probe what runs now
+                self._abandon(0.0)
 
-    def idle(self) -> None:
-        """The engine ran out of work: conditions may differ when it resumes, so probe at once."""
-        if not self.plan:
-            self.since_probe = max(self.since_probe, self.period)
-
-    def _abandon(self, since_probe: int) -> None:
-        self.plan = []
-        self.since_probe = since_probe
-
-    def _record(self, seconds: float) -> None:
+    def _record(self, per_unit: float, units: int) -> None:
         threads = self.plan.pop(0)
-        self.samples.setdefault(threads, []).append(seconds)
+        self.samples.setdefault(threads, []).append((per_unit, units))
         base = self.samples.get(self.current)
-        if threads != self.current and base and seconds > CLEARLY_SLOWER * min(base):
+        if threads != self.current and base and per_unit > CLEARLY_SLOWER * min(s for s, _ in base):
             self.plan = [c for c in self.plan if c != threads]
         if not any(c != self.current for c in self.plan):
             self.plan = []
             self._decide()
 
     def _decide(self) -> None:
-        fastest = {c: min(times) for c, times in self.samples.items()}
+        fastest = {c: min(s for s, _ in runs) for c, runs in self.samples.items()}
         best = min(fastest, key=fastest.__getitem__)
         if best != self.current and fastest[best] < SWITCH_MARGIN * fastest[self.current]:
-            self.current, self.period = best, self.min_period
+            log.debug("intra-op threads %d -> %d (%s)", self.current, best, fastest)
+            self.current, self.interval = best, self.min_interval
         else:
-            self.period = min(2 * self.period, self.max_period)
-        self.since_probe = 0
+            best = self.current
+            self.interval = min(2 * self.interval, self.max_interval)
+        # time this probe lost against the best count, so probing stays within the budget
+        lost = sum((s - fastest[best]) * n for runs in self.samples.values() for s, n in runs if s > fastest[best])
+        self.next_probe = self.clock() + min(self.max_interval, max(self.interval, lost / self.budget))
+
+    def _abandon(self, retry_in: float) -> None:
+        self.plan = []
+        self.next_probe = self.clock() + retry_in
 
     def _apply(self, threads: int) -> None:
         if threads != self._applied:
