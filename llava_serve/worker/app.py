@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from jinja2 import TemplateError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
@@ -94,7 +95,10 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("'messages' must be a non-empty list of {role, content}")
-        prompt = await _run(lm.build_prompt, _checked_messages(messages))
+        try:
+            prompt = await _run(lm.build_prompt, _checked_messages(messages))
+        except TemplateError as exc:  # the model's chat template refuses these messages
+            raise InvalidRequest(f"the model's chat template cannot render these messages: {exc}") from None
         return {"prompt": prompt, "error_code": 0}
 
     @app.get("/health")
