@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from llava_serve.bench_client import LevelSummary, RssSampler, drive, summarize
+from llava_serve.bench_client import LevelSummary, Sampler, drive, summarize
 from llava_serve.bench_report import ratio_table, target_lines, write_all
 from llava_serve.bench_static import MARK
 from llava_serve.bench_workload import make_requests
@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit-model-concurrency", type=int, default=32, help="passed to every worker alike")
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--repeat", type=int, default=1, help="rounds per level; tables show the median")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds one round may take")
     args = p.parse_args(argv)
     args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -156,11 +157,12 @@ class StaticRunner(Child):
             self._answer()
             self.loaded = True
 
-    def run(self, n: int, max_new_tokens: int) -> dict:
+    def run(self, n: int, max_new_tokens: int, round_id: int = 0) -> dict:
         import json
 
         assert self.popen.stdin is not None
-        self.popen.stdin.write((json.dumps({"n": n, "max_new_tokens": max_new_tokens}) + "\n").encode())
+        command = {"n": n, "max_new_tokens": max_new_tokens, "round": round_id}
+        self.popen.stdin.write((json.dumps(command) + "\n").encode())
         self.popen.stdin.flush()
         return self._answer()
 
@@ -182,26 +184,26 @@ def wait_ready(workers: list[Worker], static: StaticRunner | None, timeout: floa
             time.sleep(0.5)
 
 
-def run_worker_level(worker: Worker, n: int, args: argparse.Namespace) -> LevelSummary:
-    requests = make_requests(n)
+def run_worker_level(worker: Worker, n: int, args: argparse.Namespace, repeat: int) -> LevelSummary:
+    requests = make_requests(n, round_id=repeat)
     url = worker.url + "/worker_generate_stream"
     total = n * args.max_new_tokens
     if not sys.stderr.isatty():  # no progress bar: say what is running
         print(f"{worker.engine:>8} x{n:<3} running ({total} tokens)...", flush=True)
     with tqdm(total=total, desc=f"{worker.engine} x{n}", unit="tok", leave=False, disable=None) as bar:
-        results, wall, rss = asyncio.run(
+        results, wall, sampler = asyncio.run(
             drive(url, requests, args.max_new_tokens, worker.pid, args.timeout, bar.update)
         )
-    return summarize(worker.engine, n, args.max_new_tokens, results, wall, rss)
+    return summarize(worker.engine, n, args.max_new_tokens, results, wall, sampler, repeat)
 
 
-def run_static_level(static: StaticRunner, n: int, args: argparse.Namespace) -> LevelSummary:
-    async def measured() -> tuple[dict, float]:
-        with RssSampler(static.pid) as rss:
-            answer = await asyncio.to_thread(static.run, n, args.max_new_tokens)
-        return answer, rss.peak / 2**20
+def run_static_level(static: StaticRunner, n: int, args: argparse.Namespace, repeat: int) -> LevelSummary:
+    async def measured() -> tuple[dict, Sampler]:
+        with Sampler(static.pid) as sampler:
+            answer = await asyncio.to_thread(static.run, n, args.max_new_tokens, repeat)
+        return answer, sampler
 
-    a, rss = asyncio.run(measured())
+    a, sampler = asyncio.run(measured())
     nan = float("nan")
     return LevelSummary(
         engine="static",
@@ -219,7 +221,9 @@ def run_static_level(static: StaticRunner, n: int, args: argparse.Namespace) -> 
         itl_p95_ms=nan,
         tpot_mean_ms=a["step_ms"],
         frames_per_token=nan,
-        peak_rss_mib=rss,
+        peak_rss_mib=sampler.peak_mib,
+        other_load_cores=sampler.other_load,
+        repeat=repeat,
     )
 
 
@@ -228,13 +232,14 @@ def warm_up(workers: list[Worker], static: StaticRunner | None, args: argparse.N
     for worker in workers:
         asyncio.run(drive(worker.url + "/worker_generate_stream", make_requests(2, round_id=-1), 8, worker.pid, 300))
     if static is not None:
-        static.run(2, 8)
+        static.run(2, 8, round_id=-1)
 
 
 def describe(row: LevelSummary) -> str:
     return (
         f"{row.engine:>8} x{row.concurrency:<3} {row.tokens_per_s:7.1f} tok/s  TTFT p50 {row.ttft_p50_s:6.2f} s  "
-        f"ITL p50 {row.itl_p50_ms:6.0f} ms  {row.requests_per_s:5.2f} req/s  RSS {row.peak_rss_mib:6.0f} MiB"
+        f"ITL p50 {row.itl_p50_ms:6.0f} ms  {row.requests_per_s:5.2f} req/s  RSS {row.peak_rss_mib:6.0f} MiB  "
+        f"other load {row.other_load_cores:4.2f} cores"
         + (f"  {row.errors} errors: {row.first_error}" if row.errors else "")
     )
 
@@ -263,12 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         wait_ready(workers, static)
         warm_up(workers, static, args)
         for n in args.levels:
-            for worker in workers:
-                rows.append(run_worker_level(worker, n, args))
-                print(describe(rows[-1]), flush=True)
-            if static is not None:
-                rows.append(run_static_level(static, n, args))
-                print(describe(rows[-1]), flush=True)
+            for repeat in range(args.repeat):  # engines back to back, each round with fresh images
+                for worker in workers:
+                    rows.append(run_worker_level(worker, n, args, repeat))
+                    print(describe(rows[-1]), flush=True)
+                if static is not None:
+                    rows.append(run_static_level(static, n, args, repeat))
+                    print(describe(rows[-1]), flush=True)
     finally:
         for child in [*workers, *([static] if static else [])]:
             child.stop()
@@ -280,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": git_commit(),
         "limit_model_concurrency": args.limit_model_concurrency,
         "max_new_tokens": args.max_new_tokens,
+        "repeat": args.repeat,
     }
     paths = write_all(rows, meta, args.out)
     print("\n" + ratio_table(rows) + "\n\n" + "\n".join(target_lines(rows)))

@@ -50,6 +50,8 @@ class LevelSummary:
     tpot_mean_ms: float
     frames_per_token: float
     peak_rss_mib: float
+    other_load_cores: float  # CPU used by everything else on the machine meanwhile
+    repeat: int = 0
     first_error: str | None = None
 
     def as_dict(self) -> dict:
@@ -102,14 +104,17 @@ def _read_frame(result: StreamResult, frame: dict, now: float) -> None:
     result.frame_times.append(now)
 
 
-class RssSampler:
-    """Peak resident memory of a process (and its children) while a round runs."""
+class Sampler:
+    """While a round runs: peak resident memory of the measured process (and its children), and
+    the CPU the rest of the machine used (cores), so a reader can tell a quiet run from a busy one."""
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
         self.process = psutil.Process(pid)
         self.interval = interval
         self.peak = 0
         self._task: asyncio.Task[None] | None = None
+        self._start = (0.0, 0.0, 0.0)
+        self.other_load = float("nan")
 
     def sample(self) -> None:
         try:
@@ -118,12 +123,32 @@ class RssSampler:
         except psutil.Error:
             pass
 
+    @staticmethod
+    def _cpu() -> tuple[float, float, float]:
+        """(wall, busy CPU seconds of the machine, CPU seconds of this benchmark's processes)."""
+        times = psutil.cpu_times()
+        busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+        me = psutil.Process()
+        ours = 0.0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                ours += t.user + t.system
+            except psutil.Error:
+                pass
+        return time.perf_counter(), busy, ours
+
     async def _run(self) -> None:
         while True:
             self.sample()
             await asyncio.sleep(self.interval)
 
-    def __enter__(self) -> RssSampler:
+    @property
+    def peak_mib(self) -> float:
+        return self.peak / 2**20
+
+    def __enter__(self) -> Sampler:
+        self._start = self._cpu()
         self._task = asyncio.get_running_loop().create_task(self._run())
         return self
 
@@ -131,6 +156,8 @@ class RssSampler:
         self.sample()
         if self._task is not None:
             self._task.cancel()
+        wall, busy, ours = (b - a for a, b in zip(self._start, self._cpu(), strict=True))
+        self.other_load = max(0.0, (busy - ours) / wall) if wall > 0 else float("nan")
 
 
 async def drive(
@@ -140,20 +167,26 @@ async def drive(
     pid: int,
     timeout: float,
     progress: Progress = _no_progress,
-) -> tuple[list[StreamResult], float, float]:
-    """All requests at once; returns the results, the wall time and the worker's peak RSS (MiB)."""
+) -> tuple[list[StreamResult], float, Sampler]:
+    """All requests at once; returns the results, the wall time and what the sampler saw."""
     limits = httpx.Limits(max_connections=len(requests) + 4, max_keepalive_connections=len(requests) + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=30.0), limits=limits) as client:
         bodies = [r.body(max_new_tokens) for r in requests]
-        with RssSampler(pid) as rss:
+        with Sampler(pid) as sampler:
             start = time.perf_counter()
             results = await asyncio.gather(*(stream_one(client, url, b, progress) for b in bodies))
             wall = time.perf_counter() - start
-    return list(results), wall, rss.peak / 2**20
+    return list(results), wall, sampler
 
 
 def summarize(
-    engine: str, concurrency: int, max_new_tokens: int, results: Sequence[StreamResult], wall: float, rss: float
+    engine: str,
+    concurrency: int,
+    max_new_tokens: int,
+    results: Sequence[StreamResult],
+    wall: float,
+    sampler: Sampler,
+    repeat: int = 0,
 ) -> LevelSummary:
     ok = [r for r in results if r.error is None]
     tokens = sum(r.completion_tokens for r in ok)
@@ -182,7 +215,9 @@ def summarize(
         itl_p95_ms=1000 * _pct(gaps, 95),
         tpot_mean_ms=1000 * float(np.mean(tpot)) if tpot else float("nan"),
         frames_per_token=frames / tokens if tokens else float("nan"),
-        peak_rss_mib=rss,
+        peak_rss_mib=sampler.peak_mib,
+        other_load_cores=sampler.other_load,
+        repeat=repeat,
         first_error=errors[0] if errors else None,
     )
 

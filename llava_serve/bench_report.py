@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,24 +24,31 @@ def _f(value: float, digits: int = 1) -> str:
 
 def results_table(rows: Sequence[LevelSummary]) -> str:
     lines = [
-        "| clients | engine | tokens/s | TTFT p50 / p95 (s) | ITL p50 / p95 (ms) | TPOT (ms) | requests/s "
-        "| peak RSS (MiB) | errors |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| clients | round | engine | tokens/s | TTFT p50 / p95 (s) | ITL p50 / p95 (ms) | TPOT (ms) | requests/s "
+        "| peak RSS (MiB) | other load (cores) | errors |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in sorted(rows, key=lambda r: (r.concurrency, r.engine)):
+    order = {"batch": 0, "generate": 1, "static": 9}
+    for r in sorted(rows, key=lambda r: (r.concurrency, r.repeat, order.get(r.engine, 5), r.engine)):
         lines.append(
-            f"| {r.concurrency} | {r.engine} | {_f(r.tokens_per_s)} | {_f(r.ttft_p50_s, 2)} / {_f(r.ttft_p95_s, 2)} "
-            f"| {_f(r.itl_p50_ms, 0)} / {_f(r.itl_p95_ms, 0)} | {_f(r.tpot_mean_ms, 0)} | {_f(r.requests_per_s, 2)} "
-            f"| {_f(r.peak_rss_mib, 0)} | {r.errors} |"
+            f"| {r.concurrency} | {r.repeat + 1} | {r.engine} | {_f(r.tokens_per_s)} "
+            f"| {_f(r.ttft_p50_s, 2)} / {_f(r.ttft_p95_s, 2)} | {_f(r.itl_p50_ms, 0)} / {_f(r.itl_p95_ms, 0)} "
+            f"| {_f(r.tpot_mean_ms, 0)} | {_f(r.requests_per_s, 2)} | {_f(r.peak_rss_mib, 0)} "
+            f"| {_f(r.other_load_cores, 2)} | {r.errors} |"
         )
     return "\n".join(lines)
 
 
 def throughput(rows: Sequence[LevelSummary]) -> dict[int, dict[str, float]]:
-    by_level: dict[int, dict[str, float]] = {}
+    """Median tokens/s over the rounds of each (level, engine); a round with errors counts as nan."""
+    runs: dict[int, dict[str, list[float]]] = {}
     for r in rows:
-        by_level.setdefault(r.concurrency, {})[r.engine] = r.tokens_per_s if r.errors == 0 else float("nan")
-    return by_level
+        value = r.tokens_per_s if r.errors == 0 else float("nan")
+        runs.setdefault(r.concurrency, {}).setdefault(r.engine, []).append(value)
+    return {
+        level: {engine: statistics.median(values) for engine, values in engines.items()}
+        for level, engines in runs.items()
+    }
 
 
 def ratios(rows: Sequence[LevelSummary]) -> list[dict]:
@@ -94,6 +102,10 @@ def markdown(rows: Sequence[LevelSummary], meta: dict) -> str:
         "",
         f"Model: {meta['model']}; {meta['machine']}; {meta['date']}; commit {meta['commit']}.",
         "",
+        f"Every worker ran with --limit-model-concurrency {meta['limit_model_concurrency']}; each client streams "
+        f"one request of {meta['max_new_tokens']} new tokens (greedy, EOS ignored). Ratios use the median of "
+        f"{meta.get('repeat', 1)} round(s) per engine and level.",
+        "",
         ratio_table(rows),
         "",
         *target_lines(rows),
@@ -116,7 +128,7 @@ def plot(rows: Sequence[LevelSummary], path: Path, title: str) -> None:
     for engine in sorted({r.engine for r in rows} - set(styles)):  # variants such as generate@1
         styles[engine] = (".-", engine)
     for engine, (style, label) in styles.items():
-        points = sorted((r.concurrency, r.tokens_per_s) for r in rows if r.engine == engine and r.errors == 0)
+        points = sorted((level, tps[engine]) for level, tps in throughput(rows).items() if engine in tps)
         if points:
             ax.plot(*zip(*points, strict=True), style, label=label)
     ax.set_xscale("log", base=2)
