@@ -102,3 +102,10 @@ def test_up_refuses_a_taken_port():
         )
     assert result.returncode == 2
     assert f"controller port {taken}" in result.stderr and "--controller-port" in result.stderr
+
+
+@pytest.mark.skipif(HAS_DEFAULT, reason="the default model's weights are present")
+def test_up_without_a_model_says_what_to_pass():
+    result = subprocess.run([sys.executable, "-m", "llava_serve", "up"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--model-path" in result.stderr and "build-model" in result.stderr

@@ -11,6 +11,7 @@ import uvicorn
 
 from llava_serve.config import WorkerConfig
 from llava_serve.engine.base import EngineBase
+from llava_serve.errors import ModelLoadError
 from llava_serve.models.base import LoadedModel
 from llava_serve.worker.app import create_app
 from llava_serve.worker.registration import Registrar
@@ -19,11 +20,22 @@ log = logging.getLogger("llava_serve.worker")
 
 
 def resolve_model_path(model_path: str | None) -> str:
+    """The given path, or the bundled default model's folder; a clear error if it is not there."""
     if model_path:
         return model_path
-    from llava_serve.default_model import default_model_path
+    try:
+        from llava_serve.default_model import default_model_path
 
-    return str(default_model_path())
+        path = default_model_path()
+    except ImportError:
+        path = None
+    if path is None or not (path / "config.json").is_file():
+        raise ModelLoadError(
+            "this installation has no bundled default model; pass --model-path CHECKPOINT "
+            "(`llava-serve build-model --kind llava --size small --out DIR` makes a random-weight one for trying "
+            "the stack)"
+        )
+    return str(path)
 
 
 def build_engine(config: WorkerConfig, lm: LoadedModel) -> EngineBase:
