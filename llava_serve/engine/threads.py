@@ -41,7 +41,9 @@ class ThreadTuner:
     ) -> None:
         self.candidates = sorted({1, max(1, max_threads // 2), max_threads})
         self.enabled = len(self.candidates) > 1
-        self.current = max_threads
+        # start from one thread: on a busy machine more stall every region (10x measured), on an
+        # idle one the first probe, a few operations in, moves up
+        self.current = self.candidates[0]
         self.rounds = rounds
         self.budget = budget
         self.min_interval = min_interval
@@ -110,8 +112,12 @@ class ThreadTuner:
         self.next_probe = self.clock() + min(self.max_interval, max(self.interval, lost / self.budget))
 
     def _abandon(self, retry_in: float) -> None:
+        """Stop probing; decide from what was timed if it covers more than one count."""
         self.plan = []
-        self.next_probe = self.clock() + retry_in
+        if len(self.samples) > 1:
+            self._decide()
+        else:
+            self.next_probe = self.clock() + retry_in
 
     def _apply(self, threads: int) -> None:
         if threads != self._applied:
