@@ -18,6 +18,7 @@ import datetime
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -259,6 +260,7 @@ def git_commit() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below: stop the workers
     args.out.mkdir(parents=True, exist_ok=True)
     model = ensure_model(args)
     workers = [Worker(engine, model, args) for engine in args.engine_list]
