@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "limit_model_concurrency": args.limit_model_concurrency,
         "max_new_tokens": args.max_new_tokens,
         "repeat": args.repeat,
+        "title": f"{model.name}: {args.max_new_tokens} new tokens per client, {os.cpu_count()} CPUs",
     }
     paths = write_all(rows, meta, args.out)
     print("\n" + ratio_table(rows) + "\n\n" + "\n".join(target_lines(rows)))

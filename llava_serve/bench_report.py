@@ -123,8 +123,11 @@ def plot(rows: Sequence[LevelSummary], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    styles = {"batch": ("o-", "continuous batching (BatchEngine)"), "generate": ("s--", "thread per request")}
-    styles["static"] = ("^:", "one static model.generate batch")
+    styles = {
+        "batch": ("o-", "continuous batching (BatchEngine)"),
+        "generate": ("s--", "thread per request (the LLaVA way)"),
+        "static": ("^:", "one static model.generate batch"),
+    }
     for engine in sorted({r.engine for r in rows} - set(styles)):  # variants such as generate@1
         styles[engine] = (".-", engine)
     for engine, (style, label) in styles.items():
@@ -150,5 +153,5 @@ def write_all(rows: Sequence[LevelSummary], meta: dict, out: Path) -> dict[str, 
     payload = {"meta": meta, "results": [r.as_dict() for r in rows], "ratios": ratios(rows)}
     paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
     paths["markdown"].write_text(markdown(rows, meta))
-    plot(rows, paths["plot"], f"{meta['model']} — {meta['machine']}")
+    plot(rows, paths["plot"], meta.get("title", meta["model"]))
     return paths
