@@ -145,13 +145,14 @@ class BatchEngine(EngineBase):
         for req in requests:
             self._leave(req, "error", error)
 
-    # the tuner times decode steps per batch size and prefills per prompt token
+    # the tuner probes thread counts on decode steps (short: a bad count costs one step) and
+    # runs prefills, which take seconds under contention, at the count it chose
     def _decode(self) -> torch.Tensor:
         with self.tuner.timed(("decode", len(self.runner.rows))):
             return self.runner.decode()
 
     def _prefill(self, req: Request, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        with self.tuner.timed(("prefill",), units=req.prompt_len):
+        with self.tuner.timed(("prefill",), units=req.prompt_len, probe=False):
             return self.runner.prefill(req, features)
 
     def _postprocess(self, requests: list[Request], tokens: list[int]) -> None:

@@ -5,8 +5,8 @@ processes, or the worker's own event loop and image preprocessing), a thread tha
 out stalls every region it takes part in, and a forward pass has hundreds of them: measured on
 a 2-core machine next to a 2-thread training job, a one-row decode step took 57 ms on one thread
 and ~700 ms on two; on the idle machine two threads win (97 vs 151 ms for 16 rows). So the engine
-measures instead of guessing. Work comes in kinds whose timings are comparable: decode steps of
-the same batch size, and prefills per prompt token. From time to time the tuner runs the next few
+measures instead of guessing. Work comes in kinds whose timings are comparable (decode steps of
+the same batch size; prefills per prompt token). From time to time the tuner runs the next few
 operations of one kind at each candidate count in turn (dropping a candidate after one try when
 it is clearly slower), keeps the fastest, and waits before probing again: longer while the choice
 holds, and long enough that probing costs at most `budget` of the time.
@@ -59,17 +59,18 @@ class ThreadTuner:
         self._applied: int | None = None
 
     @contextmanager
-    def timed(self, key: Hashable, units: int = 1) -> Iterator[None]:
-        """Run one operation of kind `key` (`units` of work, e.g. prompt tokens) at the chosen count."""
-        self.begin(key)
+    def timed(self, key: Hashable, units: int = 1, probe: bool = True) -> Iterator[None]:
+        """Run one operation of kind `key` (`units` of work, e.g. prompt tokens) at the chosen count;
+        with probe=False it never starts a probe (an expensive operation to try a bad count on)."""
+        self.begin(key, probe)
         started = self.clock()
         yield
         self.end(key, self.clock() - started, units)
 
-    def begin(self, key: Hashable) -> None:
+    def begin(self, key: Hashable, probe: bool = True) -> None:
         if not self.enabled:
             return
-        if not self.plan and self.clock() >= self.next_probe:
+        if not self.plan and probe and self.clock() >= self.next_probe:
             others = [c for c in self.candidates if c != self.current]
             self.plan = [self.current, *others] * self.rounds
             self.samples, self.probe_key, self.foreign = {}, key, 0

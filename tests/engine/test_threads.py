@@ -121,3 +121,15 @@ def test_a_cut_short_probe_still_decides_from_what_it_timed() -> None:
     machine.run(tuner, 2, key=("prefill",), units=100)  # two requests: one prefill at each count
     machine.run(tuner, 8, key=("decode", 2))  # then only decode steps: the prefill probe is dropped
     assert tuner.current == 2
+
+
+def test_operations_marked_not_to_probe_never_start_a_probe() -> None:
+    machine = FakeMachine({1: 0.004, 2: 0.040})
+    tuner = machine.tuner()
+    for _ in range(20):
+        tuner.begin(("prefill",), probe=False)
+        assert machine.threads == 1
+        tuner.end(("prefill",), 0.4, units=100)
+    assert tuner.plan == []
+    tuner.begin(("decode", 1))
+    assert tuner.plan, "a decode step starts the probe that was due"

@@ -1,0 +1,172 @@
+"""Accuracy of a model on fresh synthetic images, per question kind, in-process or through a worker.
+
+    python -m llava_serve.default_model.eval [--n 200] [--seed S] [--model-path P | --worker-address URL]
+
+Each of ``--n`` fresh images (drawn with ``--seed``, which training never uses) gets one question
+of each kind: colour, shape, count, position and describe. With ``--worker-address`` the questions
+go through a running model worker's ``/worker_build_prompt`` and ``/worker_generate`` routes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from llava_serve.default_model import default_model_path
+from llava_serve.default_model.batches import conversation
+from llava_serve.default_model.data import render, sample_scene
+from llava_serve.default_model.questions import GENERATORS, KINDS, QA
+from llava_serve.default_model.scoring import is_correct
+
+EVAL_SEED = 20_000  # training uses small seeds (default 0)
+MAX_NEW_TOKENS = 32
+
+Answerer = Callable[[Image.Image, str], str]
+
+
+@dataclass(frozen=True)
+class Item:
+    image: Image.Image
+    qa: QA
+
+
+def eval_items(n: int, seed: int) -> Iterator[Item]:
+    """``n`` fresh images, one question of each kind on each (re-drawn until the kind fits the scene)."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        scene = sample_scene(rng)
+        image = render(scene, rng)
+        for kind in KINDS:
+            qa = next((q for q in (GENERATORS[kind](scene, rng) for _ in range(50)) if q.kind == kind), None)
+            if qa is not None:
+                yield Item(image, qa)
+
+
+class LocalAnswerer:
+    """model.generate in this process (float32, CPU unless told otherwise)."""
+
+    def __init__(self, path: Path, device: str = "cpu") -> None:
+        import torch
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        self.torch = torch
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        self.device = device
+
+    def __call__(self, image: Image.Image, question: str) -> str:
+        messages = conversation([QA("", question, "", None)], with_answers=False)
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = self.processor(text=prompt, images=[image], return_tensors="pt").to(self.device)
+        with self.torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        new_tokens = out[0, inputs["input_ids"].shape[1] :]
+        return self.processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+class WorkerAnswerer:
+    """The served path: a model worker's /worker_build_prompt and /worker_generate routes."""
+
+    def __init__(self, address: str, timeout: float = 120.0) -> None:
+        import httpx
+
+        self.client = httpx.Client(base_url=address.rstrip("/"), timeout=timeout)
+
+    def __call__(self, image: Image.Image, question: str) -> str:
+        messages = conversation([QA("", question, "", None)], with_answers=False)
+        built = self._post("/worker_build_prompt", {"messages": messages})
+        body = {
+            "prompt": built["prompt"],
+            "images": [png_base64(image)],
+            "temperature": 0,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "echo": False,
+        }
+        result = self._post("/worker_generate", body)
+        if result.get("error_code", 0) != 0:
+            raise RuntimeError(f"worker error {result.get('error_code')}: {result.get('text')}")
+        return str(result["text"]).strip()
+
+    def _post(self, route: str, body: dict) -> dict:
+        response = self.client.post(route, json=body)
+        response.raise_for_status()
+        return response.json()
+
+
+def png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def evaluate(answer: Answerer, n: int, seed: int, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    results: dict[str, list[int]] = {k: [0, 0] for k in KINDS}
+    failures: list[dict] = []
+    start = time.monotonic()
+    for item in tqdm(list(eval_items(n, seed)), desc="eval", disable=not progress, mininterval=2.0):
+        reply = answer(item.image, item.qa.question)
+        ok = is_correct(item.qa.kind, reply, item.qa.target)
+        results[item.qa.kind][0] += ok
+        results[item.qa.kind][1] += 1
+        if not ok:
+            failures.append(
+                {"kind": item.qa.kind, "question": item.qa.question, "expected": item.qa.answer, "got": reply}
+            )
+    accuracy = {k: {"correct": c, "total": t, "accuracy": c / t if t else 0.0} for k, (c, t) in results.items()}
+    return {
+        "n_images": n,
+        "seed": seed,
+        "accuracy": accuracy,
+        "seconds": time.monotonic() - start,
+        "failures": failures,
+    }
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'kind':<10} {'correct':>8} {'total':>6} {'accuracy':>9}"]
+    for kind, row in report["accuracy"].items():
+        lines.append(f"{kind:<10} {row['correct']:>8} {row['total']:>6} {row['accuracy']:>8.1%}")
+    lines.append(f"({report['n_images']} images, seed {report['seed']}, {report['seconds']:.0f} s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=200, help="number of fresh images (5 questions each)")
+    parser.add_argument("--seed", type=int, default=EVAL_SEED)
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--model-path", type=Path, default=None, help="default: the shipped checkpoint")
+    target.add_argument("--worker-address", default=None, help="e.g. http://127.0.0.1:21002")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--show-failures", type=int, default=5, help="print this many wrong answers")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.worker_address:
+        answerer: Answerer = WorkerAnswerer(args.worker_address)
+    else:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        answerer = LocalAnswerer(args.model_path or default_model_path())
+    report = evaluate(answerer, args.n, args.seed, progress=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(format_table(report))
+    for failure in report["failures"][: args.show_failures]:
+        print(f"  [{failure['kind']}] {failure['question']!r} -> {failure['got']!r} (expected {failure['expected']!r})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Train the default model from scratch on synthetic shapes, on a CPU.
+
+    python -m llava_serve.default_model.train [--steps N] [--out DIR] [--seed S]
+
+Two stages. LLaVA starts from a pretrained CLIP tower; this one starts from nothing, so stage one
+pretrains the vision tower alone to say what each patch shows (``--vision-steps``, see vision_aux).
+Stage two freezes the tower, as LLaVA does, and trains the projector and decoder on the dialogues
+(``--steps``), with loss only on the assistant's answers.
+Reproducible for a given seed, thread count and torch build. Writes a complete checkpoint folder
+(weights, config, tokenizer, processor, chat template) that loads with plain transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass, fields
+from itertools import islice
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from llava_serve.default_model import default_model_path
+from llava_serve.default_model.batches import collate, examples, image_batches
+from llava_serve.default_model.build import ModelSize, build_model, build_processor, count_parameters, save_checkpoint
+from llava_serve.default_model.tokenizer import build_tokenizer
+from llava_serve.default_model.vision_aux import FeatureTap, VisionHeads
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    vision_steps: int = 1000
+    steps: int = 1000
+    vision_batch_size: int = 64
+    batch_size: int = 32
+    vision_lr: float = 2e-3
+    lr: float = 1.5e-3
+    min_lr_ratio: float = 0.05
+    warmup: int = 100
+    weight_decay: float = 0.05
+    seed: int = 0
+    threads: int = 2
+    device: str = "cpu"
+    out: Path = default_model_path()  # noqa: RUF009 (a fixed path, computed once)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.vision_steps < 0 or self.batch_size < 1 or self.vision_batch_size < 1:
+            raise ValueError("steps and batch sizes must be positive, vision_steps not negative")
+
+
+def learning_rate(peak: float, step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak."""
+    if step < cfg.warmup:
+        return peak * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
+    return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class Trainer:
+    cfg: TrainConfig
+    size: ModelSize
+
+    def __post_init__(self) -> None:
+        torch.set_num_threads(self.cfg.threads)
+        self.processor = build_processor(self.size, build_tokenizer())
+        self.model = build_model(self.size, self.processor.tokenizer, self.cfg.seed).to(self.cfg.device)
+        print(f"parameters: {count_parameters(self.model):,}; image tokens: {self.size.image_tokens}")
+
+    def vision_stage(self) -> None:
+        """The tower alone, supervised per patch and per shape (see vision_aux)."""
+        cfg, tower = self.cfg, self.model.model.vision_tower
+        heads = VisionHeads(self.size.vision_hidden).to(cfg.device)
+        tap = FeatureTap(self.model)
+        optimizer = _optimizer([tower, heads], cfg)
+        batches = image_batches(cfg.seed + 1, self.processor, self.size, cfg.vision_batch_size)
+        bar = tqdm(range(cfg.vision_steps), desc="vision", mininterval=2.0)
+        for step in bar:
+            pixels, labels, centres = (t.to(cfg.device) for t in next(batches))
+            tower(pixel_values=pixels)
+            out = heads.losses(tap.features, labels, centres)
+            _step(optimizer, out["colour"] + out["kind"] + out["centre"],
+                  learning_rate(cfg.vision_lr, step, cfg.vision_steps, cfg))
+            bar.set_postfix(kind=f"{out['kind_acc']:.3f}", centre=f"{out['centre_acc']:.3f}")
+            if step % 100 == 0 or step == cfg.vision_steps - 1:
+                tqdm.write(f"vision step {step:5d}  " + "  ".join(f"{k} {v.item():.3f}" for k, v in out.items()))
+        tap.close()
+
+    def dialogue_stage(self) -> None:
+        """Projector and decoder on the dialogues, the tower frozen (as in LLaVA)."""
+        cfg = self.cfg
+        self.model.model.vision_tower.requires_grad_(False)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = _optimizer([self.model], cfg, trainable)
+        stream = examples(cfg.seed)
+        bar = tqdm(range(cfg.steps), desc="dialogue", mininterval=2.0)
+        ema = None
+        for step in bar:
+            batch = collate(list(islice(stream, cfg.batch_size)), self.processor)
+            loss = self.model(**{k: v.to(cfg.device) for k, v in batch.items()}).loss
+            _step(optimizer, loss, learning_rate(cfg.lr, step, cfg.steps, cfg))
+            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+            bar.set_postfix(loss=f"{ema:.4f}")
+            if step % 100 == 0 or step == cfg.steps - 1:
+                tqdm.write(f"dialogue step {step:5d}  answer loss {loss.item():.4f} (ema {ema:.4f})")
+        self.model.model.vision_tower.requires_grad_(True)
+
+
+def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+    optimizer.step()
+
+
+def train(cfg: TrainConfig, size: ModelSize | None = None, save: bool = True):
+    start = time.monotonic()
+    trainer = Trainer(cfg, size or ModelSize())
+    trainer.model.train()
+    trainer.vision_stage()
+    trainer.dialogue_stage()
+    model = trainer.model.eval()
+    print(f"trained {cfg.vision_steps} + {cfg.steps} steps in {time.monotonic() - start:.0f} s")
+    if save:
+        save_checkpoint(model.cpu(), trainer.processor, cfg.out)
+        print(f"saved to {cfg.out}")
+    return model, trainer.processor
+
+
+def _optimizer(modules: list[torch.nn.Module], cfg: TrainConfig, only: list | None = None) -> torch.optim.Optimizer:
+    keep = {id(p) for p in only} if only is not None else None
+    named = [(n, p) for m in modules for n, p in m.named_parameters() if keep is None or id(p) in keep]
+    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if p.ndim < 2 or "embed" in n]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = Path if f.name == "out" else type(getattr(defaults, f.name))
+        parser.add_argument(flag, type=kind, default=getattr(defaults, f.name))
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Pretraining the vision tower from scratch: what each patch shows, supervised directly.
+
+LLaVA starts from a pretrained CLIP tower. Here the tower starts from nothing, and learning to see
+only through the language-model loss is far too slow for a CPU budget (the decoder fits the
+language prior first; the image signal stays weak). So stage one trains the tower alone, with
+three heads on its patch features (the features the projector reads):
+
+- colour of the shape under each patch, or background (dense, easy);
+- kind of each shape, from the mean feature of its patches (object level: an interior patch of a
+  big square cannot tell it from a big circle, but the shape's patches together can);
+- which patch holds each shape's centre (for counting and position).
+
+The heads are used only in training and are not part of the saved checkpoint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from llava_serve.default_model.data import COLOURS, SHAPES, Scene, draw_shape
+
+N_CLASSES = 1 + len(COLOURS) * len(SHAPES)  # 0 is background; then colour-major, kind-minor
+MIN_COVER = 0.12  # a patch is labelled with a shape covering at least this fraction of it
+
+
+def class_of(colour: str, kind: str) -> int:
+    return 1 + list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(kind)
+
+
+def _square_canvas(scene: Scene) -> tuple[int, int, int]:
+    """Side of the padded square and the offsets of the image in it (as the image processor pads)."""
+    side = max(scene.width, scene.height)
+    return side, (side - scene.width) // 2, (side - scene.height) // 2
+
+
+def patch_labels(scene: Scene, image_size: int, patch_size: int) -> torch.Tensor:
+    """Per-patch class ids (row-major, like the tower's tokens) after pad-to-square and resize."""
+    mask = Image.new("L", (scene.width, scene.height), 0)
+    draw = ImageDraw.Draw(mask)
+    for shape in scene.shapes:
+        draw_shape(draw, shape, scene.width, scene.height, class_of(shape.colour, shape.kind))
+    side, dx, dy = _square_canvas(scene)
+    square = Image.new("L", (side, side), 0)
+    square.paste(mask, (dx, dy))
+    pixels = np.asarray(square.resize((image_size, image_size), Image.NEAREST))
+    grid = image_size // patch_size
+    patches = pixels.reshape(grid, patch_size, grid, patch_size).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    labels = np.zeros(grid * grid, dtype=np.int64)
+    for i, patch in enumerate(patches):
+        counts = np.bincount(patch, minlength=N_CLASSES)
+        counts[0] = 0
+        if counts.max() >= MIN_COVER * patch.size:
+            labels[i] = counts.argmax()
+    return torch.from_numpy(labels)
+
+
+def centre_labels(scene: Scene, image_size: int, patch_size: int) -> torch.Tensor:
+    """1 on the patch that holds each shape's centre."""
+    side, dx, dy = _square_canvas(scene)
+    grid = image_size // patch_size
+    labels = torch.zeros(grid * grid)
+    for shape in scene.shapes:
+        col = min(grid - 1, int((dx + shape.cx * scene.width) / side * grid))
+        row = min(grid - 1, int((dy + shape.cy * scene.height) / side * grid))
+        labels[row * grid + col] = 1.0
+    return labels
+
+
+class VisionHeads(torch.nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(hidden)
+        self.colour = torch.nn.Linear(hidden, 1 + len(COLOURS))
+        self.kind = torch.nn.Linear(hidden, len(SHAPES))
+        self.centre = torch.nn.Linear(hidden, 1)
+
+    def losses(self, features: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``features``: the tower's last hidden state (CLS first); returns losses and accuracies."""
+        x = self.norm(features[:, 1:])
+        colour_target = torch.where(labels > 0, (labels - 1) // len(SHAPES) + 1, 0)
+        colour_logits = self.colour(x)
+        one_hot = F.one_hot(labels, N_CLASSES)[..., 1:].to(x.dtype)  # batch, patch, shape class
+        counts = one_hot.sum(1)
+        present = counts > 0
+        pooled = torch.einsum("bpc,bpd->bcd", one_hot, x) / counts.clamp(min=1).unsqueeze(-1)
+        kind_target = (torch.arange(N_CLASSES - 1, device=x.device) % len(SHAPES)).expand_as(counts)[present]
+        kind_logits = self.kind(pooled[present])
+        centre_logits = self.centre(x).squeeze(-1)
+        return {
+            "colour": F.cross_entropy(colour_logits.flatten(0, 1), colour_target.flatten()),
+            "kind": F.cross_entropy(kind_logits, kind_target),
+            "centre": F.binary_cross_entropy_with_logits(centre_logits, centres),
+            "colour_acc": (colour_logits.argmax(-1) == colour_target)[labels > 0].float().mean().detach(),
+            "kind_acc": (kind_logits.argmax(-1) == kind_target).float().mean().detach(),
+            "centre_acc": ((centre_logits > 0) == (centres > 0.5)).all(-1).float().mean().detach(),
+        }
+
+
+class FeatureTap:
+    """Keeps the output of the vision tower's last encoder layer (what the projector reads)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.features: torch.Tensor | None = None
+        layer = model.model.vision_tower.encoder.layers[-1]
+        self.handle = layer.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self.features = output[0] if isinstance(output, tuple) else output
+
+    def close(self) -> None:
+        self.handle.remove()

@@ -1,0 +1,105 @@
+"""The synthetic scene generator, question wording, scoring and patch labels (no model needed)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from llava_serve.default_model.data import (
+    COLOURS,
+    MAX_FRACTION,
+    MAX_OVERLAP,
+    MIN_FRACTION,
+    SHAPES,
+    Scene,
+    Shape,
+    _overlap,
+    describe,
+    position_of,
+    render,
+    sample_scene,
+)
+from llava_serve.default_model.questions import GENERATORS, KINDS
+from llava_serve.default_model.scoring import is_correct, stated_number, stated_position
+from llava_serve.default_model.vision_aux import centre_labels, class_of, patch_labels
+
+
+def scenes(n: int, seed: int = 0) -> list[Scene]:
+    rng = random.Random(seed)
+    return [sample_scene(rng) for _ in range(n)]
+
+
+def test_scenes_are_reproducible_per_seed_and_differ_across_seeds() -> None:
+    assert scenes(20, seed=3) == scenes(20, seed=3)
+    assert scenes(20, seed=3) != scenes(20, seed=4)
+
+
+def test_scenes_respect_counts_sizes_and_overlap() -> None:
+    for scene in scenes(300):
+        assert 1 <= len(scene.shapes) <= 3
+        assert len({s.name for s in scene.shapes}) == len(scene.shapes)
+        short = min(scene.width, scene.height)
+        for shape in scene.shapes:
+            assert shape.kind in SHAPES and shape.colour in COLOURS
+            side = shape.w * scene.width
+            assert MIN_FRACTION * short - 1e-6 <= side <= MAX_FRACTION * short + 1e-6
+            x0, y0, x1, y1 = shape.box()
+            assert x0 >= -1e-9 and y0 >= -1e-9 and x1 <= 1 + 1e-9 and y1 <= 1 + 1e-9
+        for i, a in enumerate(scene.shapes):
+            for b in scene.shapes[i + 1 :]:
+                assert _overlap(a, b, scene.width, scene.height) <= MAX_OVERLAP
+
+
+def test_all_shapes_colours_and_aspect_ratios_occur() -> None:
+    drawn = scenes(400)
+    assert {s.kind for sc in drawn for s in sc.shapes} == set(SHAPES)
+    assert {s.colour for sc in drawn for s in sc.shapes} == set(COLOURS)
+    assert any(sc.width > sc.height for sc in drawn) and any(sc.width < sc.height for sc in drawn)
+
+
+@pytest.mark.parametrize("kind", SHAPES)
+def test_render_paints_the_shape_colour_at_its_centre(kind: str) -> None:
+    shape = Shape(kind, "blue", cx=0.5, cy=0.5, w=0.4, h=0.4)
+    image = render(Scene(200, 200, (245, 245, 245), (shape,)))
+    assert image.size == (200, 200)
+    assert image.getpixel((100, 105)) == COLOURS["blue"]
+    assert image.getpixel((5, 5)) == (245, 245, 245)
+
+
+def test_position_and_description_text() -> None:
+    left = Shape("circle", "red", cx=0.2, cy=0.5, w=0.2, h=0.2)
+    top_right = Shape("star", "orange", cx=0.8, cy=0.2, w=0.2, h=0.2)
+    assert position_of(left) == "left"
+    assert position_of(top_right) == "top right"
+    assert position_of(Shape("square", "blue", 0.5, 0.5, 0.3, 0.3)) == "center"
+    assert describe(Scene(100, 100, (250, 250, 250), (top_right, left))) == "A red circle and an orange star."
+
+
+def test_every_generated_answer_scores_as_correct() -> None:
+    rng = random.Random(1)
+    for scene in scenes(200, seed=1):
+        for kind in KINDS:
+            qa = GENERATORS[kind](scene, rng)
+            if qa.kind in KINDS:
+                assert is_correct(qa.kind, qa.answer, qa.target), qa
+
+
+def test_scoring_parses_free_wording() -> None:
+    assert is_correct("colour", "It is red.", "red")
+    assert not is_correct("colour", "It is red and blue.", "red")
+    assert is_correct("shape", "The red shape is a circle.", "circle")
+    assert stated_number("There are 3 shapes.") == 3 and stated_number("There are two shapes.") == 2
+    assert stated_position("It is in the upper left corner.") == "top left"
+    assert stated_position("In the middle.") == "center"
+    assert stated_position("I don't know.") == ""
+
+
+def test_patch_labels_follow_the_padded_image() -> None:
+    wide = Scene(200, 100, (250, 250, 250), (Shape("square", "green", cx=0.25, cy=0.5, w=0.4, h=0.8),))
+    labels = patch_labels(wide, image_size=96, patch_size=16).view(6, 6)
+    square = class_of("green", "square")
+    # 200x100 padded to 200x200: the image fills rows 1.5-4.5 of 6; the square the left half of them.
+    assert labels[2:4, 0:3].eq(square).all() and labels[0].eq(0).all() and labels[:, 4:].eq(0).all()
+    centres = centre_labels(wide, image_size=96, patch_size=16).view(6, 6)
+    assert centres.sum() == 1 and centres[3, 1] == 1
