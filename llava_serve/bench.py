@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below: stop the workers
     args.out.mkdir(parents=True, exist_ok=True)
+    commit, started = git_commit(), datetime.datetime.now().isoformat(timespec="seconds")  # what the workers run
     model = ensure_model(args)
     workers = [Worker(engine, model, args) for engine in args.engine_list]
     static = None if args.no_static else StaticRunner(model, args)
@@ -284,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "llava-serve bench " + shlex.join(sys.argv[1:] if argv is None else argv),
         "model": f"random LLaVA '{args.size}' ({model})" if not args.model_path else str(model),
         "machine": machine(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "date": started,
+        "commit": commit,
         "limit_model_concurrency": args.limit_model_concurrency,
         "max_new_tokens": args.max_new_tokens,
         "repeat": args.repeat,
