@@ -348,9 +348,11 @@ def test_worker_hung_longer_than_heartbeat_expiry(cluster: Stack) -> None:
     async def run() -> tuple[list[Outcome], list[tuple[float, Outcome]], dict[str, float]]:
         marks: dict[str, float] = {}
         async with client_of(cluster) as client:
+            # long answers, so they are still streaming when w0 stops
             inflight = [asyncio.create_task(stream_frames(client, cluster.url("w0") + "/worker_generate_stream",
-                                                          worker_body(i, 200))) for i in range(2)]  # fmt: skip
-            await asyncio.sleep(0.5)
+                                                          worker_body(i, 2000))) for i in range(2)]  # fmt: skip
+            await asyncio.to_thread(wait_until, lambda: cluster.queue_lengths()["w0"] == 2, 20, "w0 streaming")
+            await asyncio.sleep(0.3)
             w0.kill(signal.SIGSTOP)
             marks["stop"] = time.monotonic()
             during: list[tuple[float, Outcome]] = []
@@ -371,8 +373,8 @@ def test_worker_hung_longer_than_heartbeat_expiry(cluster: Stack) -> None:
 
     resumed, during, marks = asyncio.run(run())
     back = wait_until(lambda: cluster.workers_in_rotation() == 2, timeout=10, what="w0 back in rotation")
-    for out in resumed:  # streams on the hung worker paused and then completed
-        assert out.ended == "done" and out.last["finish_reason"] == "length", out
+    for out in resumed:  # streams on the hung worker paused (the whole stop) and then completed
+        assert out.ended == "done" and out.last["finish_reason"] == "length" and out.seconds > stop_for, out
     for _, out in during:  # requests sent meanwhile: answered (by w1, or by w0 once it woke up)
         assert out.ended == "done", out
     assert "dropped" in marks and marks["dropped"] <= c.heart_beat_expiration + 1.5, marks
