@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("llava_serve.chat", "chat with a model in the terminal"),
     "generate": ("llava_serve.generate", "one generation from the command line"),
     "bench": ("llava_serve.bench", "throughput/latency benchmark of the engines"),
+    "soak": ("llava_serve.soak", "the whole stack under steady mixed load for N minutes: does anything grow?"),
     "build-model": ("llava_serve.models.builder", "build small random-weight checkpoints offline"),
     "eval": ("llava_serve.default_model.eval", "evaluate the default model through a served worker"),
     "train-default": ("llava_serve.default_model.train", "train the bundled default model"),
