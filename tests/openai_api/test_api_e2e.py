@@ -26,8 +26,9 @@ class Stack:
         self.api, self.ctrl = procs["api"], procs["controller"]
         self.client = openai.OpenAI(base_url=self.api.url + "/v1", api_key=API_KEY, max_retries=0, timeout=20)
 
-    def last_request(self, worker: str) -> dict:  # type: ignore[type-arg]
-        return httpx.get(self.procs[worker].url + "/last_requests").json()[-1]
+    def requests_seen(self, *workers: str) -> list[dict]:  # type: ignore[type-arg]
+        """Every generation request the named fake workers received (either may have served it)."""
+        return [r for w in workers for r in httpx.get(self.procs[w].url + "/last_requests").json()]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,9 @@ def test_several_images_in_one_message_and_multi_turn(stack: Stack) -> None:
     ]
     resp = stack.client.chat.completions.create(model="fake", messages=msgs)  # type: ignore[arg-type]
     assert resp.choices[0].message.content.startswith("images=3 ")  # type: ignore[union-attr]
-    sent = next(r for w in ("w1", "w2") for r in [stack.last_request(w)] if len(r["images"]) == 3)
+    sent = [r for r in stack.requests_seen("w1", "w2") if len(r["images"]) == 3]
+    assert len(sent) == 1, sent
+    sent = sent[0]
     assert sent["prompt"] == (
         "SYSTEM: You compare images.\nUSER: First two: <image> <image>\nASSISTANT: Red, then green.\n"
         "USER: And this one, versus the first? <image>\nASSISTANT:"

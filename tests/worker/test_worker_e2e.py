@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -299,13 +300,37 @@ def test_sigterm_drains_streams_and_leaves_the_controller(tiny_llava):
             assert len(finals) == 2 and all(f.get("finish_reason") in ("abort", "length") for f in finals)
 
 
+def _queue_length(url: str) -> int:
+    return requests.post(url + "/worker_get_status", timeout=5).json()["queue_length"]
+
+
+def _aborted(url: str) -> float:
+    for line in requests.get(url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith('llava_worker_requests_total{outcome="abort"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_non_streaming_client_that_leaves_cancels_its_generation(worker):
-    body = {"prompt": PROMPT, "images": [png_b64()], "max_new_tokens": 900, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(worker.url + "/worker_generate", json=body, timeout=httpx.Timeout(5, read=1.0))
+    """The client hangs up while its (non-streaming) generation runs: the slot is freed as an abort.
+
+    Raw socket, so the hang-up happens right when the worker reports the request running, however
+    fast the machine is (a read timeout would race the generation on a fast one).
+    """
+    body = json.dumps({"prompt": PROMPT, "images": [png_b64()], "max_new_tokens": 100000, "ignore_eos": True})
+    host, port = worker.url.removeprefix("http://").split(":")
+    aborted = _aborted(worker.url)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            f"POST /worker_generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        deadline = time.monotonic() + 10
+        while not _queue_length(worker.url):
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.005)
     deadline = time.monotonic() + 5
-    while requests.post(worker.url + "/worker_get_status", timeout=5).json()["queue_length"]:
+    while _queue_length(worker.url):
         assert time.monotonic() < deadline, "the abandoned generation kept its slot"
         time.sleep(0.1)
-    metrics = requests.get(worker.url + "/metrics", timeout=5).text
-    assert 'llava_worker_requests_total{outcome="abort"}' in metrics
+    assert _aborted(worker.url) == aborted + 1
