@@ -20,6 +20,7 @@ from llava_serve.errors import EngineDead, OutOfMemory, ServeError
 from llava_serve.models.base import LoadedModel
 
 log = logging.getLogger(__name__)
+MAX_FAILED_STEPS = 3
 
 
 class BatchEngine(EngineBase):
@@ -41,6 +42,7 @@ class BatchEngine(EngineBase):
         self.eos = set(lm.eos_token_ids)
         on_cpu = adapt_threads and lm.device.type == "cpu"
         self.tuner = ThreadTuner(torch.get_num_threads() if on_cpu else 1)
+        self.failed_steps = 0
         self.thread = threading.Thread(target=self._loop, name="llava-serve-engine", daemon=True)
 
     def start(self) -> BatchEngine:
@@ -74,7 +76,7 @@ class BatchEngine(EngineBase):
                 self._drop_cancelled()
                 if self.scheduler.has_work():
                     self.busy_since = self.busy_since or time.monotonic()
-                    self.step()
+                    self._guarded_step()
                     self.last_step = time.monotonic()
                 else:
                     self.busy_since = None
@@ -83,6 +85,23 @@ class BatchEngine(EngineBase):
             self.dead = exc
         finally:
             self._fail_all(EngineDead("the engine stopped before this request finished"))
+
+    def _guarded_step(self) -> None:
+        """A step that raises something unexpected (a model bug hit by one input, say) fails the
+        requests in the running batch with a clear error and frees their slots; the waiting ones and
+        later requests are served. Only after MAX_FAILED_STEPS such failures with no good decode
+        step between them does the engine give up (it is then dead, /ready says so, and every request gets ENGINE_DEAD)."""
+        try:
+            self.step()
+        except Exception as exc:
+            self.failed_steps += 1
+            log.exception("engine step failed (%d in a row)", self.failed_steps)
+            if self.failed_steps >= MAX_FAILED_STEPS:
+                raise
+            error = ServeError(f"internal error while generating ({type(exc).__name__}); retry")
+            self._fail(list(self.scheduler.running), error)
+            for req in list(self.runner.rows):  # a row the scheduler no longer knows (should not happen)
+                self.runner.release(req)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -109,6 +128,7 @@ class BatchEngine(EngineBase):
         if rows:
             try:
                 tokens = sample(self._decode(), rows)
+                self.failed_steps = 0
             except torch.OutOfMemoryError:
                 log.exception("out of memory in a decode step")
                 self._fail(rows + plan.prefill, OutOfMemory("out of memory while generating; retry with less"))
