@@ -90,7 +90,8 @@ class BatchEngine(EngineBase):
         """A step that raises something unexpected (a model bug hit by one input, say) fails the
         requests in the running batch with a clear error and frees their slots; the waiting ones and
         later requests are served. Only after MAX_FAILED_STEPS such failures with no good decode
-        step between them does the engine give up (it is then dead, /ready says so, and every request gets ENGINE_DEAD)."""
+        step between them does the engine give up (it is then dead, /ready says so, and every
+        request gets ENGINE_DEAD)."""
         try:
             self.step()
         except Exception as exc:
