@@ -61,6 +61,15 @@ class EngineBase:
         req.cancel()
         self._wake()
 
+    def abort_all(self) -> int:
+        """Cancel every accepted request (each ends with finish_reason "abort"); returns how many."""
+        with self._lock:
+            accepted = list(self._accepted)
+        for req in accepted:
+            req.cancel()
+        self._wake()
+        return len(accepted)
+
     def queue_length(self) -> int:
         with self._lock:
             return len(self._accepted)

@@ -83,8 +83,8 @@ class DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + self.grace
         while engine.queue_length() and time.monotonic() < deadline:  # noqa: ASYNC110 (polls a thread's counter)
             await asyncio.sleep(0.05)
-        for req in list(getattr(engine, "_accepted", ())):
-            engine.abort(req)  # past the grace period: end streams with a final frame
+        if engine.queue_length():  # past the grace period: end the streams with a final frame
+            log.info("drain: grace period over; aborting %d requests", engine.abort_all())
         while engine.queue_length() and time.monotonic() < deadline + 5:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)  # let final frames reach the clients
