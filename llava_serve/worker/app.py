@@ -77,8 +77,7 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
             body = GenerateRequest.model_validate({**(await _json(request)), "max_new_tokens": 0})
         except ValidationError as exc:  # the same 400 as a route that declares its body
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
-        encoded = await _run(service._encode, body)
-        return {"count": len(encoded.input_ids), "error_code": 0}
+        return {"count": await service.count_tokens(body), "error_code": 0}
 
     @app.post("/model_details")
     async def model_details() -> dict[str, Any]:

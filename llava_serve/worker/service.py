@@ -48,7 +48,7 @@ class WorkerService:
         if self.draining:
             raise ShuttingDown("worker is shutting down; retry on another worker")
         loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(self._prep, self._encode, body)
+        encoded = await loop.run_in_executor(self._prep, self.encode, body)
         params = SamplingParams(
             temperature=body.temperature,
             top_p=body.top_p,
@@ -74,7 +74,13 @@ class WorkerService:
         self.metrics.accepted()
         return Accepted(request, channel, body)
 
-    def _encode(self, body: GenerateRequest) -> Any:
+    async def count_tokens(self, body: GenerateRequest) -> int:
+        """The prompt's length in tokens, image tokens included (the same checks as a generation)."""
+        encoded = await asyncio.get_running_loop().run_in_executor(self._prep, self.encode, body)
+        return len(encoded.input_ids)
+
+    def encode(self, body: GenerateRequest) -> Any:
+        """Check the request's images and prompt against the limits, then decode and encode them."""
         images = body.images or []
         if len(images) > self.limits.max_count:
             raise ImageTooLarge(f"{len(images)} images sent; this worker accepts at most {self.limits.max_count}")
