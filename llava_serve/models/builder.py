@@ -7,6 +7,7 @@ with plain transformers (and, for the `original*` kinds, in the original LLaVA l
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -20,6 +21,25 @@ from llava_serve.models.templates import VICUNA_CHAT_TEMPLATE
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 IMAGE_TOKEN = "<image>"
+# InternVL's image tokens, under the names transformers' InternVLProcessor reads from the tokenizer
+INTERNVL_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+# ChatML, as InternVL -hf checkpoints ship it: each image is `<IMG_CONTEXT>\n` before the message text
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% elif c['type'] == 'video' %}<video>\n"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
 _CORPUS_WORDS = [
     "the",
     "a",
@@ -274,6 +294,108 @@ def build_hf(kind: str, size: Size, out: Path, seed: int) -> None:
     steps.close()
 
 
+def internvl_tokenizer(size: Size, seed: int) -> Any:
+    """builder's tokenizer with InternVL's image tokens (named, as transformers 5 reads them) and ChatML turns."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=build_tokenizer(size.vocab, seed).backend_tokenizer,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        extra_special_tokens=INTERNVL_TOKENS,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [*INTERNVL_TOKENS.values(), *CHATML_TOKENS]})
+    tokenizer.chat_template = INTERNVL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_internvl(size: Size, out: Path, seed: int) -> None:
+    """An InternVL -hf checkpoint (InternVLForConditionalGeneration, Qwen2 text model, GotOcr2 tiling)."""
+    from transformers import (
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVisionConfig,
+        Qwen2Config,
+    )
+
+    from llava_serve.models.hf import without_video_processor
+
+    steps = tqdm(total=4, desc=f"build internvl/{out.name}", disable=not sys.stderr.isatty())
+    torch.manual_seed(seed)
+    tokenizer = internvl_tokenizer(size, seed)
+    s = size.image_size
+    # the vision tower's patch grid, 2x2 patches merged into one token by the pixel shuffle (downsample_ratio 0.5)
+    image_seq_length = (s // size.patch_size // 2) ** 2
+    steps.update()
+    config = InternVLConfig(
+        vision_config=InternVLVisionConfig(
+            hidden_size=size.vision_hidden,
+            intermediate_size=size.vision_hidden * 4,
+            num_hidden_layers=size.vision_layers,
+            num_attention_heads=size.vision_heads,
+            image_size=s,
+            patch_size=size.patch_size,
+        ),
+        text_config=Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=size.hidden,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            num_key_value_heads=size.kv_heads,
+            max_position_embeddings=size.context,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        ),
+        image_token_id=tokenizer.context_image_token_id,
+        image_seq_length=image_seq_length,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    model = InternVLForConditionalGeneration(config)
+    _randomize(model, seed)
+    steps.update()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    steps.update()
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": s, "width": s},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=4,  # the real checkpoints allow 12 tiles; fewer keep test prompts short
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    )
+    # built without its video processor, which needs torchvision; its config is written by hand below
+    processor = without_video_processor(InternVLProcessor)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_length=image_seq_length,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    processor_config = out / "processor_config.json"
+    saved = json.loads(processor_config.read_text())
+    saved["video_processor"] = {
+        "video_processor_type": "InternVLVideoProcessor",
+        "size": {"height": s, "width": s},
+        "image_mean": IMAGENET_MEAN,
+        "image_std": IMAGENET_STD,
+    }
+    processor_config.write_text(json.dumps(saved, indent=2) + "\n")
+    steps.update()
+    steps.close()
+
+
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     """Larger-than-default init so a random model's greedy output varies with its input."""
     gen = torch.Generator().manual_seed(seed)
@@ -289,6 +411,8 @@ def build(kind: str, size_name: str, out: Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if kind in ("llava", "llava-next", "text"):
         build_hf(kind, size, out, seed)
+    elif kind == "internvl":
+        build_internvl(size, out, seed)
     else:
         from llava_serve.models.builder_original import build_original
 
@@ -296,7 +420,7 @@ def build(kind: str, size_name: str, out: Path, seed: int = 0) -> Path:
     return out
 
 
-KINDS = ["llava", "llava-next", "text", "original", "original-projector", "original-lora"]
+KINDS = ["llava", "llava-next", "internvl", "text", "original", "original-projector", "original-lora"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ def model_class(config: Any) -> Any:
 
 
 def load_hf(options: LoadOptions, path: Path, raw_config: dict, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     trust = options.trust_remote_code
     try:
@@ -56,9 +56,52 @@ def load_hf(options: LoadOptions, path: Path, raw_config: dict, device: torch.de
     else:
         detach_from_checkpoint(model)
     model.eval()
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust) if multimodal else None
+    processor = load_processor(path, config, trust) if multimodal else None
     tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(path)
     return wrap_hf_model(model, tokenizer, processor, options.name)
+
+
+def load_processor(path: Path, config: Any, trust: bool) -> Any:
+    """AutoProcessor, or the same processor without its video processor where torchvision is missing."""
+    from transformers import AutoProcessor
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available() and type(config) in PROCESSOR_MAPPING:
+        image_only = without_video_processor(PROCESSOR_MAPPING[type(config)])
+        if image_only is not None:
+            log.info("%s: torchvision is not installed; loading the processor without its video processor", path)
+            return image_only.from_pretrained(path)
+    return AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+
+
+def without_video_processor(processor_class: Any) -> Any | None:
+    """`processor_class` without its video processor (InternVL's, say), or None when it has none to drop.
+
+    Without torchvision transformers cannot build a processor that has a video processor, not even with
+    `video_processor=None`: every sub-processor is checked against a class that only exists with torchvision.
+    Images need only the image processor and the tokenizer. The video processor must be the last sub-processor:
+    ProcessorMixin pairs positional sub-processors with `get_attributes()` by `zip`, so the None passed for it
+    is dropped there.
+    """
+    attributes = processor_class.get_attributes()
+    if not attributes or attributes[-1] != "video_processor":
+        return None
+    kept = attributes[:-1]
+
+    class ImageOnlyProcessor(processor_class):
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return list(kept)
+
+        @classmethod
+        def from_args_and_dict(cls, args, processor_dict, **kwargs):
+            processor_dict = {k: v for k, v in processor_dict.items() if k != "video_processor"}
+            return super().from_args_and_dict(args, processor_dict, **kwargs)
+
+    # saved configs name the real class, so a folder written with it loads with AutoProcessor too
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = processor_class.__name__
+    return ImageOnlyProcessor
 
 
 def wrap_hf_model(model: Any, tokenizer: Any, processor: Any, name: str) -> LoadedModel:
