@@ -9,7 +9,7 @@ import gradio as gr
 from fastapi import FastAPI
 
 from llava_serve.web.client import ControllerClient
-from llava_serve.web.config import WebConfig
+from llava_serve.web.config import WebConfig, read_auth_file
 from llava_serve.web.demo import CSS, create_demo, theme
 
 
@@ -40,4 +40,6 @@ def create_app(config: WebConfig, client: ControllerClient | None = None) -> Fas
         css=CSS,
         max_file_size=f"{config.max_upload_mb}mb",
         footer_links=["gradio", "settings"],
+        auth=read_auth_file(config.auth_file) if config.auth_file else None,
+        auth_message="llava-serve web demo: sign in",
     )

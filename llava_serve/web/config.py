@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -25,6 +26,9 @@ class WebConfig:
     stream_timeout: float = 120.0  # longest wait for the next frame of an answer
     max_image_side: int = 1344  # longer images are scaled down before they are sent
     max_upload_mb: int = 20
+    # A file of `user:password` lines: the demo then asks for a login (Gradio's auth) on every page
+    # and route but /health. None: open to anyone who can reach it.
+    auth_file: str | None = None
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.controller_url)
@@ -37,6 +41,8 @@ class WebConfig:
             raise ValueError(f"--concurrency-count must be at least 1, got {self.concurrency_count}")
         if self.model_list_mode not in ("once", "reload"):
             raise ValueError(f"--model-list-mode must be 'once' or 'reload', got {self.model_list_mode!r}")
+        if self.auth_file is not None:
+            read_auth_file(self.auth_file)
         for name in ("request_timeout", "stream_timeout", "max_image_side", "max_upload_mb"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -77,7 +83,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="pixels; larger uploads are scaled down before sending",
     )
     p.add_argument("--max-upload-mb", type=int, default=d.max_upload_mb)
+    p.add_argument(
+        "--auth-file",
+        default=None,
+        help="file of user:password lines; the demo then requires a login (default: no login)",
+    )
     return p
+
+
+def read_auth_file(path: str) -> list[tuple[str, str]]:
+    """`user:password` per line (blank lines and # comments skipped); ValueError naming a bad line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"--auth-file {path}: {exc.strerror}") from None
+    pairs = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"--auth-file {path}, line {number}: expected user:password")
+        pairs.append((user, password))
+    if not pairs:
+        raise ValueError(f"--auth-file {path}: no user:password lines")
+    return pairs
 
 
 def config_from_args(argv: list[str] | None = None) -> WebConfig:

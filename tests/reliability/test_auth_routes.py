@@ -112,9 +112,9 @@ def test_a_credential_of_one_kind_does_not_open_the_other(stack: Stack) -> None:
     assert httpx.post(stack.url("w0") + "/worker_get_status", headers=api_key).status_code == 401
 
 
-def test_web_demo_routes(tiny_llava) -> None:  # type: ignore[no-untyped-def]
-    """The web demo has no client authentication of its own (only --controller-api-key for its calls
-    to the controller): every route is open. Recorded for the table; fails once someone adds auth."""
+def test_web_demo_routes(tiny_llava, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The web demo: open by default (its calls to the controller carry --controller-api-key); with
+    --auth-file every route but /health needs a login (Gradio's auth: a session cookie)."""
     from starlette.testclient import TestClient
 
     from llava_serve.web.app import create_app as web_app
@@ -123,8 +123,17 @@ def test_web_demo_routes(tiny_llava) -> None:  # type: ignore[no-untyped-def]
     app = web_app(web_config(["--controller-api-key", KEYS["controller_key"]]))
     routes = sorted(set(endpoints(app.routes)))
     with TestClient(app) as client:
-        page = client.get("/")
-        health = client.get("/health")
-    record("auth_web", routes=[f"{m} {p}" for m, p in routes], page_without_credential=page.status_code)
-    assert health.status_code == 200 and page.status_code == 200
+        page, health, info = client.get("/"), client.get("/health"), client.get("/gradio_api/info")
+    assert health.status_code == 200 and page.status_code == 200 and info.status_code == 200
     assert len(routes) > 10  # Gradio's own routes are listed too
+    users = tmp_path / "users.txt"
+    users.write_text("alice:s3cret\n")
+    with TestClient(web_app(web_config(["--auth-file", str(users)]))) as client:
+        locked = {p: client.get(p).status_code for p in ("/config", "/gradio_api/info")}
+        wrong = client.post("/login", data={"username": "alice", "password": "nope"}).status_code
+        right = client.post("/login", data={"username": "alice", "password": "s3cret"}).status_code
+        opened = {p: client.get(p).status_code for p in ("/config", "/gradio_api/info")}
+    outcomes = {"no login": locked, "wrong password": wrong, "right password": right, "after login": opened}
+    record("auth_web", routes=[f"{m} {p}" for m, p in routes], open_without_auth_file=info.status_code,
+           with_auth_file=outcomes)  # fmt: skip
+    assert set(locked.values()) == {401} and wrong == 400 and right == 200 and set(opened.values()) == {200}

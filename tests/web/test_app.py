@@ -69,3 +69,32 @@ def test_each_app_has_its_own_demo_and_health() -> None:
     assert asyncio.run(get("/health")).json() == {"status": "ok"}
     page = asyncio.run(get("/config"))
     assert page.status_code == 200 and "LLaVA chat" in page.text
+
+
+def test_auth_file_requires_a_login_on_every_route_but_health(tmp_path) -> None:
+    from starlette.testclient import TestClient
+
+    auth = tmp_path / "users.txt"
+    auth.write_text("# demo users\nalice:s3cret\n\nbob:pa:ss\n")
+    app = create_app(config_from_args(["--auth-file", str(auth)]))
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200
+        for path in ("/config", "/gradio_api/info"):
+            assert client.get(path).status_code == 401, path
+        assert client.post("/gradio_api/queue/join", json={}).status_code == 401
+        assert client.post("/login", data={"username": "alice", "password": "wrong"}).status_code == 400
+        assert client.post("/login", data={"username": "bob", "password": "pa:ss"}).status_code == 200
+        assert client.get("/config").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("alice\n", "line 1: expected user:password"), ("# nobody\n", "no user:password lines"), (None, "No such file")],
+)
+def test_bad_auth_file_is_refused_at_start(tmp_path, capsys, content: str | None, message: str) -> None:
+    auth = tmp_path / "users.txt"
+    if content is not None:
+        auth.write_text(content)
+    with pytest.raises(SystemExit):
+        config_from_args(["--auth-file", str(auth)])
+    assert message in capsys.readouterr().err
