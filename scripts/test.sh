@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 ruff check llava_serve tests --exclude llava_serve/default_model/_dev
 mypy
-# tests/reliability (fault injection, fuzzing, soak) is not yet stable enough for CI; run it by hand:
-#   python -m pytest tests/reliability
-python -m pytest -q -p no:cacheprovider --ignore=tests/reliability "$@"
+# tests/reliability runs too: fault injection, fuzzing (reduced; RELIABILITY_FULL=1 for the full
+# runs) and the 1-minute soak. See docs/reliability.md.
+python -m pytest -q -p no:cacheprovider "$@"
