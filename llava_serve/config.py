@@ -38,6 +38,7 @@ class WorkerConfig:
     ready_stall_seconds: float = 60.0
     shutdown_grace: float = 20.0
     feature_cache_size: int = 64
+    no_prepack: bool = False
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -113,6 +114,12 @@ def worker_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-stall-seconds", type=float, default=60.0)
     p.add_argument("--shutdown-grace", type=float, default=20.0)
     p.add_argument("--feature-cache-size", type=int, default=64)
+    p.add_argument(
+        "--no-prepack",
+        action="store_true",
+        help="CPU float32, batch engine: do not keep oneDNN-prepacked copies of the linear weights "
+        "(saves one copy of the weights in memory; batched decoding is then ~2x slower)",
+    )
     p.add_argument("--log-level", default="info")
     return p
 

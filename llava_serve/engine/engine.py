@@ -10,6 +10,7 @@ import time
 import torch
 
 from llava_serve.engine.base import EngineBase
+from llava_serve.engine.prepack import prepack_linears
 from llava_serve.engine.request import Request
 from llava_serve.engine.runner import ModelRunner
 from llava_serve.engine.sampler import sample
@@ -34,8 +35,11 @@ class BatchEngine(EngineBase):
         prefill_token_budget: int = 8192,
         feature_cache_size: int = 64,
         adapt_threads: bool = True,
+        prepack: bool = True,
     ) -> None:
         super().__init__(lm, max_running, max_waiting)
+        if prepack and max_running > 1:  # CPU float32 only; see prepack.py
+            prepack_linears(lm.model, rows_hint=max_running)
         self.inbox: queue.Queue[Request | None] = queue.Queue()
         self.scheduler = Scheduler(max_running, prefill_token_budget)
         self.runner = ModelRunner(lm, max_running, feature_cache_size)

@@ -50,6 +50,7 @@ def build_engine(config: WorkerConfig, lm: LoadedModel) -> EngineBase:
         max_running=config.limit_model_concurrency,
         max_waiting=config.max_queue,
         feature_cache_size=config.feature_cache_size,
+        prepack=not config.no_prepack,
     )
 
 
