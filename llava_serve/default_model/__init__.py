@@ -13,4 +13,4 @@ __all__ = ["default_model_path"]
 
 def default_model_path() -> Path:
     """The folder of the shipped checkpoint (loads with ``LlavaForConditionalGeneration.from_pretrained``)."""
-    return Path(__file__).resolve().parent / "weights"
+    return Path(__file__).resolve().parent / "llava-shapes"

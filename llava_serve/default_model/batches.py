@@ -18,10 +18,12 @@ from transformers import LlavaProcessor
 from llava_serve.default_model.build import ModelSize
 from llava_serve.default_model.data import Scene, render, sample_scene
 from llava_serve.default_model.questions import QA, random_qa
-from llava_serve.default_model.vision_aux import centre_labels, patch_labels
+from llava_serve.default_model.vision_aux import centre_labels, patch_labels, region_labels
 
 IGNORE_INDEX = -100
 TURN_WEIGHTS = (0.45, 0.3, 0.25)  # conversations of 1, 2 or 3 question/answer turns
+# How often each kind of question is asked: telling shapes apart (shape questions) is learnt last.
+KIND_WEIGHTS = {"colour": 1.5, "shape": 2.5, "count": 1.5, "position": 1.0, "describe": 1.0}
 
 
 @dataclass(frozen=True)
@@ -42,16 +44,18 @@ def conversation(turns: tuple[QA, ...] | list[QA], with_answers: bool = True) ->
     return messages
 
 
-def sample_example(rng: random.Random) -> Example:
+def sample_example(rng: random.Random, weights: dict[str, float] | None = None) -> Example:
     scene = sample_scene(rng)
     n_turns = rng.choices((1, 2, 3), weights=TURN_WEIGHTS)[0]
-    return Example(scene, render(scene, rng), tuple(random_qa(scene, rng) for _ in range(n_turns)))
+    qas = tuple(random_qa(scene, rng, weights or KIND_WEIGHTS) for _ in range(n_turns))
+    return Example(scene, render(scene, rng), qas)
 
 
-def examples(seed: int) -> Iterator[Example]:
+def examples(seed: int, weights: dict[str, float] | None = None) -> Iterator[Example]:
+    """Fresh examples forever; ``weights``: how often each kind of question is asked (KIND_WEIGHTS)."""
     rng = random.Random(seed)
     while True:
-        yield sample_example(rng)
+        yield sample_example(rng, weights)
 
 
 def collate(batch: list[Example], processor: LlavaProcessor) -> dict[str, torch.Tensor]:
@@ -65,16 +69,22 @@ def collate(batch: list[Example], processor: LlavaProcessor) -> dict[str, torch.
 
 def image_batches(
     seed: int, processor: LlavaProcessor, size: ModelSize, batch_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(pixel_values, patch_labels, centre_labels) of fresh scenes, for the vision tower alone."""
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(pixel_values, patch, region and centre labels) of fresh scenes, for the vision tower alone."""
     rng = random.Random(seed)
     while True:
         scenes = [sample_scene(rng) for _ in range(batch_size)]
         images = [render(scene, rng) for scene in scenes]
         pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        labels = torch.stack([patch_labels(s, size.image_size, size.patch_size) for s in scenes])
-        centres = torch.stack([centre_labels(s, size.image_size, size.patch_size) for s in scenes])
-        yield pixels, labels, centres
+        yield (pixels, *vision_targets(scenes, size))
+
+
+def vision_targets(scenes: list[Scene], size: ModelSize) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-patch shape classes, per-patch shape positions and shape-centre flags (see vision_aux)."""
+    labels = torch.stack([patch_labels(s, size.image_size, size.patch_size) for s in scenes])
+    regions = torch.stack([region_labels(s, patch) for s, patch in zip(scenes, labels, strict=True)])
+    centres = torch.stack([centre_labels(s, size.image_size, size.patch_size) for s in scenes])
+    return labels, regions, centres
 
 
 def answer_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, processor: LlavaProcessor) -> torch.Tensor:

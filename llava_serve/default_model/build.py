@@ -8,6 +8,7 @@ LLaVA-1.5 does) and a ``LlavaProcessor`` carrying the chat template.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +108,30 @@ def build_model(size: ModelSize, tokenizer: PreTrainedTokenizerFast, seed: int) 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(model_config(size, tokenizer))
     model.generation_config = generation_config(tokenizer)
+    init_position_embeddings(model, size)
     return model
+
+
+def init_position_embeddings(model: LlavaForConditionalGeneration, size: ModelSize) -> None:
+    """2-D sine-cosine start for the tower's (learned) position embeddings.
+
+    CLIP's default start (std 0.02) is ~50x smaller than a patch embedding here; trained from
+    scratch, the tower then goes hundreds of steps without knowing where a patch is, which stalls
+    shape recognition (a matter of where edges are) and position questions.
+    """
+    grid, dim = size.image_size // size.patch_size, size.vision_hidden
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    freqs = torch.exp(-math.log(100.0) * torch.arange(dim // 4) / (dim // 4))
+
+    def encode(p: torch.Tensor) -> torch.Tensor:
+        angles = p.flatten()[:, None].float() * freqs[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([encode(rows), encode(cols)], dim=1)
+    weight = model.model.vision_tower.embeddings.position_embedding.weight
+    with torch.no_grad():
+        weight[0].zero_()  # CLS
+        weight[1:] = table
 
 
 def generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:

@@ -25,6 +25,9 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 NUMBER_WORDS = ("zero", "one", "two", "three")
 MIN_FRACTION, MAX_FRACTION = 0.15, 0.50  # shape size, as a fraction of the shorter image side
 MAX_OVERLAP = 0.10  # of the smaller shape's bounding box
+POSITIONS = (
+    "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right",
+)
 
 
 @dataclass(frozen=True)

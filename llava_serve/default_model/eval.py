@@ -1,10 +1,13 @@
-"""Accuracy of a model on fresh synthetic images, per question kind, in-process or through a worker.
+"""Accuracy of a model on fresh synthetic images, per question kind, asked through a served worker.
 
-    python -m llava_serve.default_model.eval [--n 200] [--seed S] [--model-path P | --worker-address URL]
+    llava-serve eval [--n 200] [--seed S] [--model-path P | --worker-address URL] [--concurrency 8]
 
 Each of ``--n`` fresh images (drawn with ``--seed``, which training never uses) gets one question
-of each kind: colour, shape, count, position and describe. With ``--worker-address`` the questions
-go through a running model worker's ``/worker_build_prompt`` and ``/worker_generate`` routes.
+of each kind: colour, shape, count, position and describe. The questions go through a model
+worker's ``/worker_build_prompt`` and ``/worker_generate`` routes, ``--concurrency`` at a time:
+a worker this command starts on ``--model-path`` (a real process on a free port, default: the
+shipped checkpoint), or a running one at ``--worker-address``. ``--in-process`` asks
+``model.generate`` directly instead (no server; for debugging a checkpoint).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +83,8 @@ class WorkerAnswerer:
     def __init__(self, address: str, timeout: float = 120.0) -> None:
         import httpx
 
-        self.client = httpx.Client(base_url=address.rstrip("/"), timeout=timeout)
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        self.client = httpx.Client(base_url=address.rstrip("/"), timeout=timeout, limits=limits)
 
     def __call__(self, image: Image.Image, question: str) -> str:
         messages = conversation([QA("", question, "", None)], with_answers=False)
@@ -108,21 +113,20 @@ def png_base64(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def evaluate(answer: Answerer, n: int, seed: int, progress: bool = True) -> dict:
+def evaluate(answer: Answerer, n: int, seed: int, progress: bool = True, concurrency: int = 1) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     results: dict[str, list[int]] = {k: [0, 0] for k in KINDS}
     failures: list[dict] = []
     start = time.monotonic()
-    for item in tqdm(list(eval_items(n, seed)), desc="eval", disable=not progress, mininterval=2.0):
-        reply = answer(item.image, item.qa.question)
-        ok = is_correct(item.qa.kind, reply, item.qa.target)
-        results[item.qa.kind][0] += ok
-        results[item.qa.kind][1] += 1
-        if not ok:
-            failures.append(
-                {"kind": item.qa.kind, "question": item.qa.question, "expected": item.qa.answer, "got": reply}
-            )
+    items = list(eval_items(n, seed))
+    with ThreadPoolExecutor(max(1, concurrency)) as pool:
+        replies = pool.map(lambda item: answer(item.image, item.qa.question), items)
+        answered = tqdm(zip(items, replies), total=len(items), desc="eval", disable=not progress, mininterval=2.0)
+        for item, reply in answered:
+            _score(item, reply, results, failures)
     accuracy = {k: {"correct": c, "total": t, "accuracy": c / t if t else 0.0} for k, (c, t) in results.items()}
     return {
         "n_images": n,
@@ -131,6 +135,14 @@ def evaluate(answer: Answerer, n: int, seed: int, progress: bool = True) -> dict
         "seconds": time.monotonic() - start,
         "failures": failures,
     }
+
+
+def _score(item: Item, reply: str, results: dict[str, list[int]], failures: list[dict]) -> None:
+    ok = is_correct(item.qa.kind, reply, item.qa.target)
+    results[item.qa.kind][0] += ok
+    results[item.qa.kind][1] += 1
+    if not ok:
+        failures.append({"kind": item.qa.kind, "question": item.qa.question, "expected": item.qa.answer, "got": reply})
 
 
 def format_table(report: dict) -> str:
@@ -147,25 +159,76 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--model-path", type=Path, default=None, help="default: the shipped checkpoint")
-    target.add_argument("--worker-address", default=None, help="e.g. http://127.0.0.1:21002")
+    target.add_argument("--worker-address", default=None, help="a running worker, e.g. http://127.0.0.1:21002")
+    parser.add_argument("--in-process", action="store_true", help="model.generate in this process, no worker")
+    parser.add_argument("--concurrency", type=int, default=8, help="questions in flight at once")
+    parser.add_argument("--device", default="cpu", help="device of the worker this command starts")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--show-failures", type=int, default=5, help="print this many wrong answers")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads with --in-process")
     args = parser.parse_args(argv)
-    if args.worker_address:
-        answerer: Answerer = WorkerAnswerer(args.worker_address)
-    else:
+    path = args.model_path or default_model_path()
+    if args.in_process:
         import torch
 
         torch.set_num_threads(args.threads)
-        answerer = LocalAnswerer(args.model_path or default_model_path())
-    report = evaluate(answerer, args.n, args.seed, progress=not args.json)
+        report = evaluate(LocalAnswerer(path), args.n, args.seed, progress=not args.json)
+    elif args.worker_address:
+        report = evaluate(WorkerAnswerer(args.worker_address), args.n, args.seed, not args.json, args.concurrency)
+    else:
+        with started_worker(path, args.device, args.concurrency) as address:
+            report = evaluate(WorkerAnswerer(address), args.n, args.seed, not args.json, args.concurrency)
     if args.json:
         print(json.dumps(report, indent=2))
         return
     print(format_table(report))
     for failure in report["failures"][: args.show_failures]:
         print(f"  [{failure['kind']}] {failure['question']!r} -> {failure['got']!r} (expected {failure['expected']!r})")
+
+
+@contextmanager
+def started_worker(path: Path, device: str, concurrency: int) -> Iterator[str]:
+    """A model worker process on a free loopback port (not registered with any controller)."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    import httpx
+
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"llava-serve eval: no checkpoint at {path}; pass --model-path")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "llava_serve.model_worker", "--model-path", str(path), "--device", device,
+            "--port", str(port), "--no-register", "--limit-model-concurrency", str(concurrency)]  # fmt: skip
+    address = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise SystemExit(
+                        f"llava-serve eval: the worker exited:\n{log.read().decode(errors='replace')[-3000:]}"
+                    )
+                try:
+                    if httpx.get(address + "/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit("llava-serve eval: the worker was not ready after 300 s")
+                time.sleep(0.25)
+            yield address
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 if __name__ == "__main__":

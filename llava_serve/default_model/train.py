@@ -1,13 +1,18 @@
 """Train the default model from scratch on synthetic shapes, on a CPU.
 
-    python -m llava_serve.default_model.train [--steps N] [--out DIR] [--seed S]
+    llava-serve train-default --out DIR                       # stages one and two (~35-45 min, 2 cores)
+    llava-serve train-default --init-from DIR --out DIR2 --vision-steps 0 --steps 800 --lr 5e-4 \
+        --warmup 50 --question-weights colour=4,shape=1.5,count=1.5   # the colour polish (~6 min)
 
-Two stages. LLaVA starts from a pretrained CLIP tower; this one starts from nothing, so stage one
-pretrains the vision tower alone to say what each patch shows (``--vision-steps``, see vision_aux).
-Stage two freezes the tower, as LLaVA does, and trains the projector and decoder on the dialogues
-(``--steps``), with loss only on the assistant's answers.
+Stage one: LLaVA starts from a pretrained CLIP tower; this one starts from nothing, so the vision
+tower is pretrained alone to say what each patch shows (``--vision-steps``, see vision_aux).
+Stage two trains the projector and decoder on the dialogues (``--steps``), with loss only on the
+assistant's answers; the tower keeps training on its stage-one losses (``--aux-weight``; 0 freezes
+it, as LLaVA does). ``--init-from`` continues from a checkpoint: the shipped model is a stage-two
+run continued for 800 steps with colour questions asked more often (docs/default_model.md).
 Reproducible for a given seed, thread count and torch build. Writes a complete checkpoint folder
-(weights, config, tokenizer, processor, chat template) that loads with plain transformers.
+(weights, config, tokenizer, processor, chat template) that loads with plain transformers;
+``--save-every N`` also writes OUT-stepN folders along the way.
 """
 
 from __future__ import annotations
@@ -23,16 +28,17 @@ import torch
 from tqdm import tqdm
 
 from llava_serve.default_model import default_model_path
-from llava_serve.default_model.batches import collate, examples, image_batches
+from llava_serve.default_model.batches import collate, examples, image_batches, vision_targets
 from llava_serve.default_model.build import ModelSize, build_model, build_processor, count_parameters, save_checkpoint
+from llava_serve.default_model.questions import KINDS
 from llava_serve.default_model.tokenizer import build_tokenizer
 from llava_serve.default_model.vision_aux import FeatureTap, VisionHeads
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    vision_steps: int = 1000
-    steps: int = 1000
+    vision_steps: int = 2000
+    steps: int = 3000
     vision_batch_size: int = 64
     batch_size: int = 32
     vision_lr: float = 2e-3
@@ -40,6 +46,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     warmup: int = 100
     weight_decay: float = 0.05
+    aux_weight: float = 0.5  # > 0: the tower keeps training in stage two, with its stage-one losses
+    init_from: Path | None = None  # continue from this checkpoint (then usually --vision-steps 0)
+    question_weights: str = ""  # e.g. "colour=3,shape=1": how often each kind is asked (default KIND_WEIGHTS)
+    save_every: int = 0  # > 0: also save the model every N dialogue steps, to OUT-stepN (for evaluation)
     seed: int = 0
     threads: int = 2
     device: str = "cpu"
@@ -65,47 +75,83 @@ class Trainer:
 
     def __post_init__(self) -> None:
         torch.set_num_threads(self.cfg.threads)
-        self.processor = build_processor(self.size, build_tokenizer())
-        self.model = build_model(self.size, self.processor.tokenizer, self.cfg.seed).to(self.cfg.device)
+        if self.cfg.init_from is not None:
+            from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+            self.processor = LlavaProcessor.from_pretrained(self.cfg.init_from)
+            model = LlavaForConditionalGeneration.from_pretrained(self.cfg.init_from, dtype=torch.float32)
+            self.model = model.to(self.cfg.device)
+        else:
+            self.processor = build_processor(self.size, build_tokenizer())
+            self.model = build_model(self.size, self.processor.tokenizer, self.cfg.seed).to(self.cfg.device)
         print(f"parameters: {count_parameters(self.model):,}; image tokens: {self.size.image_tokens}")
 
     def vision_stage(self) -> None:
         """The tower alone, supervised per patch and per shape (see vision_aux)."""
         cfg, tower = self.cfg, self.model.model.vision_tower
-        heads = VisionHeads(self.size.vision_hidden).to(cfg.device)
-        tap = FeatureTap(self.model)
+        if cfg.vision_steps == 0:
+            return
+        self.heads = heads = VisionHeads(self.size.vision_hidden).to(cfg.device)
+        self.tap = tap = FeatureTap(self.model)
         optimizer = _optimizer([tower, heads], cfg)
         batches = image_batches(cfg.seed + 1, self.processor, self.size, cfg.vision_batch_size)
         bar = tqdm(range(cfg.vision_steps), desc="vision", mininterval=2.0)
         for step in bar:
-            pixels, labels, centres = (t.to(cfg.device) for t in next(batches))
+            pixels, labels, regions, centres = (t.to(cfg.device) for t in next(batches))
             tower(pixel_values=pixels)
-            out = heads.losses(tap.features, labels, centres)
-            _step(optimizer, out["colour"] + out["kind"] + out["centre"],
-                  learning_rate(cfg.vision_lr, step, cfg.vision_steps, cfg))
-            bar.set_postfix(kind=f"{out['kind_acc']:.3f}", centre=f"{out['centre_acc']:.3f}")
+            out = heads.losses(tap.features, labels, regions, centres)
+            _step(optimizer, vision_loss(out), learning_rate(cfg.vision_lr, step, cfg.vision_steps, cfg))
+            bar.set_postfix(kind=f"{out['kind_acc']:.3f}", shape=f"{out['shape_acc']:.3f}")
             if step % 100 == 0 or step == cfg.vision_steps - 1:
-                tqdm.write(f"vision step {step:5d}  " + "  ".join(f"{k} {v.item():.3f}" for k, v in out.items()))
-        tap.close()
+                accuracies = "  ".join(f"{k} {v.item():.3f}" for k, v in out.items() if k.endswith("acc"))
+                tqdm.write(f"vision step {step:5d}  {accuracies}")
 
     def dialogue_stage(self) -> None:
-        """Projector and decoder on the dialogues, the tower frozen (as in LLaVA)."""
+        """Projector and decoder on the dialogues; the tower frozen (as in LLaVA) unless aux_weight > 0."""
         cfg = self.cfg
-        self.model.model.vision_tower.requires_grad_(False)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = _optimizer([self.model], cfg, trainable)
-        stream = examples(cfg.seed)
+        tune_vision = cfg.aux_weight > 0 and hasattr(self, "heads")  # the heads come from the vision stage
+        self.model.model.vision_tower.requires_grad_(tune_vision)
+        modules = [self.model, self.heads] if tune_vision else [self.model]
+        optimizer = _optimizer(modules, cfg, [p for m in modules for p in m.parameters() if p.requires_grad])
+        stream = examples(cfg.seed, parse_weights(cfg.question_weights))
         bar = tqdm(range(cfg.steps), desc="dialogue", mininterval=2.0)
         ema = None
         for step in bar:
-            batch = collate(list(islice(stream, cfg.batch_size)), self.processor)
+            chunk = list(islice(stream, cfg.batch_size))
+            batch = collate(chunk, self.processor)
             loss = self.model(**{k: v.to(cfg.device) for k, v in batch.items()}).loss
-            _step(optimizer, loss, learning_rate(cfg.lr, step, cfg.steps, cfg))
+            total = loss
+            if tune_vision:
+                targets = (t.to(cfg.device) for t in vision_targets([ex.scene for ex in chunk], self.size))
+                total = loss + cfg.aux_weight * vision_loss(self.heads.losses(self.tap.features, *targets))
+            _step(optimizer, total, learning_rate(cfg.lr, step, cfg.steps, cfg))
             ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
             bar.set_postfix(loss=f"{ema:.4f}")
             if step % 100 == 0 or step == cfg.steps - 1:
                 tqdm.write(f"dialogue step {step:5d}  answer loss {loss.item():.4f} (ema {ema:.4f})")
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                save_checkpoint(self.model.eval(), self.processor, cfg.out.with_name(f"{cfg.out.name}-step{step + 1}"))
+                self.model.train()
         self.model.model.vision_tower.requires_grad_(True)
+        if hasattr(self, "tap"):
+            self.tap.close()
+
+
+def parse_weights(text: str) -> dict[str, float] | None:
+    """ "colour=3,shape=1" -> {"colour": 3.0, "shape": 1.0, other kinds: 1.0}; "" -> None (the defaults)."""
+    if not text:
+        return None
+    weights = dict.fromkeys(KINDS, 1.0)
+    for part in text.split(","):
+        kind, _, value = part.partition("=")
+        if kind.strip() not in weights:
+            raise ValueError(f"--question-weights: unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
+        weights[kind.strip()] = float(value)
+    return weights
+
+
+def vision_loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    return out["colour"] + out["kind"] + out["centre"] + out["shape"] + out["region"]
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:
@@ -145,7 +191,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = Path if f.name == "out" else type(getattr(defaults, f.name))
+        kind = Path if f.name in ("out", "init_from") else type(getattr(defaults, f.name))
         parser.add_argument(flag, type=kind, default=getattr(defaults, f.name))
     return TrainConfig(**vars(parser.parse_args(argv)))
 

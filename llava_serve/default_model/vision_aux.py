@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from llava_serve.default_model.data import COLOURS, SHAPES, Scene, draw_shape
+from llava_serve.default_model.data import COLOURS, POSITIONS, SHAPES, Scene, draw_shape, position_of
 
 N_CLASSES = 1 + len(COLOURS) * len(SHAPES)  # 0 is background; then colour-major, kind-minor
 MIN_COVER = 0.12  # a patch is labelled with a shape covering at least this fraction of it
@@ -57,6 +57,14 @@ def patch_labels(scene: Scene, image_size: int, patch_size: int) -> torch.Tensor
     return torch.from_numpy(labels)
 
 
+def region_labels(scene: Scene, labels: torch.Tensor) -> torch.Tensor:
+    """Per patch: 1 + index in POSITIONS of the position of the shape under it, or 0."""
+    regions = torch.zeros_like(labels)
+    for shape in scene.shapes:
+        regions[labels == class_of(shape.colour, shape.kind)] = 1 + POSITIONS.index(position_of(shape))
+    return regions
+
+
 def centre_labels(scene: Scene, image_size: int, patch_size: int) -> torch.Tensor:
     """1 on the patch that holds each shape's centre."""
     side, dx, dy = _square_canvas(scene)
@@ -76,8 +84,12 @@ class VisionHeads(torch.nn.Module):
         self.colour = torch.nn.Linear(hidden, 1 + len(COLOURS))
         self.kind = torch.nn.Linear(hidden, len(SHAPES))
         self.centre = torch.nn.Linear(hidden, 1)
+        self.shape = torch.nn.Linear(hidden, N_CLASSES)
+        self.region = torch.nn.Linear(hidden, 1 + len(POSITIONS))
 
-    def losses(self, features: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor) -> dict[str, torch.Tensor]:
+    def losses(
+        self, features: torch.Tensor, labels: torch.Tensor, regions: torch.Tensor, centres: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """``features``: the tower's last hidden state (CLS first); returns losses and accuracies."""
         x = self.norm(features[:, 1:])
         colour_target = torch.where(labels > 0, (labels - 1) // len(SHAPES) + 1, 0)
@@ -89,12 +101,18 @@ class VisionHeads(torch.nn.Module):
         kind_target = (torch.arange(N_CLASSES - 1, device=x.device) % len(SHAPES)).expand_as(counts)[present]
         kind_logits = self.kind(pooled[present])
         centre_logits = self.centre(x).squeeze(-1)
+        shape_logits = self.shape(x)
+        region_logits = self.region(x)
         return {
+            "shape": F.cross_entropy(shape_logits.flatten(0, 1), labels.flatten()),
+            "region": F.cross_entropy(region_logits.flatten(0, 1), regions.flatten()),
             "colour": F.cross_entropy(colour_logits.flatten(0, 1), colour_target.flatten()),
             "kind": F.cross_entropy(kind_logits, kind_target),
             "centre": F.binary_cross_entropy_with_logits(centre_logits, centres),
             "colour_acc": (colour_logits.argmax(-1) == colour_target)[labels > 0].float().mean().detach(),
             "kind_acc": (kind_logits.argmax(-1) == kind_target).float().mean().detach(),
+            "shape_acc": (shape_logits.argmax(-1) == labels)[labels > 0].float().mean().detach(),
+            "region_acc": (region_logits.argmax(-1) == regions)[labels > 0].float().mean().detach(),
             "centre_acc": ((centre_logits > 0) == (centres > 0.5)).all(-1).float().mean().detach(),
         }
 

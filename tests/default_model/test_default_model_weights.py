@@ -65,7 +65,8 @@ def test_prompt_is_vicuna_and_image_expands_to_one_token_per_patch(loaded) -> No
 def test_loss_mask_covers_only_the_answers(loaded) -> None:
     _, processor = loaded
     turns = [QA("colour", "What colour is it?", "It is red.", "red"), QA("count", "How many?", "One.", 1)]
-    inputs = processor(text=processor.apply_chat_template(conversation(turns)), return_tensors="pt")
+    image = render(one("circle", "red"))
+    inputs = processor(text=processor.apply_chat_template(conversation(turns)), images=[image], return_tensors="pt")
     labels = answer_labels(inputs["input_ids"], inputs["attention_mask"], processor)
     assert processor.tokenizer.decode(labels[labels >= 0]) == " It is red.</s> One.</s>"
 
