@@ -39,6 +39,7 @@ class WorkerConfig:
     shutdown_grace: float = 20.0
     feature_cache_size: int = 64
     no_prepack: bool = False
+    threads: int = 0  # torch intra-op threads of the engine; 0: the batch engine picks (ThreadTuner)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -48,6 +49,8 @@ class WorkerConfig:
             raise ValueError("--max-queue must be >= 0")
         if self.engine not in ("batch", "generate"):
             raise ValueError("--engine must be 'batch' or 'generate'")
+        if self.threads < 0:
+            raise ValueError("--threads must be >= 0")
         if self.heart_beat_interval <= 0:
             raise ValueError("--heart-beat-interval must be > 0")
         if not self.worker_address:
@@ -114,6 +117,13 @@ def worker_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-stall-seconds", type=float, default=60.0)
     p.add_argument("--shutdown-grace", type=float, default=20.0)
     p.add_argument("--feature-cache-size", type=int, default=64)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="intra-op threads for the model (default 0: the batch engine times 1, half and all cores "
+        "and keeps the fastest, again from time to time)",
+    )
     p.add_argument(
         "--no-prepack",
         action="store_true",

@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Any
 
+import torch
 import uvicorn
 
 from llava_serve.config import WorkerConfig
@@ -39,6 +40,8 @@ def resolve_model_path(model_path: str | None) -> str:
 
 
 def build_engine(config: WorkerConfig, lm: LoadedModel) -> EngineBase:
+    if config.threads:
+        torch.set_num_threads(config.threads)
     if config.engine == "generate":
         from llava_serve.engine.generate_engine import GenerateEngine
 
@@ -51,6 +54,7 @@ def build_engine(config: WorkerConfig, lm: LoadedModel) -> EngineBase:
         max_waiting=config.max_queue,
         feature_cache_size=config.feature_cache_size,
         prepack=not config.no_prepack,
+        adapt_threads=not config.threads,
     )
 
 

@@ -1,0 +1,30 @@
+"""Worker flags map to WorkerConfig and to the engine built from it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llava_serve.config import worker_config
+from llava_serve.engine.prepack import PackedLinear
+from llava_serve.models import LoadOptions, load_model
+from llava_serve.worker.server import build_engine
+
+
+def test_bad_thread_count_is_refused() -> None:
+    with pytest.raises(ValueError, match="--threads"):
+        worker_config(["--threads", "-1"])
+
+
+def test_threads_fix_the_count_and_prepack_is_on_by_default(checkpoints) -> None:
+    before = torch.get_num_threads()
+    try:
+        lm = load_model(LoadOptions(model_path=str(checkpoints["llava"]), device="cpu"))
+        engine = build_engine(worker_config(["--threads", "1", "--limit-model-concurrency", "4"]), lm)
+        assert torch.get_num_threads() == 1 and not engine.tuner.enabled
+        assert any(isinstance(m, PackedLinear) for m in lm.model.modules()) == torch.backends.mkldnn.is_available()
+        lm2 = load_model(LoadOptions(model_path=str(checkpoints["llava"]), device="cpu"))
+        build_engine(worker_config(["--no-prepack"]), lm2)
+        assert not any(isinstance(m, PackedLinear) for m in lm2.model.modules())
+    finally:
+        torch.set_num_threads(before)
