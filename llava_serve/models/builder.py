@@ -178,10 +178,12 @@ def build_tokenizer(vocab_size: int, seed: int = 0) -> Any:
     return fast
 
 
-def text_config(size: Size, vocab: int, tokenizer: Any) -> Any:
-    from transformers import LlamaConfig
+def text_config(size: Size, vocab: int, tokenizer: Any, config_class: Any = None) -> Any:
+    """The decoder's config for `size` (a LlamaConfig unless `config_class` names another family)."""
+    if config_class is None:
+        from transformers import LlamaConfig as config_class
 
-    return LlamaConfig(
+    return config_class(
         vocab_size=vocab,
         hidden_size=size.hidden,
         intermediate_size=size.intermediate,
@@ -340,19 +342,7 @@ def build_internvl(size: Size, out: Path, seed: int) -> None:
             image_size=s,
             patch_size=size.patch_size,
         ),
-        text_config=Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=size.hidden,
-            intermediate_size=size.intermediate,
-            num_hidden_layers=size.layers,
-            num_attention_heads=size.heads,
-            num_key_value_heads=size.kv_heads,
-            max_position_embeddings=size.context,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=False,
-        ),
+        text_config=text_config(size, len(tokenizer), tokenizer, Qwen2Config),
         image_token_id=tokenizer.context_image_token_id,
         image_seq_length=image_seq_length,
         downsample_ratio=0.5,
