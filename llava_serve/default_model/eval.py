@@ -188,47 +188,34 @@ def main(argv: list[str] | None = None) -> None:
 
 @contextmanager
 def started_worker(path: Path, device: str, concurrency: int) -> Iterator[str]:
-    """A model worker process on a free loopback port (not registered with any controller)."""
+    """A model worker process on a free loopback port (not registered with any controller),
+    started and awaited the way `llava-serve up` starts its services."""
     import socket
     import subprocess
-    import sys
     import tempfile
 
-    import httpx
+    from llava_serve.up import start, wait_ready
 
     if not (path / "config.json").is_file():
         raise SystemExit(f"llava-serve eval: no checkpoint at {path}; pass --model-path")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [sys.executable, "-m", "llava_serve.model_worker", "--model-path", str(path), "--device", device,
+    argv = ["llava_serve.model_worker", "--model-path", str(path), "--device", device, "--host", "127.0.0.1",
             "--port", str(port), "--no-register", "--limit-model-concurrency", str(concurrency)]  # fmt: skip
-    address = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    with tempfile.TemporaryDirectory() as log_dir:
+        worker = start("worker", argv, port, "/ready", "127.0.0.1", Path(log_dir))
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise SystemExit(
-                        f"llava-serve eval: the worker exited:\n{log.read().decode(errors='replace')[-3000:]}"
-                    )
-                try:
-                    if httpx.get(address + "/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("llava-serve eval: the worker was not ready after 300 s")
-                time.sleep(0.25)
-            yield address
+            wait_ready(worker, timeout=300)
+            yield worker.url
+        except RuntimeError as exc:
+            raise SystemExit(f"llava-serve eval: {exc}") from None
         finally:
-            proc.terminate()
+            worker.proc.terminate()
             try:
-                proc.wait(30)
+                worker.proc.wait(30)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                worker.proc.kill()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from itertools import islice
 from pathlib import Path
 
@@ -56,6 +56,7 @@ class TrainConfig:
     out: Path = default_model_path()  # noqa: RUF009 (a fixed path, computed once)
 
     def __post_init__(self) -> None:
+        parse_weights(self.question_weights)  # a bad spec fails now, not after the vision stage
         if self.steps < 1 or self.vision_steps < 0 or self.batch_size < 1 or self.vision_batch_size < 1:
             raise ValueError("steps and batch sizes must be positive, vision_steps not negative")
 
@@ -72,6 +73,8 @@ def learning_rate(peak: float, step: int, total: int, cfg: TrainConfig) -> float
 class Trainer:
     cfg: TrainConfig
     size: ModelSize
+    heads: VisionHeads | None = field(default=None, init=False)  # from the vision stage, if it ran
+    tap: FeatureTap | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         torch.set_num_threads(self.cfg.threads)
@@ -109,9 +112,9 @@ class Trainer:
     def dialogue_stage(self) -> None:
         """Projector and decoder on the dialogues; the tower frozen (as in LLaVA) unless aux_weight > 0."""
         cfg = self.cfg
-        tune_vision = cfg.aux_weight > 0 and hasattr(self, "heads")  # the heads come from the vision stage
-        self.model.model.vision_tower.requires_grad_(tune_vision)
-        modules = [self.model, self.heads] if tune_vision else [self.model]
+        heads = self.heads if cfg.aux_weight > 0 else None  # the tower trains on only with its heads
+        self.model.model.vision_tower.requires_grad_(heads is not None)
+        modules = [self.model] if heads is None else [self.model, heads]
         optimizer = _optimizer(modules, cfg, [p for m in modules for p in m.parameters() if p.requires_grad])
         stream = examples(cfg.seed, parse_weights(cfg.question_weights))
         bar = tqdm(range(cfg.steps), desc="dialogue", mininterval=2.0)
@@ -121,9 +124,9 @@ class Trainer:
             batch = collate(chunk, self.processor)
             loss = self.model(**{k: v.to(cfg.device) for k, v in batch.items()}).loss
             total = loss
-            if tune_vision:
+            if heads is not None and self.tap is not None:
                 targets = (t.to(cfg.device) for t in vision_targets([ex.scene for ex in chunk], self.size))
-                total = loss + cfg.aux_weight * vision_loss(self.heads.losses(self.tap.features, *targets))
+                total = loss + cfg.aux_weight * vision_loss(heads.losses(self.tap.features, *targets))
             _step(optimizer, total, learning_rate(cfg.lr, step, cfg.steps, cfg))
             ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
             bar.set_postfix(loss=f"{ema:.4f}")
@@ -133,7 +136,7 @@ class Trainer:
                 save_checkpoint(self.model.eval(), self.processor, cfg.out.with_name(f"{cfg.out.name}-step{step + 1}"))
                 self.model.train()
         self.model.model.vision_tower.requires_grad_(True)
-        if hasattr(self, "tap"):
+        if self.tap is not None:
             self.tap.close()
 
 
@@ -146,7 +149,10 @@ def parse_weights(text: str) -> dict[str, float] | None:
         kind, _, value = part.partition("=")
         if kind.strip() not in weights:
             raise ValueError(f"--question-weights: unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
-        weights[kind.strip()] = float(value)
+        try:
+            weights[kind.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--question-weights: {part!r} is not KIND=NUMBER") from None
     return weights
 
 
