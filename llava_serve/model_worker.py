@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     # The engine thread gives up the GIL inside every torch op and must get it back between ops,
     # while the event loop thread encodes and sends frames; with Python's default 5 ms switch
     # interval it can wait that long, several times a step. 0.5 ms: 18.8 -> 20.4 tok/s for one
-    # client of the bench model on 2 cores (`llava-serve bench`, docs/benchmark.md).
+    # streaming client of the bench model on 2 cores (an A/B of 4 requests each; docs/benchmark.md).
     sys.setswitchinterval(0.0005)
     serve(config, lm)
     return 0
