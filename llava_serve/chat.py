@@ -77,13 +77,15 @@ class ChatSession:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from llava_serve.engine.engine import BatchEngine
+    from llava_serve.engine.threads import run_in_fresh_thread
     from llava_serve.generate import model_keys
     from llava_serve.models.loader import load_model
     from llava_serve.worker.server import resolve_model_path
 
     try:
         config = WorkerConfig(model_path=args.model_path, **model_keys(args))
-        lm = load_model(config.load_options(resolve_model_path(args.model_path)))
+        options = config.load_options(resolve_model_path(args.model_path))
+        lm = run_in_fresh_thread(lambda: load_model(options))  # no OpenMP pool left here (see threads.py)
     except (ModelLoadError, ValueError) as exc:
         print(f"llava-serve chat: cannot load the model: {exc}", file=sys.stderr)
         return 2

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     from llava_serve.config import WorkerConfig
+    from llava_serve.engine.threads import run_in_fresh_thread
     from llava_serve.models.loader import load_model
     from llava_serve.worker.server import resolve_model_path
 
@@ -79,7 +80,7 @@ def _main(args: argparse.Namespace) -> int:
     options = WorkerConfig(model_path=args.model_path, **{k: getattr(args, k) for k in _MODEL_KEYS}).load_options(
         resolve_model_path(args.model_path)
     )
-    lm = load_model(options)
+    lm = run_in_fresh_thread(lambda: load_model(options))  # no OpenMP pool left here (see threads.py)
     if args.raw_prompt is not None:
         prompt = args.raw_prompt
     else:

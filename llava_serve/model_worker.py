@@ -12,11 +12,16 @@ from llava_serve.errors import ModelLoadError
 def main(argv: list[str] | None = None) -> int:
     config = worker_config(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from llava_serve.engine.threads import run_in_fresh_thread
     from llava_serve.models.loader import load_model
-    from llava_serve.worker.server import resolve_model_path, serve
+    from llava_serve.worker.server import build_engine, resolve_model_path, serve
 
-    try:
+    def load() -> tuple:
         lm = load_model(config.load_options(resolve_model_path(config.model_path)))
+        return lm, build_engine(config, lm)
+
+    try:  # in a thread that exits, so that the engine's thread is the only one with an OpenMP pool
+        lm, engine = run_in_fresh_thread(load)
     except ModelLoadError as exc:
         print(f"llava-serve worker: cannot load the model: {exc}", file=sys.stderr)
         return 2
@@ -25,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     # interval it can wait that long, several times a step. 0.5 ms: 18.8 -> 20.4 tok/s for one
     # streaming client of the bench model on 2 cores (an A/B of 4 requests each; docs/benchmark.md).
     sys.setswitchinterval(0.0005)
-    serve(config, lm)
+    serve(config, lm, engine)
     return 0
 
 

@@ -58,22 +58,30 @@ def test_moves_to_one_thread_under_contention_and_back_when_quiet() -> None:
     assert tuner.current == 2
 
 
-def test_starts_on_one_thread_and_moves_up_on_an_idle_machine() -> None:
-    machine = FakeMachine({1: 0.151, 2: 0.097})
+def test_starts_on_all_cores_and_moves_down_on_a_busy_machine() -> None:
+    machine = FakeMachine({1: 0.06, 2: 0.7})
     tuner = machine.tuner()
     used = machine.run(tuner, 200)
-    assert used[0] == 1 and tuner.current == 2
-    assert used[:8].count(2) >= 2, "the first probe comes at once"
+    assert used[0] == 2 and tuner.current == 1
+    assert used[:8].count(1) >= 2, "the first probe comes at once"
+
+
+def test_stays_on_all_cores_on_an_idle_machine() -> None:
+    machine = FakeMachine({1: 0.151, 2: 0.097})
+    tuner = machine.tuner()
+    used = machine.run(tuner, 2000)
+    assert tuner.current == 2
+    assert used[100:].count(1) * (0.151 - 0.097) < 0.05 * machine.now, "probing stays within its time budget"
 
 
 def test_noise_below_the_margin_does_not_switch_and_probes_back_off() -> None:
-    machine = FakeMachine({1: 0.097, 2: 0.100})
+    machine = FakeMachine({1: 0.100, 2: 0.097})
     tuner = machine.tuner()
     machine.run(tuner, 3000)
-    assert tuner.current == 1
-    machine.cost = {1: 0.100, 2: 0.097}
+    assert tuner.current == 2
+    machine.cost = {1: 0.097, 2: 0.100}
     machine.run(tuner, 3000)
-    assert tuner.current == 1, "3% is within the noise margin"
+    assert tuner.current == 2, "3% is within the noise margin"
     assert tuner.interval == tuner.max_interval
 
 
@@ -81,29 +89,28 @@ def test_a_batch_change_abandons_the_probe() -> None:
     machine = FakeMachine({1: 0.06, 2: 0.7})
     tuner = machine.tuner()
     tuner.begin(("decode", 4))
-    tuner.end(("decode", 4), 0.06)
+    tuner.end(("decode", 4), 0.7)
     tuner.begin(("decode", 5))  # a request joined: step times are no longer comparable
-    tuner.end(("decode", 5), 0.9)
-    assert tuner.plan == [] and tuner.current == 1
-    machine.cost = {1: 0.15, 2: 0.097}
+    tuner.end(("decode", 5), 0.05)
+    assert tuner.plan == [] and tuner.current == 2
     machine.run(tuner, 50, key=("decode", 5))
-    assert tuner.current == 2
+    assert tuner.current == 1
 
 
 def test_prefills_are_compared_per_token_and_other_kinds_run_at_the_current_count() -> None:
-    machine = FakeMachine({1: 0.004, 2: 0.002})
+    machine = FakeMachine({1: 0.002, 2: 0.004})
     tuner = machine.tuner()
     tuner.begin(("prefill",))  # the probe starts on a prefill, at the current count first
-    assert machine.threads == 1
+    assert machine.threads == 2
     tuner.end(("prefill",), 0.004 * 100, units=100)
     tuner.begin(("decode", 1))  # a decode step in between is not part of the prefill probe
-    assert machine.threads == 1
+    assert machine.threads == 2
     tuner.end(("decode", 1), 0.5)
     tuner.begin(("prefill",))
-    assert machine.threads == 2
+    assert machine.threads == 1
     tuner.end(("prefill",), 0.002 * 80, units=80)  # shorter prompt, faster per token
     machine.run(tuner, 2, key=("prefill",), units=120)  # the second round confirms it
-    assert tuner.current == 2
+    assert tuner.current == 1
 
 
 def test_a_probe_of_a_kind_that_stops_coming_is_dropped() -> None:
@@ -116,11 +123,11 @@ def test_a_probe_of_a_kind_that_stops_coming_is_dropped() -> None:
 
 
 def test_a_cut_short_probe_still_decides_from_what_it_timed() -> None:
-    machine = FakeMachine({1: 0.004, 2: 0.002})
+    machine = FakeMachine({1: 0.002, 2: 0.004})
     tuner = machine.tuner()
     machine.run(tuner, 2, key=("prefill",), units=100)  # two requests: one prefill at each count
     machine.run(tuner, 8, key=("decode", 2))  # then only decode steps: the prefill probe is dropped
-    assert tuner.current == 2
+    assert tuner.current == 1
 
 
 def test_operations_marked_not_to_probe_never_start_a_probe() -> None:
@@ -128,8 +135,32 @@ def test_operations_marked_not_to_probe_never_start_a_probe() -> None:
     tuner = machine.tuner()
     for _ in range(20):
         tuner.begin(("prefill",), probe=False)
-        assert machine.threads == 1
+        assert machine.threads == 2
         tuner.end(("prefill",), 0.4, units=100)
     assert tuner.plan == []
     tuner.begin(("decode", 1))
     assert tuner.plan, "a decode step starts the probe that was due"
+
+
+def test_run_in_fresh_thread_runs_elsewhere_returns_and_raises() -> None:
+    import threading
+
+    import pytest
+
+    from llava_serve.engine.threads import run_in_fresh_thread
+
+    ran_in: list[threading.Thread] = []
+
+    def work() -> int:
+        ran_in.append(threading.current_thread())
+        return 42
+
+    assert run_in_fresh_thread(work, name="probe") == 42
+    assert ran_in[0] is not threading.current_thread() and ran_in[0].name == "probe"
+    assert not ran_in[0].is_alive(), "the thread has exited (its OpenMP pool with it)"
+
+    def broken() -> int:
+        raise ValueError("bad checkpoint")
+
+    with pytest.raises(ValueError, match="bad checkpoint"):
+        run_in_fresh_thread(broken)
