@@ -50,8 +50,8 @@ class PhaseTimer:
         setattr(obj, name, timed)
 
 
-def run_engine(lm, n: int, tokens: int, round_id: int, profile_steps: int) -> None:
-    eng = BatchEngine(lm, max_running=max(n, 1), max_waiting=64)
+def run_engine(lm, n: int, tokens: int, round_id: int, profile_steps: int, max_running: int = 0) -> None:
+    eng = BatchEngine(lm, max_running=max_running or max(n, 1), max_waiting=64)
     timer = PhaseTimer()
     for obj, name, label in [
         (eng.runner, "decode", "decode forward"),
@@ -122,8 +122,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load_model(LoadOptions(model_path=args.model_path, device="cpu"))
-    run_engine(lm, 2, 4, -1, 0)  # warm-up
-    for i, n in enumerate(int(x) for x in args.rows.split(",")):
+    rows = [int(x) for x in args.rows.split(",")]
+    # warm-up; prepacking happens once per model, sized for the largest batch, as in the worker
+    run_engine(lm, 2, 4, -1, 0, max_running=max(rows))
+    for i, n in enumerate(rows):
         run_engine(lm, n, args.tokens, i, args.profile_steps)
         if args.static:
             run_static(lm, n, args.tokens, i, args.profile_steps)

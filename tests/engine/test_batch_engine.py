@@ -142,3 +142,27 @@ def test_a_failing_step_fails_its_batch_and_the_engine_serves_on(lm, monkeypatch
         assert not eng.is_alive() and eng.dead is not None
     finally:
         eng.shutdown()
+
+
+def test_bench_checkpoint_staggered_requests_match_generate_alone(tmp_path_factory):
+    """The ~170M benchmark model (64 image tokens, 12 layers) with the worker's settings: prepacked
+    weights for a batch of up to 32, so the rows decode through the packed kernels."""
+    from llava_serve.models.builder import build
+
+    path = build("llava", "bench", tmp_path_factory.mktemp("bench") / "bench")
+    lm = load_model(LoadOptions(model_path=str(path), device="cpu"))
+    cases = [c for c in make_cases(lm, 6) if c.images][:4]
+    tokens = [24, 16, 28, 20]
+    refs = [reference(lm, c, n) for c, n in zip(cases, tokens)]
+    eng = BatchEngine(lm, max_running=32, max_waiting=8).start()
+    try:
+        collectors = []
+        for i, (case, n) in enumerate(zip(cases, tokens)):
+            collectors.append(Collector(lm, case, greedy(n)))
+            eng.submit(collectors[-1].request)
+            time.sleep(0.05 * i)  # later arrivals join a running batch
+        for i, col in enumerate(collectors):
+            assert col.wait().finish_reason == "length"
+            assert col.request.output_ids == refs[i], f"request {i} differs from model.generate"
+    finally:
+        eng.shutdown()
