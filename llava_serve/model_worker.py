@@ -20,16 +20,11 @@ def main(argv: list[str] | None = None) -> int:
         lm = load_model(config.load_options(resolve_model_path(config.model_path)))
         return lm, build_engine(config, lm)
 
-    try:  # in a thread that exits, so that the engine's thread is the only one with an OpenMP pool
+    try:  # in a thread that exits: the engine's thread is then the only one with an OpenMP team
         lm, engine = run_in_fresh_thread(load)
     except ModelLoadError as exc:
         print(f"llava-serve worker: cannot load the model: {exc}", file=sys.stderr)
         return 2
-    # The engine thread gives up the GIL inside every torch op and must get it back between ops,
-    # while the event loop thread encodes and sends frames; with Python's default 5 ms switch
-    # interval it can wait that long, several times a step. 0.5 ms: 18.8 -> 20.4 tok/s for one
-    # streaming client of the bench model on 2 cores (an A/B of 4 requests each; docs/benchmark.md).
-    sys.setswitchinterval(0.0005)
     serve(config, lm, engine)
     return 0
 
