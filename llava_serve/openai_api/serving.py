@@ -194,6 +194,10 @@ async def choice_updates(index: int, resp: httpx.Response) -> AsyncIterator[Upda
             finish = frame.get("finish_reason")
             if code or finish in ("error", "abort"):
                 raise error_from_code(code or ErrorCode.INTERNAL_ERROR, text or f"generation ended: {finish}")
+            # The answer starts after "ASSISTANT:"; a byte-level tokenizer puts the space in the first
+            # token. Leading whitespace is dropped (as LLaVA's demo strips its output); the cumulative
+            # text stays consistent because lstrip of a growing text only grows.
+            text = text.lstrip()
             # Cumulative text: send what is new (text that shrank is held back until it grows past).
             delta = text[len(sent) :] if text.startswith(sent) else ""
             sent += delta

@@ -151,6 +151,17 @@ async def test_length_finish_and_no_usage_unless_asked(env: tuple[openai.AsyncOp
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+async def test_leading_whitespace_of_the_answer_is_dropped(env: tuple[openai.AsyncOpenAI, Cluster]) -> None:
+    client, cluster = env
+    words = [" ", " It", " is", " red", ".", "\n"]
+    cluster.generate = lambda body: httpx.Response(200, content=frames(words))
+    resp = await client.chat.completions.create(model="fake", messages=[user("hi")])
+    assert resp.choices[0].message.content == "It is red.\n"
+    stream = await client.chat.completions.create(model="fake", messages=[user("hi")], stream=True)
+    deltas = [c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content]
+    assert deltas == ["It", " is", " red", ".", "\n"]
+
+
 async def test_mid_stream_worker_error(env: tuple[openai.AsyncOpenAI, Cluster]) -> None:
     client, cluster = env
     cluster.generate = lambda body: httpx.Response(200, content=frames(error_at=3))
