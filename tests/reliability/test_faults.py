@@ -328,7 +328,11 @@ def test_thousand_clients_leaving_at_random_points(cluster: Stack) -> None:
     results = Counter(asyncio.run(run()))
     took = time.monotonic() - t0
     assert set(results) <= {"status_200", "status_429", "left", "reset"}, results
-    assert results["status_200"] > 50, results  # plenty admitted (the rest: 429 or gone first)
+    # Slots were freed and reused many times over: a leak would cap admissions at the cluster's
+    # capacity (running + waiting, both workers). The rest got 429 or left first; how many of each
+    # depends on how fast refusals come back (arrival rate), so no fixed share is asked for.
+    capacity = 2 * (cluster.config.limit_model_concurrency + cluster.config.max_queue)
+    assert results["status_200"] > 3 * capacity, results
     idle = cluster.wait_idle(timeout=10)
     after = assert_back_to_baseline(cluster, before)
     assert greedy_text(cluster, cluster.url("w0") + "/worker_generate") == reference
@@ -391,8 +395,10 @@ def test_worker_hung_longer_than_heartbeat_expiry(cluster: Stack) -> None:
 
 
 # -- crashes --------------------------------------------------------------------------------------
-def all_running_some_on_w0(queues: dict[str, int]) -> bool:
-    return queues["w0"] >= 1 and sum(queues.values()) >= 6
+def streaming_some_on_w0(queues: dict[str, int]) -> bool:
+    """At least the four worker-protocol streams admitted (the two chat streams can end early: a
+    random model may say EOS), one or more of them on w0."""
+    return queues["w0"] >= 1 and sum(queues.values()) >= 4
 
 
 def test_worker_sigkill_mid_stream(cluster: Stack) -> None:
@@ -404,11 +410,22 @@ def test_worker_sigkill_mid_stream(cluster: Stack) -> None:
 
     async def run() -> tuple[list[Outcome], list[Outcome], list[Outcome], float]:
         async with client_of(cluster) as client:
-            # within the cluster's admission limit (4 per worker), and long (none ends before the kill)
-            tasks = [asyncio.create_task(stream_frames(client, ctrl, worker_body(i, 1000))) for i in range(4)]
-            tasks += [asyncio.create_task(stream_sse(client, api, chat_body(i, 1000), {})) for i in range(2)]
-            # all 6 running, some on w0 (how many depends on heartbeats racing the dispatches)
-            await asyncio.to_thread(wait_until, lambda: all_running_some_on_w0(cluster.queue_lengths()), 20, "busy")
+            # within the cluster's admission limit (4 per worker), and long (none ends before the kill;
+            # 1,000-token streams of the tiny model sometimes ended before the check below saw them)
+            tasks = [asyncio.create_task(stream_frames(client, ctrl, worker_body(i, 3500))) for i in range(4)]
+            tasks += [asyncio.create_task(stream_sse(client, api, chat_body(i, 3500), {})) for i in range(2)]
+            # some on w0 (how many depends on heartbeats racing the dispatches)
+            seen: list[dict[str, int]] = []
+
+            def busy() -> bool:
+                seen.append(cluster.queue_lengths())
+                return streaming_some_on_w0(seen[-1])
+
+            try:
+                await asyncio.to_thread(wait_until, busy, 20, "busy")
+            except AssertionError as exc:
+                ended = [t.result() for t in tasks if t.done()]
+                raise AssertionError(f"{exc}; queue lengths seen last: {seen[-3:]}; ended: {ended}") from None
             w0.kill(signal.SIGKILL)
             killed = time.monotonic()
             probes = []  # a new client every 0.2 s until one is served: what newcomers saw meanwhile
@@ -424,7 +441,9 @@ def test_worker_sigkill_mid_stream(cluster: Stack) -> None:
 
     outs, probes, after_kill, served_after = asyncio.run(run())
     endings = Counter(o.ended for o in outs)
-    assert set(endings) <= {"done", "error_frame"} and endings["error_frame"] >= 1, endings
+    assert set(endings) <= {"done", "error_frame", "http_error"} and endings["error_frame"] >= 1, endings
+    for o in outs:  # a chat stream still on its way at the kill may find w1 full: told to retry
+        assert o.ended != "http_error" or (o.status == 429 and o.frames == 0), o
     for o in outs:
         if o.ended == "error_frame":  # a clear error naming the dead worker, never a hang or a cut
             err = o.last.get("error") or o.last
