@@ -2,10 +2,19 @@
 
 Every text handed out is a prefix of the final text: it never shrinks, never ends in half a
 multi-byte character, and never shows the start of a stop string that may still complete.
+
+Each token decodes a short window, not the whole output (decoding all of it every step costs
+O(length) per token: 0.36 ms at 2,000 tokens for the bench tokenizer, 11 ms a step for 32 such
+rows, under the GIL). The window starts where the text was last extended, so it begins on a
+character boundary, and both decodes (with and without the new tokens) start at the same token,
+so a tokenizer's start-of-text quirks (SentencePiece dropping the first piece's space) cancel out;
+the new text is their difference (the scheme of TGI and vLLM). Where the two decodes disagree
+(a tokenizer whose clean-up reaches further back), the whole output is decoded instead.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 
@@ -19,15 +28,32 @@ class TextAssembler:
         self.emitted = ""  # what the client has seen
         self._scanned = 0  # stop strings cannot start before this index
         self.stopped = False
+        # the decode window runs over the tokens the decoder sees: skipped special tokens left out,
+        # so that a window never starts at one (the piece after it would then come first and lose
+        # its leading space to SentencePiece)
+        self._shown: list[int] = []
+        self._window = 0  # index in _shown where the decode window starts
+        self._done = 0  # tokens of _shown whose text is in self.text
 
     def append(self, token_id: int) -> bool:
         """Add one token; True when a stop string has been found (the text is cut before it)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        if _skipped(self.tokenizer, token_id):
+            return False
+        self._shown.append(token_id)
+        window = self._decode(self._shown[self._window :])
+        if window.endswith("\ufffd"):
             return False  # an incomplete multi-byte character: wait for the next token
-        self.text = text
+        before = self._decode(self._shown[self._window : self._done]) if self._done > self._window else ""
+        if window.startswith(before):
+            self.text += window[len(before) :]
+        else:
+            self.text = self._decode(self.ids)
+        self._window, self._done = self._done, len(self._shown)
         return self._find_stop()
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _find_stop(self) -> bool:
         if not self.stop:
@@ -44,7 +70,7 @@ class TextAssembler:
     def visible(self, final: bool = False) -> str:
         """The text safe to show now; with final, everything (a trailing partial character too)."""
         if final and not self.stopped:
-            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            self.text = self._decode(self.ids)
         candidate = self.text if final else self.text[: len(self.text) - self._held_back()]
         if candidate.startswith(self.emitted) and len(candidate) >= len(self.emitted):
             self.emitted = candidate
@@ -57,3 +83,19 @@ class TextAssembler:
             if any(s.startswith(tail) for s in self.stop):
                 return k
         return 0
+
+
+_SKIPPED: weakref.WeakKeyDictionary[Any, dict[int, bool]] = weakref.WeakKeyDictionary()
+
+
+def _skipped(tokenizer: Any, token_id: int) -> bool:
+    """Whether decoding with skip_special_tokens drops this token (asked once per tokenizer and id)."""
+    try:
+        known = _SKIPPED.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: ask every time
+        known = {}
+    found = known.get(token_id)
+    if found is None:
+        dropped = tokenizer.decode([token_id], skip_special_tokens=True) == ""
+        found = known[token_id] = dropped and bool(tokenizer.decode([token_id], skip_special_tokens=False))
+    return found
