@@ -27,6 +27,7 @@ class StreamResult:
     start: float
     end: float = 0.0
     frame_times: list[float] = field(default_factory=list)
+    frame_tokens: list[int] = field(default_factory=list)  # completion tokens so far, at each frame
     completion_tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None
@@ -95,13 +96,17 @@ def _read_frame(result: StreamResult, frame: dict, now: float) -> None:
     if frame.get("error_code", 0) != 0:
         result.error = str(frame.get("text", frame))[:300]
         return
+    tokens = (frame.get("usage") or {}).get("completion_tokens")
     if "finish_reason" in frame and frame["finish_reason"] is not None:
         result.finish_reason = frame["finish_reason"]
-        result.completion_tokens = int((frame.get("usage") or {}).get("completion_tokens", 0))
+        result.completion_tokens = int(tokens or 0)
         if frame.get("text") and not result.frame_times:
             result.frame_times.append(now)  # a one-token answer: its only frame is the last
+            result.frame_tokens.append(int(tokens or 1))
         return
     result.frame_times.append(now)
+    # a worker that sends no usage before the end: count one token per frame
+    result.frame_tokens.append(int(tokens) if tokens is not None else len(result.frame_times))
 
 
 class Sampler:
@@ -191,7 +196,7 @@ def summarize(
     ok = [r for r in results if r.error is None]
     tokens = sum(r.completion_tokens for r in ok)
     ttft = [r.frame_times[0] - r.start for r in ok if r.frame_times]
-    gaps = [b - a for r in ok for a, b in zip(r.frame_times, r.frame_times[1:], strict=False)]
+    gaps = [gap for r in ok for gap in token_gaps(r)]
     tpot = [
         (r.frame_times[-1] - r.frame_times[0]) / (r.completion_tokens - 1)
         for r in ok
@@ -220,6 +225,17 @@ def summarize(
         repeat=repeat,
         first_error=errors[0] if errors else None,
     )
+
+
+def token_gaps(result: StreamResult) -> list[float]:
+    """Inter-token latencies of one stream: each gap between frames, split evenly over the tokens
+    the later frame adds (a frame can carry several: text held back mid-character)."""
+    gaps: list[float] = []
+    marks = list(zip(result.frame_times, result.frame_tokens, strict=True))
+    for (t0, n0), (t1, n1) in zip(marks, marks[1:], strict=False):
+        added = max(1, n1 - n0)
+        gaps += [(t1 - t0) / added] * added
+    return gaps
 
 
 def _pct(values: Sequence[float], q: float) -> float:

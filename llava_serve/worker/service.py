@@ -120,11 +120,13 @@ class WorkerService:
         obj: dict[str, Any] = {"text": text, "error_code": 0}
         if out.error is not None:
             obj = {**out.error.to_dict(), "partial_text": text}
+        # usage in every frame, as FastChat's workers send it: a frame can carry several tokens
+        # (text held back mid-character or mid-stop-string), and clients can tell how many
+        obj["usage"] = {
+            "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens,
+        }
         if out.finished:
             obj["finish_reason"] = out.finish_reason
-            obj["usage"] = {
-                "prompt_tokens": out.prompt_tokens,
-                "completion_tokens": out.completion_tokens,
-                "total_tokens": out.prompt_tokens + out.completion_tokens,
-            }
         return obj

@@ -334,3 +334,15 @@ def test_non_streaming_client_that_leaves_cancels_its_generation(worker):
         assert time.monotonic() < deadline, "the abandoned generation kept its slot"
         time.sleep(0.1)
     assert _aborted(worker.url) == aborted + 1
+
+
+def test_every_frame_counts_its_tokens(worker):
+    """Usage in every frame (as FastChat's workers send it): completion tokens only grow, a frame
+    may add several (text held back mid-character), and the last one says how many in all."""
+    body = {"prompt": PROMPT, "images": [png_b64()], "temperature": 0.0, "max_new_tokens": 24, "ignore_eos": True}
+    response = requests.post(worker.url + "/worker_generate_stream", json=body, stream=True, timeout=60)
+    frames = [json.loads(c) for c in response.iter_lines(decode_unicode=False, delimiter=b"\0") if c]
+    counts = [f["usage"]["completion_tokens"] for f in frames]
+    assert counts == sorted(counts) and counts[0] >= 1 and counts[-1] == 24, counts
+    assert all(f["usage"]["prompt_tokens"] == frames[-1]["usage"]["prompt_tokens"] > 0 for f in frames)
+    assert frames[-1]["finish_reason"] == "length" and all("finish_reason" not in f for f in frames[:-1])
