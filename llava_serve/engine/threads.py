@@ -156,7 +156,8 @@ def run_in_fresh_thread(fn: Callable[[], T], name: str = "llava-serve-load") -> 
         except BaseException as exc:  # handed to the caller below
             error.append(exc)
 
-    thread = threading.Thread(target=target, name=name)
+    # a daemon: Ctrl-C in the caller's join ends the process at once, not after the load
+    thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     thread.join()
     if error:

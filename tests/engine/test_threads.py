@@ -158,6 +158,7 @@ def test_run_in_fresh_thread_runs_elsewhere_returns_and_raises() -> None:
     assert run_in_fresh_thread(work, name="probe") == 42
     assert ran_in[0] is not threading.current_thread() and ran_in[0].name == "probe"
     assert not ran_in[0].is_alive(), "the thread has exited (its OpenMP pool with it)"
+    assert ran_in[0].daemon, "an interrupted caller does not wait for it at exit"
 
     def broken() -> int:
         raise ValueError("bad checkpoint")
