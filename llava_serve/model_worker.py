@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from llava_serve.config import worker_config
 from llava_serve.errors import ModelLoadError
+
+if TYPE_CHECKING:  # torch and the rest load in main, after the flags are checked
+    from llava_serve.engine.base import EngineBase
+    from llava_serve.models.base import LoadedModel
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from llava_serve.models.loader import load_model
     from llava_serve.worker.server import build_engine, resolve_model_path, serve
 
-    def load() -> tuple:
+    def load() -> tuple[LoadedModel, EngineBase]:
         lm = load_model(config.load_options(resolve_model_path(config.model_path)))
         return lm, build_engine(config, lm)
 

@@ -96,9 +96,9 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(config: WorkerConfig, lm: LoadedModel, engine: EngineBase | None = None) -> None:
-    """Serve `lm` with `engine` (built here from the config when not given); starts the engine."""
-    engine = (engine or build_engine(config, lm)).start()
+def serve(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> None:
+    """Serve `lm` with `engine` (from `build_engine`); starts the engine."""
+    engine.start()
     app = create_app(config, lm, engine)
     registrar = None
     if not config.no_register:
