@@ -16,7 +16,7 @@ from collections import defaultdict
 
 import torch
 
-from llava_serve.bench_workload import make_requests
+from llava_serve.tools.bench_workload import make_requests
 from llava_serve.engine import Request, SamplingParams
 from llava_serve.engine.engine import BatchEngine
 from llava_serve.models.loader import LoadOptions, load_model
@@ -90,7 +90,7 @@ def run_engine(lm, n: int, tokens: int, round_id: int, profile_steps: int, max_r
 
 
 def run_static(lm, n: int, tokens: int, round_id: int, profile_steps: int) -> None:
-    from llava_serve.bench_static import run_static as static
+    from llava_serve.tools.bench_static import run_static as static
 
     a = static(lm, make_requests(n, round_id), tokens)
     print(

@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from llava_serve.config import WorkerConfig, add_model_args
 from llava_serve.engine.params import SamplingParams
 from llava_serve.engine.request import Request, RequestOutput
 from llava_serve.errors import ModelLoadError, ServeError
 from llava_serve.models.base import LoadedModel
 from llava_serve.models.images import ImageLimits, decode_image_bytes
+from llava_serve.worker.config import WorkerConfig, add_model_args
 
 
 def parser() -> argparse.ArgumentParser:

@@ -16,9 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("llava_serve.up", "the whole stack on one machine, default model included"),
     "chat": ("llava_serve.chat", "chat with a model in the terminal"),
     "generate": ("llava_serve.generate", "one generation from the command line"),
-    "bench": ("llava_serve.bench", "throughput/latency benchmark of the engines"),
-    "soak": ("llava_serve.soak", "the whole stack under steady mixed load for N minutes: does anything grow?"),
-    "build-model": ("llava_serve.models.builder", "build small random-weight checkpoints offline"),
+    "bench": ("llava_serve.tools.bench", "throughput/latency benchmark of the engines"),
+    "soak": ("llava_serve.tools.soak", "the whole stack under steady mixed load for N minutes: does anything grow?"),
+    "build-model": ("llava_serve.tools.checkpoints.build", "build small random-weight checkpoints offline"),
     "eval": ("llava_serve.default_model.eval", "evaluate the default model through a served worker"),
     "train-default": ("llava_serve.default_model.train", "train the bundled default model"),
 }

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llava_serve.config import add_model_args
 from llava_serve.engine.params import SamplingParams
 from llava_serve.engine.request import Request, RequestOutput
 from llava_serve.errors import ModelLoadError, ServeError
 from llava_serve.models.base import LoadedModel
 from llava_serve.models.images import ImageLimits, decode_image_bytes
+from llava_serve.worker.config import add_model_args
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from llava_serve.config import WorkerConfig
     from llava_serve.engine.threads import run_in_fresh_thread
     from llava_serve.models.loader import load_model
+    from llava_serve.worker.config import WorkerConfig
     from llava_serve.worker.server import resolve_model_path
 
     files = [Path(f) for f in args.image]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from llava_serve.config import add_model_args
+from llava_serve.worker.config import add_model_args
 
 
 @dataclass

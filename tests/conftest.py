@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_serve.models.builder import build
+from llava_serve.tools.checkpoints.build import build
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llava_serve.bench_client import StreamResult, _read_frame, token_gaps
+from llava_serve.tools.bench_client import StreamResult, _read_frame, token_gaps
 
 
 def frame(text: str, tokens: int | None, finish: str | None = None) -> dict:

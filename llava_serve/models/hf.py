@@ -12,7 +12,7 @@ from PIL import Image
 
 from llava_serve.errors import ModelLoadError
 from llava_serve.models.base import IMAGE_PLACEHOLDER, EncodedPrompt, LoadedModel, Message, PreparedImage
-from llava_serve.models.loader import LoadOptions
+from llava_serve.models.options import LoadOptions
 from llava_serve.models.quant import detach_from_checkpoint, quantization_config
 from llava_serve.models.templates import fallback_prompt
 

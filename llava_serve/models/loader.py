@@ -2,77 +2,17 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from llava_serve.errors import ModelLoadError
 from llava_serve.models.base import LoadedModel
+from llava_serve.models.hf import load_hf
+from llava_serve.models.options import LoadOptions, read_config, resolve_device, resolve_dtype
+from llava_serve.models.original import load_original
+
+__all__ = ["LoadOptions", "is_original_llava", "load_model"]
 
 ORIGINAL_ARCHITECTURES = {"LlavaLlamaForCausalLM", "LlavaMistralForCausalLM", "LlavaMptForCausalLM"}
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    model_path: str
-    model_base: str | None = None
-    model_name: str | None = None
-    device: str = "auto"
-    dtype: str | None = None
-    load_8bit: bool = False
-    load_4bit: bool = False
-    vision_tower: str | None = None
-    conv_template: str | None = None
-    trust_remote_code: bool = False
-
-    def __post_init__(self) -> None:
-        if self.load_8bit and self.load_4bit:
-            raise ModelLoadError("--load-8bit and --load-4bit are exclusive; pick one")
-        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
-            raise ModelLoadError(f"unknown --device {self.device!r}; use cpu, cuda, mps or auto")
-
-    @property
-    def name(self) -> str:
-        return self.model_name or Path(self.model_path.rstrip("/")).name
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise ModelLoadError("--device mps was asked for but MPS is not available; use --device cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(device: torch.device, dtype: str | None) -> torch.dtype:
-    if dtype:
-        table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-        if dtype not in table:
-            raise ModelLoadError(f"unknown --dtype {dtype!r}; use one of {sorted(table)}")
-        return table[dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.float32
-
-
-def read_config(path: Path) -> dict:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise ModelLoadError(f"{path} has no config.json; point --model-path at a checkpoint folder")
-    try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{cfg} is not valid JSON: {exc}") from None
 
 
 def is_original_llava(config: dict) -> bool:
@@ -89,9 +29,5 @@ def load_model(options: LoadOptions) -> LoadedModel:
     device = resolve_device(options.device)
     dtype = resolve_dtype(device, options.dtype)
     if is_original_llava(config) or options.model_base:
-        from llava_serve.models.original import load_original
-
         return load_original(options, path, config, device, dtype)
-    from llava_serve.models.hf import load_hf
-
     return load_hf(options, path, config, device, dtype)

@@ -28,13 +28,14 @@ from llava_serve.errors import (
 from llava_serve.openai_api.config import ApiConfig
 from llava_serve.openai_api.errors import ControllerUnavailable, error_from_code, with_param
 from llava_serve.openai_api.images import ImageFetcher
-from llava_serve.openai_api.sse import chunk, done, error_event
+from llava_serve.openai_api.sse import StreamHeader, chunk, done, error_event
 from llava_serve.openai_api.upstream import Upstream
 from llava_serve.protocol.openai import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionRequest,
     Choice,
+    Delta,
     ImagePart,
     Usage,
 )
@@ -225,8 +226,8 @@ class ChatStream:
     """Open generations, served as OpenAI SSE chunks; `aclose()` closes every upstream stream."""
 
     def __init__(self, cid: str, model: str, responses: list[httpx.Response], include_usage: bool) -> None:
-        self.id, self.model, self.responses, self.include_usage = cid, model, responses, include_usage
-        self.created = int(time.time())
+        self.header = StreamHeader(cid, int(time.time()), model, include_usage)
+        self.responses = responses
 
     async def aclose(self) -> None:
         await aclose_shielded(*self.responses)
@@ -235,15 +236,15 @@ class ChatStream:
         usages: dict[int, dict[str, int]] = {}
         try:
             for i in range(len(self.responses)):
-                yield chunk(self, i, {"role": "assistant", "content": ""})
+                yield chunk(self.header, i, Delta(role="assistant", content=""))
             async for u in merge([choice_updates(i, r) for i, r in enumerate(self.responses)]):
                 if u.usage:
                     usages[u.index] = u.usage
                 if u.delta or u.finish_reason:
-                    yield chunk(self, u.index, {"content": u.delta} if u.delta else {}, u.finish_reason)
-            if self.include_usage:
-                yield chunk(self, None, None, usage=total_usage(usages.values()))
+                    yield chunk(self.header, u.index, Delta(content=u.delta) if u.delta else None, u.finish_reason)
+            if self.header.include_usage:
+                yield chunk(self.header, None, None, usage=total_usage(usages.values()))
         except ServeError as err:
-            logger.warning("chat stream %s failed: %s", self.id, err.message)
+            logger.warning("chat stream %s failed: %s", self.header.id, err.message)
             yield error_event(err)
         yield done()

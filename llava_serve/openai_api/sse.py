@@ -3,37 +3,39 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
 from llava_serve.errors import ServeError
 from llava_serve.openai_api.errors import openai_error
-from llava_serve.protocol.openai import Usage
+from llava_serve.protocol.openai import ChatCompletionChunk, ChunkChoice, Delta, Usage
 
-if TYPE_CHECKING:
-    from llava_serve.openai_api.serving import ChatStream
+
+@dataclass(frozen=True)
+class StreamHeader:
+    """What every chunk of one streamed completion repeats."""
+
+    id: str
+    created: int
+    model: str
+    include_usage: bool
 
 
 def chunk(
-    stream: ChatStream,
+    header: StreamHeader,
     index: int | None,
-    delta: dict[str, Any] | None,
+    delta: Delta | None,
     finish_reason: str | None = None,
     usage: Usage | None = None,
 ) -> str:
     """One `chat.completion.chunk`; index None makes the choice-less final usage chunk."""
-    choices = (
-        []
-        if index is None
-        else [{"index": index, "delta": delta or {}, "finish_reason": finish_reason, "logprobs": None}]
-    )
-    data: dict[str, Any] = {
-        "id": stream.id,
-        "object": "chat.completion.chunk",
-        "created": stream.created,
-        "model": stream.model,
-        "choices": choices,
-    }
-    if stream.include_usage:
+    choices = [] if index is None else [ChunkChoice(index=index, delta=delta or Delta(), finish_reason=finish_reason)]
+    data = ChatCompletionChunk(
+        id=header.id, created=header.created, model=header.model, choices=choices, usage=usage
+    ).model_dump(exclude_none=True)
+    for choice in data["choices"]:  # OpenAI sends these keys as null rather than leaving them out
+        choice.setdefault("finish_reason", None)
+        choice.setdefault("logprobs", None)
+    if header.include_usage:
         data["usage"] = usage.model_dump() if usage is not None else None
     return f"data: {json.dumps(data)}\n\n"
 

@@ -17,11 +17,11 @@ from llava_serve.common.auth import add_bearer_auth
 from llava_serve.common.disconnect import ClientDisconnected, cancel_on_disconnect
 from llava_serve.common.limits import add_body_limit, body_error
 from llava_serve.common.streaming import ClosingStreamingResponse
-from llava_serve.config import WorkerConfig
 from llava_serve.engine.base import EngineBase
 from llava_serve.errors import ErrorCode, InvalidRequest, Overloaded, ServeError
 from llava_serve.models.base import LoadedModel
 from llava_serve.protocol.worker import GenerateRequest, encode_frame
+from llava_serve.worker.config import WorkerConfig
 from llava_serve.worker.metrics import WorkerMetrics
 from llava_serve.worker.service import Accepted, WorkerService
 

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 import uvicorn
 
-from llava_serve.config import WorkerConfig
 from llava_serve.engine.base import EngineBase
 from llava_serve.errors import ModelLoadError
 from llava_serve.models.base import LoadedModel
 from llava_serve.worker.app import create_app
+from llava_serve.worker.config import WorkerConfig
 from llava_serve.worker.registration import Registrar
 
 log = logging.getLogger("llava_serve.worker")

@@ -147,7 +147,7 @@ def test_a_failing_step_fails_its_batch_and_the_engine_serves_on(lm, monkeypatch
 def test_bench_checkpoint_staggered_requests_match_generate_alone(tmp_path_factory):
     """The ~170M benchmark model (64 image tokens, 12 layers) with the worker's settings: prepacked
     weights for a batch of up to 32, so the rows decode through the packed kernels."""
-    from llava_serve.models.builder import build
+    from llava_serve.tools.checkpoints.build import build
 
     path = build("llava", "bench", tmp_path_factory.mktemp("bench") / "bench")
     lm = load_model(LoadOptions(model_path=str(path), device="cpu"))

@@ -19,8 +19,8 @@ from llava_serve.engine.engine import BatchEngine
 from llava_serve.engine.generate_engine import GenerateEngine
 from llava_serve.errors import ImageCountMismatch, InvalidRequest, Overloaded
 from llava_serve.models.base import LoadedModel
-from llava_serve.models.builder import build
 from llava_serve.models.loader import LoadOptions, load_model
+from llava_serve.tools.checkpoints.build import build
 
 WAIT = 30.0
 COLOURS = [(220, 30, 30), (30, 200, 40), (20, 40, 230), (240, 220, 20)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llava_serve.engine.text import TextAssembler
-from llava_serve.models.builder import build_tokenizer
+from llava_serve.tools.checkpoints.hf import build_tokenizer
 
 
 @pytest.fixture(scope="module")

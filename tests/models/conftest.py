@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from llava_serve.models.base import LoadedModel
-from llava_serve.models.builder import SIZES, build
-from llava_serve.models.builder_original import build_original, convert_to_hf
 from llava_serve.models.loader import load_model
+from llava_serve.tools.checkpoints.build import build
+from llava_serve.tools.checkpoints.hf import SIZES
+from llava_serve.tools.checkpoints.original import build_original, convert_to_hf
 from tests.models.helpers import options_for
 
 

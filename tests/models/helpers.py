@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llava_serve.models.loader import LoadOptions
+from llava_serve.models.options import LoadOptions
 
 # kind -> (model_path, model_base) relative to the kind's build folder
 LAYOUTS = {

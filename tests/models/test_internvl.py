@@ -20,9 +20,10 @@ from llava_serve.engine.engine import BatchEngine
 from llava_serve.errors import ImageCountMismatch
 from llava_serve.models import LoadOptions, load_model
 from llava_serve.models.base import IMAGE_PLACEHOLDER, LoadedModel
-from llava_serve.models.builder import build
 from llava_serve.models.hf import model_class
-from llava_serve.models.loader import is_original_llava, read_config
+from llava_serve.models.loader import is_original_llava
+from llava_serve.models.options import read_config
+from llava_serve.tools.checkpoints.build import build
 from tests.engine.helpers import Case, Collector, greedy, make_cases, reference
 from tests.models.helpers import user
 

@@ -17,7 +17,6 @@ import httpx
 import pytest
 from starlette.routing import BaseRoute, Mount
 
-from llava_serve.config import worker_config
 from llava_serve.controller.app import create_app as controller_app
 from llava_serve.controller.config import build_parser as controller_parser
 from llava_serve.controller.config import config_from_args as controller_config
@@ -26,6 +25,7 @@ from llava_serve.openai_api.app import create_app as api_app
 from llava_serve.openai_api.config import build_parser as api_parser
 from llava_serve.openai_api.config import config_from_args as api_config
 from llava_serve.worker.app import create_app as worker_app
+from llava_serve.worker.config import worker_config
 from tests.reliability.conftest import KEYS
 from tests.reliability.helpers import record
 from tests.reliability.stack import Stack

@@ -18,13 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from llava_serve.config import WorkerConfig
 from llava_serve.engine.engine import BatchEngine
 from llava_serve.errors import ImageError, InvalidRequest
 from llava_serve.models.base import IMAGE_PLACEHOLDER
 from llava_serve.models.images import ImageLimits, decode_base64_image, decode_image_bytes
 from llava_serve.models.loader import LoadOptions, load_model
 from llava_serve.worker.app import create_app
+from llava_serve.worker.config import WorkerConfig
 from tests.reliability.helpers import FULL, png_b64, record
 
 SCALE = 10 if FULL else 1

@@ -28,7 +28,6 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis.generation import GenerationMode
 from schemathesis.python import asgi
 
-from llava_serve.config import WorkerConfig
 from llava_serve.controller.app import create_app as controller_app
 from llava_serve.controller.config import ControllerConfig
 from llava_serve.engine.engine import BatchEngine
@@ -37,6 +36,7 @@ from llava_serve.openai_api.app import create_app as api_app
 from llava_serve.openai_api.config import ApiConfig
 from llava_serve.protocol.worker import WorkerStatus
 from llava_serve.worker.app import create_app as worker_app
+from llava_serve.worker.config import WorkerConfig
 from tests.reliability.clients import chat_body, worker_body
 from tests.reliability.helpers import FULL, record
 

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from llava_serve.config import WorkerConfig
 from llava_serve.engine.engine import BatchEngine
 from llava_serve.models.loader import LoadOptions, load_model
 from llava_serve.worker.app import create_app
+from llava_serve.worker.config import WorkerConfig
 from tests.reliability.clients import worker_body
 from tests.reliability.helpers import record
 

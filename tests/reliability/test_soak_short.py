@@ -1,5 +1,5 @@
-"""The soak, short: `python -m llava_serve.soak --minutes 1` (RELIABILITY_SOAK_MINUTES to change it;
-the 10-minute run is `python -m llava_serve.soak`, kept out of CI). Every request succeeds, and
+"""The soak, short: `python -m llava_serve.tools.soak --minutes 1` (RELIABILITY_SOAK_MINUTES to change it;
+the 10-minute run is `python -m llava_serve.tools.soak`, kept out of CI). Every request succeeds, and
 RSS, fds and threads of every service stay within the soak's growth limits after the warm-up."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ MINUTES = float(os.environ.get("RELIABILITY_SOAK_MINUTES", "1"))
 @pytest.mark.timeout(int(MINUTES * 60) + 300)
 def test_soak(tiny_llava: Path, tmp_path: Path) -> None:
     out = tmp_path / "soak"
-    argv = [sys.executable, "-m", "llava_serve.soak", "--minutes", str(MINUTES), "--model-path", str(tiny_llava),
+    argv = [sys.executable, "-m", "llava_serve.tools.soak", "--minutes", str(MINUTES), "--model-path", str(tiny_llava),
             "--out", str(out)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     done = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=MINUTES * 60 + 240)

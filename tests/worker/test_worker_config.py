@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llava_serve.config import worker_config
 from llava_serve.engine.prepack import PackedLinear
 from llava_serve.models import LoadOptions, load_model
+from llava_serve.worker.config import worker_config
 from llava_serve.worker.server import build_engine
 
 

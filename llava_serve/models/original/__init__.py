@@ -21,7 +21,7 @@ from llava_serve.errors import ModelLoadError
 from llava_serve.models.base import LoadedModel
 from llava_serve.models.conv_templates import conv_prompt_builder, llava_model_name
 from llava_serve.models.hf import context_length, eos_ids
-from llava_serve.models.loader import LoadOptions
+from llava_serve.models.options import LoadOptions
 from llava_serve.models.original.configs import is_anyres, llava_config, projector_type, text_config
 from llava_serve.models.original.prompt import load_tokenizer, make_encoder, pick_template, stop_token_ids
 from llava_serve.models.original.vision import image_prep, resolve_vision_tower, vision_state, vision_tower_config

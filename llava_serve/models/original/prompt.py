@@ -11,7 +11,7 @@ from PIL import Image
 from llava_serve.errors import ModelLoadError
 from llava_serve.models.base import IMAGE_PLACEHOLDER, EncodedPrompt, PreparedImage
 from llava_serve.models.conv_templates import ConvTemplate, get_template, llava_model_name, template_for_model
-from llava_serve.models.loader import LoadOptions
+from llava_serve.models.options import LoadOptions
 from llava_serve.models.original.vision import ImagePrep
 
 IM_START, IM_END, IM_PATCH = "<im_start>", "<im_end>", "<im_patch>"

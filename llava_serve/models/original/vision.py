@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from llava_serve.errors import ModelLoadError
-from llava_serve.models.loader import LoadOptions
+from llava_serve.models.options import LoadOptions
 from llava_serve.models.original.configs import is_anyres, pinpoints
 from llava_serve.models.original.weights import read_weights
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from llava_serve.models.builder import (
+from llava_serve.models.templates import VICUNA_CHAT_TEMPLATE
+from llava_serve.tools.checkpoints.hf import (
     IMAGE_TOKEN,
     Size,
     _randomize,
@@ -29,7 +30,6 @@ from llava_serve.models.builder import (
     text_config,
     vision_config,
 )
-from llava_serve.models.templates import VICUNA_CHAT_TEMPLATE
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_RANK, LORA_ALPHA = 4, 8

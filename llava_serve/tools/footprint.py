@@ -1,6 +1,6 @@
 """Memory footprint of one checkpoint in each load mode (float32, --load-8bit, --load-4bit).
 
-    python -m llava_serve.models.footprint --model-path P [--model-base B] [--modes float32,8bit,4bit]
+    python -m llava_serve.tools.footprint --model-path P [--model-base B] [--modes float32,8bit,4bit]
 
 Each mode runs in a fresh subprocess, so one mode's leftovers do not count against the next.
 Columns: `model.get_memory_footprint()` (parameters and buffers as transformers counts them), the
@@ -70,7 +70,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict:
 
 
 def run_mode(args: argparse.Namespace, mode: str) -> dict:
-    cmd = [sys.executable, "-m", "llava_serve.models.footprint", "--one", mode, "--model-path", args.model_path]
+    cmd = [sys.executable, "-m", "llava_serve.tools.footprint", "--one", mode, "--model-path", args.model_path]
     for flag, value in (("--model-base", args.model_base), ("--vision-tower", args.vision_tower)):
         if value:
             cmd += [flag, value]
@@ -96,7 +96,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llava_serve.models.footprint", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m llava_serve.tools.footprint", description=__doc__)
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--model-base")
     parser.add_argument("--vision-tower")

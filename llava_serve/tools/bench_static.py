@@ -1,6 +1,6 @@
 """The bar to beat: the benchmark's requests as one static batch through a single `model.generate`.
 
-`python -m llava_serve.bench_static --model-path M` loads the model once, then reads one JSON
+`python -m llava_serve.tools.bench_static --model-path M` loads the model once, then reads one JSON
 command a line on stdin ({"n", "round", "max_new_tokens"}) and answers each with one line
 `BENCH-STATIC {json}` on stdout: left-padded prompts and pixel_values from the processor, greedy,
 EOS ignored. Time counts from the processor call to the last token, so it includes image
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from llava_serve.bench_workload import BenchRequest, make_requests
+from llava_serve.tools.bench_workload import BenchRequest, make_requests
 
 MARK = "BENCH-STATIC "
 
@@ -71,7 +71,7 @@ def run_static(lm, requests: Sequence[BenchRequest], max_new_tokens: int) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llava_serve.bench_static", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m llava_serve.tools.bench_static", description=__doc__)
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)

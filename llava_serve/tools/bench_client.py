@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import psutil
 
-from llava_serve.bench_workload import BenchRequest
+from llava_serve.tools.bench_workload import BenchRequest
 
 
 @dataclass

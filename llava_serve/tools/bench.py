@@ -27,10 +27,10 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from llava_serve.bench_client import LevelSummary, Sampler, drive, summarize
-from llava_serve.bench_report import ratio_table, target_lines, write_all
-from llava_serve.bench_static import MARK
-from llava_serve.bench_workload import make_requests
+from llava_serve.tools.bench_client import LevelSummary, Sampler, drive, summarize
+from llava_serve.tools.bench_report import ratio_table, target_lines, write_all
+from llava_serve.tools.bench_static import MARK
+from llava_serve.tools.bench_workload import make_requests
 
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "llava-serve" / "bench-llava"
 
@@ -71,7 +71,7 @@ def ensure_model(args: argparse.Namespace) -> Path:
     if (path / "config.json").is_file():
         print(f"reusing the benchmark checkpoint in {path}")
         return path
-    from llava_serve.models.builder import build
+    from llava_serve.tools.checkpoints.build import build
 
     print(f"building the random '{args.size}' LLaVA checkpoint into {path} (once)")
     build("llava", args.size, path)
@@ -138,7 +138,7 @@ class Worker(Child):
 
 class StaticRunner(Child):
     def __init__(self, model: Path, args: argparse.Namespace) -> None:
-        argv = ["llava_serve.bench_static", "--model-path", str(model), "--device", args.device]
+        argv = ["llava_serve.tools.bench_static", "--model-path", str(model), "--device", args.device]
         super().__init__("static batch", argv, args.out / "static.log", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.loaded = False
 

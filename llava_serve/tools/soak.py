@@ -1,6 +1,6 @@
 """`llava-serve soak`: the whole stack under steady mixed load for N minutes; does anything grow?
 
-    python -m llava_serve.soak --minutes 10 [--model-path P] [--out soak-out] [--plot docs/images/soak.png]
+    python -m llava_serve.tools.soak --minutes 10 [--model-path P] [--out soak-out] [--plot docs/images/soak.png]
 
 Starts a controller, workers and the OpenAI API as processes on free ports (a tiny random LLaVA built
 offline unless --model-path names a checkpoint: what is measured is the serving stack, not the
@@ -147,7 +147,7 @@ class Cluster:
 
 
 def build_tiny(folder: Path) -> str:
-    from llava_serve.models.builder import build
+    from llava_serve.tools.checkpoints.build import build
 
     return str(build("llava", "tiny", folder / "tiny-llava"))
 

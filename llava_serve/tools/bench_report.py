@@ -8,7 +8,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from llava_serve.bench_client import LevelSummary
+from llava_serve.tools.bench_client import LevelSummary
 
 # issue 3's targets, measured in the same run
 TARGETS = {

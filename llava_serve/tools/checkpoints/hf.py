@@ -6,9 +6,7 @@ with plain transformers (and, for the `original*` kinds, in the original LLaVA l
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,44 +392,3 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             if param.dim() >= 2:
                 std = 0.5 / param.shape[-1] ** 0.5 if "embed" not in name else 1.0
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
-
-
-def build(kind: str, size_name: str, out: Path, seed: int = 0) -> Path:
-    size = SIZES[size_name]
-    out.mkdir(parents=True, exist_ok=True)
-    if kind in ("llava", "llava-next", "text"):
-        build_hf(kind, size, out, seed)
-    elif kind == "internvl":
-        build_internvl(size, out, seed)
-    else:
-        from llava_serve.models.builder_original import build_original
-
-        build_original(kind, size, out, seed)
-    return out
-
-
-KINDS = ["llava", "llava-next", "internvl", "text", "original", "original-projector", "original-lora"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llava-serve build-model", description=__doc__)
-    parser.add_argument("--kind", choices=KINDS, default="llava")
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    path = build(args.kind, args.size, args.out, args.seed)
-    n_params = _count_params(path)
-    print(f"wrote {args.kind}/{args.size} checkpoint to {path} ({n_params / 1e6:.1f}M parameters)")
-    return 0
-
-
-def _count_params(path: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for file in path.rglob("*.safetensors"):
-        with safe_open(str(file), "pt") as f:
-            for key in f.keys():  # noqa: SIM118
-                total += math.prod(f.get_slice(key).get_shape())  # get_shape() is a list
-    return total

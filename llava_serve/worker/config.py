@@ -1,4 +1,5 @@
-"""Service configuration: one frozen, validated dataclass per service, and its CLI flags."""
+"""The worker's configuration: one frozen, validated dataclass, its CLI flags, and the model flags every
+command that loads a model shares."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 from dataclasses import dataclass, fields
 
 from llava_serve.models.images import ImageLimits
-from llava_serve.models.loader import LoadOptions
+from llava_serve.models.options import LoadOptions
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,2 @@
+"""Random-weight checkpoints for tests and benchmarks: HF layouts (`hf`), original LLaVA (`original`),
+and the `llava-serve build-model` command (`build`)."""

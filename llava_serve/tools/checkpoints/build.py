@@ -1,0 +1,50 @@
+"""`llava-serve build-model --kind llava --size tiny --out DIR`: a random-weight checkpoint folder that
+loads with plain transformers (and, for the `original*` kinds, in the original LLaVA layout)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from llava_serve.tools.checkpoints.hf import SIZES, build_hf, build_internvl
+from llava_serve.tools.checkpoints.original import build_original
+
+
+def build(kind: str, size_name: str, out: Path, seed: int = 0) -> Path:
+    size = SIZES[size_name]
+    out.mkdir(parents=True, exist_ok=True)
+    if kind in ("llava", "llava-next", "text"):
+        build_hf(kind, size, out, seed)
+    elif kind == "internvl":
+        build_internvl(size, out, seed)
+    else:
+        build_original(kind, size, out, seed)
+    return out
+
+
+KINDS = ["llava", "llava-next", "internvl", "text", "original", "original-projector", "original-lora"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llava-serve build-model", description=__doc__)
+    parser.add_argument("--kind", choices=KINDS, default="llava")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = build(args.kind, args.size, args.out, args.seed)
+    n_params = _count_params(path)
+    print(f"wrote {args.kind}/{args.size} checkpoint to {path} ({n_params / 1e6:.1f}M parameters)")
+    return 0
+
+
+def _count_params(path: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in path.rglob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():  # noqa: SIM118
+                total += math.prod(f.get_slice(key).get_shape())  # get_shape() is a list
+    return total
