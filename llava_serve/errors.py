@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from llava_serve.protocol.frames import FinishReason, Frame, Usage
+
 
 class ErrorCode(IntEnum):
     VALIDATION_TYPE_ERROR = 40001
@@ -40,14 +42,31 @@ class ServeError(Exception):
     code: ErrorCode = ErrorCode.INTERNAL_ERROR
     http_status: int = 500
 
-    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
+    def __init__(self, message: str, *, code: ErrorCode | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param  # the request field at fault, when one is
         if code is not None:
             self.code = code
 
-    def to_dict(self) -> dict[str, object]:
-        return {"text": f"{self.message} (error_code: {int(self.code)})", "error_code": int(self.code)}
+    def frame(
+        self,
+        *,
+        finish_reason: FinishReason | None = None,
+        partial_text: str | None = None,
+        usage: Usage | None = None,
+        index: int | None = None,
+    ) -> Frame:
+        """This error as a worker-protocol frame (also the JSON body of a 4xx/5xx answer)."""
+        return Frame.failure(
+            int(self.code),
+            self.message,
+            param=self.param,
+            finish_reason=finish_reason,
+            partial_text=partial_text,
+            usage=usage,
+            index=index,
+        )
 
 
 class InvalidRequest(ServeError):
@@ -136,3 +155,51 @@ class ModelLoadError(Exception):
 class RequestTooLarge(InvalidRequest):
     code = ErrorCode.REQUEST_TOO_LARGE
     http_status = 413
+
+
+class ControllerUnavailable(ServeError):
+    """The controller cannot be reached (a client of the cluster says so with a retryable 503)."""
+
+    http_status = 503
+
+
+_BY_CODE: dict[int, type[ServeError]] = {
+    ErrorCode.INVALID_IMAGE: ImageError,
+    ErrorCode.IMAGE_TOO_LARGE: ImageTooLarge,
+    ErrorCode.IMAGE_COUNT_MISMATCH: ImageCountMismatch,
+    ErrorCode.REQUEST_TOO_LARGE: RequestTooLarge,
+    ErrorCode.INVALID_MODEL: UnknownModel,
+    ErrorCode.PARAM_OUT_OF_RANGE: InvalidParameter,
+    ErrorCode.CONTEXT_OVERFLOW: ContextOverflow,
+    ErrorCode.INVALID_AUTH_KEY: Unauthorized,
+    ErrorCode.INCORRECT_AUTH_KEY: Unauthorized,
+    ErrorCode.NO_PERMISSION: Forbidden,
+    ErrorCode.CUDA_OUT_OF_MEMORY: OutOfMemory,
+    ErrorCode.CONTROLLER_NO_WORKER: NoWorker,
+    ErrorCode.CONTROLLER_WORKER_TIMEOUT: WorkerUnavailable,
+    ErrorCode.ENGINE_DEAD: EngineDead,
+    ErrorCode.WORKER_SHUTTING_DOWN: ShuttingDown,
+}
+
+
+def error_from_code(
+    code: int, message: str, *, status: int | None = None, retry_after: float = 1.0, param: str | None = None
+) -> ServeError:
+    """The typed error for a FastChat `error_code` read back from an answer or a frame."""
+    message = message or f"upstream error {code}"
+    if code // 100 == 429:
+        err: ServeError = Overloaded(message, retry_after=retry_after)
+    else:
+        client_side = code < 50000 and (status is None or status < 500)
+        cls = _BY_CODE.get(code) or (InvalidRequest if client_side else ServeError)
+        err = cls(message, code=ErrorCode(code) if code in ErrorCode._value2member_map_ else None)
+        if cls is ServeError and status is not None and status >= 500:
+            err.http_status = status
+    err.param = param
+    return err
+
+
+def error_from_frame(frame: Frame, *, status: int | None = None, retry_after: float = 1.0) -> ServeError:
+    code = frame.error_code or int(ErrorCode.INTERNAL_ERROR)
+    message = frame.error_message or f"generation ended: {frame.finish_reason}"
+    return error_from_code(code, message, status=status, retry_after=retry_after, param=frame.param)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from llava_serve.protocol.frames import FinishReason, Frame, Usage
 from llava_serve.tools.bench_client import StreamResult, _read_frame, token_gaps
 
 
-def frame(text: str, tokens: int | None, finish: str | None = None) -> dict:
-    f: dict = {"text": text, "error_code": 0}
-    if tokens is not None:
-        f["usage"] = {"prompt_tokens": 10, "completion_tokens": tokens, "total_tokens": 10 + tokens}
-    if finish:
-        f["finish_reason"] = finish
-    return f
+def frame(text: str, tokens: int | None, finish: str | None = None) -> Frame:
+    return Frame(
+        text=text,
+        usage=Usage.of(10, tokens) if tokens is not None else None,
+        finish_reason=FinishReason(finish) if finish else None,
+    )
 
 
 def test_a_frame_of_several_tokens_splits_its_gap_evenly() -> None:

@@ -18,7 +18,7 @@ LAYERS = [
     {"protocol", "errors", "common", "__init__"},
     {"models"},
     {"engine"},
-    {"worker", "controller"},
+    {"worker", "controller", "cluster"},
     {"openai_api", "web"},
     {"cli", "up", "chat", "generate", "model_worker", "__main__", "loading"},
     {"tools", "default_model"},

@@ -79,7 +79,7 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 def default_render(err: Unauthorized) -> tuple[int, dict[str, Any]]:
-    return err.http_status, err.to_dict()
+    return err.http_status, err.frame().body()
 
 
 class BearerAuthMiddleware:

@@ -24,7 +24,7 @@ Render = Callable[[RequestTooLarge], tuple[int, dict[str, Any]]]
 
 
 def default_render(err: RequestTooLarge) -> tuple[int, dict[str, Any]]:
-    return err.http_status, err.to_dict()
+    return err.http_status, err.frame().body()
 
 
 def add_body_limit(app: Any, max_bytes: int, render: Render = default_render) -> None:

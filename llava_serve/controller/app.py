@@ -36,7 +36,8 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
     """`clock`, `rng` and `transport` (outbound HTTP to workers) are injectable for tests."""
-    registry = Registry(config.heart_beat_expiration, clock)
+    # every live worker heartbeats (and so re-registers) within an interval of a restart
+    registry = Registry(config.heart_beat_expiration, clock, warmup=1.5 * config.heart_beat_interval)
     dispatcher = Dispatcher(registry, config.dispatch_method, rng)
     metrics = ControllerMetrics(registry)
     client = _worker_client(config, transport)
@@ -89,7 +90,7 @@ def error_response(request: Request, err: ServeError) -> Response:
     No trailing NUL, so `resp.json()` clients and NUL-splitting stream clients both read it.
     """
     headers = {"retry-after": f"{err.retry_after:g}"} if isinstance(err, Overloaded) else None
-    return JSONResponse(err.to_dict(), status_code=err.http_status, headers=headers)
+    return JSONResponse(err.frame().body(), status_code=err.http_status, headers=headers)
 
 
 async def _serve_error(request: Request, exc: Exception) -> Response:

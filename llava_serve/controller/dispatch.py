@@ -48,9 +48,12 @@ class Dispatcher:
 
     def choose(self, model: str, exclude: Iterable[str] = ()) -> WorkerInfo | None:
         """A worker for `model` (not in `exclude`), counted as one more in its queue; None if none."""
-        workers = self.registry.candidates(model, exclude)
-        if not workers:
-            return None
-        worker = self.method(workers, self.rng)
-        self.registry.note_dispatch(worker.name)
+        worker = self.peek(model, exclude)
+        if worker is not None:
+            self.registry.note_dispatch(worker.name)
         return worker
+
+    def peek(self, model: str, exclude: Iterable[str] = ()) -> WorkerInfo | None:
+        """The worker `choose` would pick, without counting a dispatch (an address lookup)."""
+        workers = self.registry.candidates(model, exclude)
+        return self.method(workers, self.rng) if workers else None

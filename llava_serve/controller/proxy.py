@@ -3,19 +3,18 @@ while none has answered), then pass frames through one by one as they arrive."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 
 import httpx
 
 from llava_serve.common.aio import aclose_shielded
-from llava_serve.common.frames import FrameSplitter
 from llava_serve.controller.dispatch import Dispatcher
 from llava_serve.controller.metrics import ControllerMetrics
 from llava_serve.controller.registry import WorkerInfo
-from llava_serve.errors import ErrorCode, NoWorker, WorkerUnavailable
-from llava_serve.protocol.worker import WorkerStatus, encode_frame
+from llava_serve.errors import ErrorCode, NoWorker, ServeError, UnknownModel, WorkerUnavailable
+from llava_serve.protocol.frames import FinishReason, decode_frame, encode_frame, iter_raw_frames
+from llava_serve.protocol.worker import WorkerStatus
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +32,8 @@ class StreamProxy:
         self.metrics = metrics
         self.max_tries = max_tries
 
-    async def open(self, model: str, body: bytes) -> tuple[WorkerInfo, httpx.Response]:
-        """Send the request to a worker for `model`; the response is open, its body unread."""
+    async def open(self, model: str, route: str, body: bytes) -> tuple[WorkerInfo, httpx.Response]:
+        """Send the request to `route` of a worker for `model`; the response is open, its body unread."""
         tried: list[str] = []
         last_error = ""
         for _ in range(self.max_tries):
@@ -46,7 +45,7 @@ class StreamProxy:
             tried.append(worker.name)
             self.metrics.dispatches.labels(model).inc()
             try:
-                resp = await self._send(worker, body)
+                resp = await self._send(worker, route, body)
             except httpx.TransportError as exc:
                 last_error = self.failed(worker, "connect", exc)
                 continue
@@ -55,7 +54,7 @@ class StreamProxy:
                 continue
             return worker, resp
         self.metrics.no_worker.inc()
-        raise NoWorker(self._no_worker_message(model, tried, last_error))
+        raise self._no_worker(model, tried, last_error)
 
     async def relay(self, worker: WorkerInfo, upstream: httpx.Response) -> AsyncIterator[bytes]:
         """Whole frames as they arrive; a final error frame if the worker fails mid-stream.
@@ -63,17 +62,13 @@ class StreamProxy:
         Closing this generator (the client went away) closes the upstream response, which the
         worker sees as a disconnect.
         """
-        splitter = FrameSplitter()
         try:
-            async for chunk in upstream.aiter_bytes():
-                for frame in splitter.feed(chunk):
-                    yield frame
-            if splitter.rest.strip():
-                yield splitter.rest + b"\0"
+            async for frame in iter_raw_frames(upstream.aiter_bytes()):
+                yield frame
         except httpx.HTTPError as exc:  # transport failures, undecodable bodies
             reason = self.failed(worker, "midstream", exc)
             err = WorkerUnavailable(f"worker {worker.name} failed mid-stream: {reason}")
-            yield encode_frame({**err.to_dict(), "finish_reason": "error"})
+            yield encode_frame(err.frame(finish_reason=FinishReason.ERROR))
         finally:
             await aclose_shielded(upstream)
 
@@ -85,19 +80,25 @@ class StreamProxy:
         logger.warning("worker %s out of rotation (%s): %s", worker.name, kind, reason)
         return reason
 
-    async def _send(self, worker: WorkerInfo, body: bytes) -> httpx.Response:
+    async def _send(self, worker: WorkerInfo, route: str, body: bytes) -> httpx.Response:
         request = self.client.build_request(
             "POST",
-            worker.name + "/worker_generate_stream",
+            worker.name + route,
             content=body,
             headers={"content-type": "application/json"},
         )
         return await self.client.send(request, stream=True)
 
-    def _no_worker_message(self, model: str, tried: list[str], last_error: str) -> str:
+    def _no_worker(self, model: str, tried: list[str], last_error: str) -> ServeError:
+        """503 (retry) while the model has workers or may soon again; 404 for a model nobody serves."""
         if tried:
-            return f"no worker for model {model!r} could be reached (tried {len(tried)}; last: {last_error})"
-        return f"no worker serves model {model!r} (available: {self.registry.model_names()})"
+            return NoWorker(f"no worker for model {model!r} could be reached (tried {len(tried)}; last: {last_error})")
+        available = self.registry.model_names()
+        if model in available:
+            return NoWorker(f"every worker of model {model!r} is out of rotation right now; retry shortly")
+        if self.registry.warming_up():
+            return NoWorker(f"no worker of model {model!r} has registered since the controller started; retry shortly")
+        return UnknownModel(f"model {model!r} does not exist; available models: {available}")
 
 
 async def _going_away(resp: httpx.Response) -> bool:
@@ -106,8 +107,8 @@ async def _going_away(resp: httpx.Response) -> bool:
     finally:
         await aclose_shielded(resp)
     try:
-        return int(json.loads(resp.content.rstrip(b"\0")).get("error_code", 0)) in _GOING_AWAY
-    except (ValueError, AttributeError, TypeError):
+        return decode_frame(resp.content).error_code in _GOING_AWAY
+    except ValueError:
         return False
 
 

@@ -33,10 +33,12 @@ class WorkerInfo:
 
 
 class Registry:
-    def __init__(self, expiration: float, clock: Clock | None = None) -> None:
+    def __init__(self, expiration: float, clock: Clock | None = None, warmup: float = 0.0) -> None:
         self.expiration = expiration
+        self.warmup = warmup
         self._clock = clock or time.monotonic
         self._workers: dict[str, WorkerInfo] = {}
+        self.started_at = self._clock()
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -96,6 +98,11 @@ class Registry:
         """Healthy workers serving `model`, minus `exclude`."""
         skip = set(exclude)
         return [w for w in self._workers.values() if w.healthy and model in w.model_names and w.name not in skip]
+
+    def warming_up(self) -> bool:
+        """True for `warmup` seconds after the start: after a restart, workers come back one by one
+        as their next heartbeat finds them unknown, so a model missing now may be back shortly."""
+        return self._clock() - self.started_at < self.warmup
 
     def model_names(self) -> list[str]:
         """Models of all registered workers, sorted (as LLaVA lists them).

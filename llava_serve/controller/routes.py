@@ -123,11 +123,8 @@ async def list_models(ctrl: ControllerState = Depends(get_state)) -> ListModelsR
 async def get_worker_address(
     req: GetWorkerAddressRequest, ctrl: ControllerState = Depends(get_state)
 ) -> GetWorkerAddressResponse:
-    worker = ctrl.dispatcher.choose(req.model)
-    if worker is None:
-        return GetWorkerAddressResponse(address="")
-    ctrl.metrics.dispatches.labels(req.model).inc()
-    return GetWorkerAddressResponse(address=worker.name)
+    worker = ctrl.dispatcher.peek(req.model)  # a lookup, not a dispatch: nothing is counted
+    return GetWorkerAddressResponse(address=worker.name if worker is not None else "")
 
 
 @router.post("/worker_get_status")
@@ -137,8 +134,18 @@ async def worker_get_status(ctrl: ControllerState = Depends(get_state)) -> Worke
 
 @router.post("/worker_generate_stream")
 async def worker_generate_stream(request: Request, ctrl: ControllerState = Depends(get_state)) -> Response:
+    return await _proxied(request, ctrl, "/worker_generate_stream")
+
+
+@router.post("/worker_chat_stream")
+async def worker_chat_stream(request: Request, ctrl: ControllerState = Depends(get_state)) -> Response:
+    """Chat messages + images, rendered by the worker that generates: one dispatch per request."""
+    return await _proxied(request, ctrl, "/worker_chat_stream")
+
+
+async def _proxied(request: Request, ctrl: ControllerState, route: str) -> Response:
     body = await request.body()
-    worker, upstream = await ctrl.proxy.open(_model_of(body), body)
+    worker, upstream = await ctrl.proxy.open(_model_of(body), route, body)
     if upstream.status_code != 200:  # the worker refused the request: pass its answer through
         try:
             content = await upstream.aread()

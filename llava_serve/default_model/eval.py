@@ -78,33 +78,24 @@ class LocalAnswerer:
 
 
 class WorkerAnswerer:
-    """The served path: a model worker's /worker_build_prompt and /worker_generate routes."""
+    """The served path: one chat generation on a model worker (it renders its own template)."""
 
     def __init__(self, address: str, timeout: float = 120.0) -> None:
-        import httpx
-
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        self.client = httpx.Client(base_url=address.rstrip("/"), timeout=timeout, limits=limits)
+        self.address = address
+        self.timeout = timeout
 
     def __call__(self, image: Image.Image, question: str) -> str:
-        messages = conversation([QA("", question, "", None)], with_answers=False)
-        built = self._post("/worker_build_prompt", {"messages": messages})
-        body = {
-            "prompt": built["prompt"],
-            "images": [png_base64(image)],
-            "temperature": 0,
-            "max_new_tokens": MAX_NEW_TOKENS,
-            "echo": False,
-        }
-        result = self._post("/worker_generate", body)
-        if result.get("error_code", 0) != 0:
-            raise RuntimeError(f"worker error {result.get('error_code')}: {result.get('text')}")
-        return str(result["text"]).strip()
+        from llava_serve.cluster.client import chat_sync
+        from llava_serve.protocol.worker import ChatRequest, ChatTurn
 
-    def _post(self, route: str, body: dict) -> dict:
-        response = self.client.post(route, json=body)
-        response.raise_for_status()
-        return response.json()
+        messages = conversation([QA("", question, "", None)], with_answers=False)
+        request = ChatRequest(
+            messages=[ChatTurn.model_validate(m) for m in messages],
+            images=[png_base64(image)],
+            temperature=0,
+            max_new_tokens=MAX_NEW_TOKENS,
+        )
+        return chat_sync(self.address, request, timeout=self.timeout).text.strip()
 
 
 def png_base64(image: Image.Image) -> str:

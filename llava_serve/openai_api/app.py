@@ -12,15 +12,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from llava_serve.cluster.client import ClusterClient
 from llava_serve.common.auth import add_bearer_auth
 from llava_serve.common.limits import add_body_limit, body_error
 from llava_serve.errors import InvalidRequest, Overloaded, RequestTooLarge, ServeError, Unauthorized
 from llava_serve.openai_api.config import ApiConfig
-from llava_serve.openai_api.errors import openai_error, with_param
+from llava_serve.openai_api.errors import openai_error
 from llava_serve.openai_api.images import ImageFetcher, Resolver, system_resolver
 from llava_serve.openai_api.routes import ApiState, router
 from llava_serve.openai_api.serving import ChatService
-from llava_serve.openai_api.upstream import Upstream
 
 
 def create_app(
@@ -30,12 +30,17 @@ def create_app(
     image_transport: httpx.AsyncBaseTransport | None = None,
     resolver: Resolver = system_resolver,
 ) -> FastAPI:
-    """`transport` (to controller and workers), `image_transport` and `resolver` (remote images)
+    """`transport` (to the controller), `image_transport` and `resolver` (remote images)
     are injectable for tests."""
-    upstream = Upstream(config, transport)
+    cluster = ClusterClient(
+        config.controller_address,
+        config.controller_api_key,
+        stream_timeout=config.upstream_timeout,
+        transport=transport,
+    )
     images = ImageFetcher(config.image_policy(), resolver, image_transport)
     app = FastAPI(title="llava-serve OpenAI-compatible API", lifespan=_lifespan)
-    app.state.api = ApiState(config, upstream, images, ChatService(config, upstream, images))
+    app.state.api = ApiState(config, cluster, images, ChatService(config, cluster, images))
     app.include_router(router)
     add_body_limit(app, config.body_limit, render=_too_large)
     add_bearer_auth(app, config.api_keys, render=_auth_error)
@@ -49,7 +54,7 @@ def create_app(
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     api: ApiState = app.state.api
-    await api.upstream.aclose()
+    await api.cluster.aclose()
     await api.images.aclose()
 
 
@@ -86,7 +91,7 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     param = _param_path([p for p in first["loc"] if p != "body"])
     message = f"{param}: {first['msg']}" if param else str(first["msg"])
-    return error_response(with_param(InvalidRequest(message), param) if param else InvalidRequest(message))
+    return error_response(InvalidRequest(message, param=param or None))
 
 
 def _param_path(loc: list[object]) -> str:

@@ -14,8 +14,6 @@ class ApiConfig:
     port: int = 8000
     controller_address: str = "http://localhost:21001"
     controller_api_key: str | None = None
-    # Bearer key sent to workers (the API asks a worker to build each prompt).
-    worker_api_key: str | None = None
     api_keys: tuple[str, ...] = field(default=())
     max_images_per_request: int = 8
     allow_remote_images: bool = False
@@ -61,7 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--controller-address", default=d.controller_address)
     p.add_argument("--controller-api-key", help="bearer key sent to the controller")
-    p.add_argument("--worker-api-key", help="bearer key sent to workers")
     p.add_argument("--api-key", action="append", default=[], help="accepted client key (repeatable)")
     p.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request)
     p.add_argument(

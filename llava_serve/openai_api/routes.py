@@ -7,19 +7,19 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from llava_serve.cluster.client import ClusterClient
 from llava_serve.common.disconnect import ClientDisconnected, cancel_on_disconnect
 from llava_serve.common.streaming import ClosingStreamingResponse
 from llava_serve.openai_api.config import ApiConfig
 from llava_serve.openai_api.images import ImageFetcher
 from llava_serve.openai_api.serving import ChatService
-from llava_serve.openai_api.upstream import Upstream
 from llava_serve.protocol.openai import ChatCompletionRequest, ModelCard, ModelList
 
 
 @dataclass
 class ApiState:
     config: ApiConfig
-    upstream: Upstream
+    cluster: ClusterClient
     images: ImageFetcher
     chat: ChatService
 
@@ -33,7 +33,7 @@ router = APIRouter()
 
 @router.get("/v1/models")
 async def list_models(api: ApiState = Depends(get_state)) -> ModelList:
-    return ModelList(data=[ModelCard(id=name) for name in await api.upstream.list_models()])
+    return ModelList(data=[ModelCard(id=name) for name in await api.cluster.list_models()])
 
 
 @router.post("/v1/chat/completions")

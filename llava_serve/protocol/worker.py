@@ -1,34 +1,31 @@
-"""Wire models of the worker's HTTP contract (LLaVA / FastChat compatible, SPEC section 3)."""
+"""Wire models of the worker's HTTP contract (LLaVA / FastChat compatible, SPEC section 3).
+
+Frames (the stream format) live in `protocol/frames.py`.
+"""
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-FinishReason = Literal["stop", "length", "abort", "error"]
 
-
-class GenerateRequest(BaseModel):
-    """Body of /worker_generate_stream and /worker_generate.
+class SamplingFields(BaseModel):
+    """What every generation request may set, on every route that generates.
 
     Unknown keys are ignored, as LLaVA's worker ignores them (its clients send `model`).
     """
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str
-    images: list[str] | None = None
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    max_new_tokens: int = Field(256, ge=0, le=1_000_000)
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=-1, ge=-1)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    max_new_tokens: int = Field(default=256, ge=0, le=1_000_000)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = None
-    echo: bool = True
     ignore_eos: bool = False
     request_id: str | None = None
 
@@ -47,18 +44,81 @@ class GenerateRequest(BaseModel):
         return list(self.stop)
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
+class GenerateRequest(SamplingFields):
+    """Body of /worker_generate_stream and /worker_generate: a prompt built by the client."""
+
+    prompt: str
+    images: list[str] | None = None
+    echo: bool = True
+
+
+class ChatPart(BaseModel):
+    """A part of a chat message: text, or the place of the next image of `images`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "image"]
+    text: str = ""
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _image_url_is_image(cls, v: Any) -> Any:
+        return "image" if v == "image_url" else v  # OpenAI's name for the part; its URL travels in `images`
+
+
+class ChatTurn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ChatPart]
+
+    def as_message(self) -> dict[str, Any]:
+        if isinstance(self.content, str):
+            return {"role": self.role, "content": self.content}
+        return {"role": self.role, "content": [p.model_dump(exclude_defaults=p.type == "image") for p in self.content]}
+
+    def image_count(self) -> int:
+        return 0 if isinstance(self.content, str) else sum(p.type == "image" for p in self.content)
+
+
+class ChatRequest(SamplingFields):
+    """Body of /worker_chat_stream: chat messages the worker renders with its own template, the
+    images (base64, one per image part, in order) sent once for all `n` choices. Frames carry
+    `index` (the choice) and the choice's own text (no echo)."""
+
+    model: str | None = None
+    messages: list[ChatTurn] = Field(min_length=1)
+    images: list[str] = Field(default_factory=list)
+    n: int = Field(default=1, ge=1, le=16)
+
+    def image_parts(self) -> int:
+        return sum(m.image_count() for m in self.messages)
+
+
+class BuildPromptRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[ChatTurn] = Field(min_length=1)
+
+
+class BuildPromptResponse(BaseModel):
+    prompt: str
+    error_code: int = 0
+
+
+class CountTokenResponse(BaseModel):
+    count: int
+    error_code: int = 0
+
+
+class ModelDetails(BaseModel):
+    context_length: int
+    is_multimodal: bool
+    model_name: str
+    template: str | None = None
 
 
 class WorkerStatus(BaseModel):
     model_names: list[str]
     speed: float = 1.0
     queue_length: int = 0
-
-
-def encode_frame(obj: dict[str, Any]) -> bytes:
-    """One stream frame: JSON then a NUL byte, as LLaVA's clients split on it."""
-    return json.dumps(obj).encode() + b"\0"

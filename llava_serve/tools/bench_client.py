@@ -10,7 +10,6 @@ request's (last frame - first frame) / (tokens - 1).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ import httpx
 import numpy as np
 import psutil
 
+from llava_serve.protocol.frames import Frame, FrameSplitter, decode_frame
 from llava_serve.tools.bench_workload import BenchRequest
 
 
@@ -72,16 +72,13 @@ async def stream_one(
     result = StreamResult(start=time.perf_counter())
     try:
         async with client.stream("POST", url, json=body) as resp:
-            buffer = b""
+            splitter = FrameSplitter()
             async for chunk in resp.aiter_bytes():
                 now = time.perf_counter()
-                buffer += chunk
-                *frames, buffer = buffer.split(b"\0")
-                for raw in frames:
-                    if raw.strip():
-                        seen = len(result.frame_times)
-                        _read_frame(result, json.loads(raw), now)
-                        progress(max(result.completion_tokens, len(result.frame_times)) - seen)
+                for raw in splitter.feed(chunk):
+                    seen = len(result.frame_times)
+                    _read_frame(result, decode_frame(raw), now)
+                    progress(max(result.completion_tokens, len(result.frame_times)) - seen)
             if resp.status_code != 200 and result.error is None:
                 result.error = f"HTTP {resp.status_code}"
     except (httpx.HTTPError, ValueError) as exc:
@@ -92,15 +89,15 @@ async def stream_one(
     return result
 
 
-def _read_frame(result: StreamResult, frame: dict, now: float) -> None:
-    if frame.get("error_code", 0) != 0:
-        result.error = str(frame.get("text", frame))[:300]
+def _read_frame(result: StreamResult, frame: Frame, now: float) -> None:
+    if frame.error_code:
+        result.error = frame.error_message[:300]
         return
-    tokens = (frame.get("usage") or {}).get("completion_tokens")
-    if "finish_reason" in frame and frame["finish_reason"] is not None:
-        result.finish_reason = frame["finish_reason"]
+    tokens = frame.usage.completion_tokens if frame.usage is not None else None
+    if frame.finish_reason is not None:
+        result.finish_reason = frame.finish_reason.value
         result.completion_tokens = int(tokens or 0)
-        if frame.get("text") and not result.frame_times:
+        if frame.text and not result.frame_times:
             result.frame_times.append(now)  # a one-token answer: its only frame is the last
             result.frame_tokens.append(int(tokens or 1))
         return

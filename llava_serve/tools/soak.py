@@ -35,6 +35,8 @@ from typing import Any
 
 import httpx
 
+from llava_serve.protocol.frames import FinishReason, Frame, iter_frames_sync
+
 MODEL = "soak-llava"
 METRICS = ("rss_mib", "fds", "threads")
 # fds and threads sampled under load count those of the requests in flight (a client connection, an
@@ -261,15 +263,12 @@ class Load:
                 "max_new_tokens": rng.randint(8, 48), "temperature": rng.choice([0, 0.8])}  # fmt: skip
 
     def _stream(self, url: str, body: dict[str, Any]) -> None:
-        last: dict[str, Any] = {}
+        last = Frame()
         with self.http.stream("POST", url, json=body) as resp:
             assert resp.status_code == 200, resp.read()[:300]
-            buf = b""
-            for chunk in resp.iter_bytes():
-                buf += chunk
-                *frames, buf = buf.split(b"\0")
-                last = json.loads(frames[-1]) if frames and frames[-1] else last
-        assert last.get("error_code") == 0 and last.get("finish_reason") in ("stop", "length"), last
+            for last in iter_frames_sync(resp.iter_bytes()):  # noqa: B007 - the last one is checked
+                pass
+        assert last.error_code == 0 and last.finish_reason in FINISHED, last
 
     def controller_stream(self, rng: random.Random) -> None:
         worker = self.cluster.url(rng.choice(self.cluster.workers))
@@ -281,8 +280,12 @@ class Load:
 
     def worker(self, rng: random.Random) -> None:
         worker = self.cluster.url(rng.choice(self.cluster.workers))
-        answer = self.http.post(worker + "/worker_generate", json=self._worker_body(rng, worker)).json()
-        assert answer.get("error_code") == 0 and answer.get("finish_reason") in ("stop", "length"), answer
+        response = self.http.post(worker + "/worker_generate", json=self._worker_body(rng, worker))
+        answer = Frame.model_validate(response.json())
+        assert answer.error_code == 0 and answer.finish_reason in FINISHED, answer
+
+
+FINISHED = (FinishReason.STOP, FinishReason.LENGTH)
 
 
 # -- verdict --------------------------------------------------------------------------------------

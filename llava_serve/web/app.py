@@ -8,13 +8,13 @@ from contextlib import asynccontextmanager
 import gradio as gr
 from fastapi import FastAPI
 
-from llava_serve.web.client import ControllerClient
-from llava_serve.web.config import WebConfig, read_auth_file
+from llava_serve.cluster.client import ClusterClient
+from llava_serve.web.config import WebConfig, cluster_client, read_auth_file
 from llava_serve.web.demo import CSS, create_demo, theme
 
 
-def create_app(config: WebConfig, client: ControllerClient | None = None) -> FastAPI:
-    client = client or ControllerClient.from_config(config)
+def create_app(config: WebConfig, client: ClusterClient | None = None) -> FastAPI:
+    client = client or cluster_client(config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

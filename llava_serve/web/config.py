@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from llava_serve.cluster.client import ClusterClient
+
 ModelListMode = Literal["once", "reload"]
 
 
@@ -119,3 +121,12 @@ def config_from_args(argv: list[str] | None = None) -> WebConfig:
     except ValueError as exc:
         parser.error(str(exc))
         raise  # parser.error exits; this keeps type checkers content
+
+
+def cluster_client(config: WebConfig) -> ClusterClient:
+    return ClusterClient(
+        config.controller_url,
+        config.controller_api_key,
+        timeout=config.request_timeout,
+        stream_timeout=config.stream_timeout,
+    )

@@ -11,8 +11,8 @@ from typing import Any
 
 import gradio as gr
 
-from llava_serve.web.client import ControllerClient
-from llava_serve.web.config import WebConfig
+from llava_serve.cluster.client import ClusterClient
+from llava_serve.web.config import WebConfig, cluster_client
 from llava_serve.web.conversation import Conversation
 from llava_serve.web.handlers import DemoHandlers
 
@@ -34,9 +34,9 @@ def theme() -> gr.themes.Base:
     return gr.themes.Soft(font=sans, font_mono=mono)
 
 
-def create_demo(config: WebConfig, client: ControllerClient | None = None) -> gr.Blocks:
+def create_demo(config: WebConfig, client: ClusterClient | None = None) -> gr.Blocks:
     """Build the demo (nothing runs until it is served); `client` defaults to one for config."""
-    handlers = DemoHandlers(config, client or ControllerClient.from_config(config))
+    handlers = DemoHandlers(config, client or cluster_client(config))
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         ui = _layout()
         _wire(demo, ui, handlers, config.concurrency_count)

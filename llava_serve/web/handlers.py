@@ -9,9 +9,9 @@ from typing import Any
 
 import gradio as gr
 
-from llava_serve.errors import ServeError
+from llava_serve.cluster.client import ClusterClient
+from llava_serve.errors import ControllerUnavailable, Forbidden, Overloaded, ServeError, Unauthorized
 from llava_serve.web.chat import SamplingParams, stream_answer
-from llava_serve.web.client import ControllerClient
 from llava_serve.web.config import WebConfig
 from llava_serve.web.conversation import Conversation, Turn
 
@@ -21,12 +21,22 @@ Messages = list[dict[str, Any]]
 
 
 def format_error(err: ServeError) -> str:
-    """How an error reads in the chat: the message and its FastChat error code, no traceback."""
-    return f"Error: {err.message} (error code {int(err.code)})"
+    """How an error reads in the chat: the message, its FastChat error code and what to do, no traceback."""
+    return f"Error: {err.message} (error code {int(err.code)}){_hint(err)}"
+
+
+def _hint(err: ServeError) -> str:
+    if isinstance(err, Overloaded):
+        return f"; the model is busy, try again in {err.retry_after:g} s"
+    if isinstance(err, (Unauthorized, Forbidden)):
+        return "; check the web demo's --controller-api-key"
+    if isinstance(err, ControllerUnavailable):
+        return "; is the controller running?"
+    return ""
 
 
 class DemoHandlers:
-    def __init__(self, config: WebConfig, client: ControllerClient) -> None:
+    def __init__(self, config: WebConfig, client: ClusterClient) -> None:
         self.config = config
         self.client = client
         self._models: list[str] | None = None  # kept between page loads in "once" mode

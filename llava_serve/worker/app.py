@@ -9,7 +9,6 @@ from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from jinja2 import TemplateError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
@@ -18,9 +17,18 @@ from llava_serve.common.disconnect import ClientDisconnected, cancel_on_disconne
 from llava_serve.common.limits import add_body_limit, body_error
 from llava_serve.common.streaming import ClosingStreamingResponse
 from llava_serve.engine.base import EngineBase
-from llava_serve.errors import ErrorCode, InvalidRequest, Overloaded, ServeError
+from llava_serve.errors import InvalidRequest, Overloaded, ServeError
 from llava_serve.models.base import LoadedModel
-from llava_serve.protocol.worker import GenerateRequest, encode_frame
+from llava_serve.protocol.frames import Frame, encode_frame
+from llava_serve.protocol.worker import (
+    BuildPromptRequest,
+    BuildPromptResponse,
+    ChatRequest,
+    CountTokenResponse,
+    GenerateRequest,
+    ModelDetails,
+    WorkerStatus,
+)
 from llava_serve.worker.config import WorkerConfig
 from llava_serve.worker.metrics import WorkerMetrics
 from llava_serve.worker.service import Accepted, WorkerService
@@ -43,24 +51,21 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
 
     @app.post("/worker_generate_stream")
     async def generate_stream(body: GenerateRequest) -> Response:
-        accepted = await service.accept(body)
+        return _stream(service, [await service.accept(body)])
 
-        async def cancel() -> None:  # however the response ends, even before its first byte
-            engine.abort(accepted.request)
-
-        return ClosingStreamingResponse(
-            _frames(service, accepted), on_close=cancel, media_type="application/octet-stream"
-        )
+    @app.post("/worker_chat_stream")
+    async def chat_stream(body: ChatRequest) -> Response:
+        return _stream(service, await service.accept_chat(body))
 
     @app.post("/worker_generate")
     async def generate(body: GenerateRequest, request: Request) -> Response:
         accepted = await service.accept(body)
 
         async def answer() -> dict[str, Any]:
-            last: dict[str, Any] = {}
-            async for out in service.outputs(accepted):  # cancelled on disconnect: aborts the request
-                last = service.frame(accepted, out)
-            return last
+            last = Frame()
+            async for frame in service.frames([accepted]):  # cancelled on disconnect: aborts the request
+                last = frame
+            return last.body()
 
         try:
             return JSONResponse(await cancel_on_disconnect(request, answer()))
@@ -68,37 +73,29 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
             return Response(status_code=499)
 
     @app.post("/worker_get_status")
-    async def get_status() -> dict[str, Any]:
+    async def get_status() -> WorkerStatus:
         return service.status()
 
     @app.post("/count_token")
-    async def count_token(request: Request) -> dict[str, Any]:
+    async def count_token(request: Request) -> CountTokenResponse:
         try:
             body = GenerateRequest.model_validate({**(await _json(request)), "max_new_tokens": 0})
         except ValidationError as exc:  # the same 400 as a route that declares its body
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
-        return {"count": await service.count_tokens(body), "error_code": 0}
+        return CountTokenResponse(count=await service.count_tokens(body))
 
     @app.post("/model_details")
-    async def model_details() -> dict[str, Any]:
-        return {
-            "context_length": lm.context_length,
-            "is_multimodal": lm.is_multimodal,
-            "model_name": lm.name,
-            "template": lm.template_name,
-        }
+    async def model_details() -> ModelDetails:
+        return ModelDetails(
+            context_length=lm.context_length,
+            is_multimodal=lm.is_multimodal,
+            model_name=lm.name,
+            template=lm.template_name,
+        )
 
     @app.post("/worker_build_prompt")
-    async def build_prompt(request: Request) -> dict[str, Any]:
-        body = await _json(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequest("'messages' must be a non-empty list of {role, content}")
-        try:
-            prompt = await _run(lm.build_prompt, _checked_messages(messages))
-        except TemplateError as exc:  # the model's chat template refuses these messages
-            raise InvalidRequest(f"the model's chat template cannot render these messages: {exc}") from None
-        return {"prompt": prompt, "error_code": 0}
+    async def build_prompt(body: BuildPromptRequest) -> BuildPromptResponse:
+        return BuildPromptResponse(prompt=await service.build_prompt(body.messages))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -123,15 +120,15 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
     return app
 
 
-async def _frames(service: WorkerService, accepted: Accepted) -> AsyncIterator[bytes]:
-    async for out in service.outputs(accepted):
-        yield encode_frame(service.frame(accepted, out))
+def _stream(service: WorkerService, accepted: list[Accepted]) -> Response:
+    async def body() -> AsyncIterator[bytes]:
+        async for frame in service.frames(accepted):
+            yield encode_frame(frame)
 
+    async def cancel() -> None:  # however the response ends, even before its first byte
+        service.abort(accepted)
 
-async def _run(fn: Any, *args: Any) -> Any:
-    import asyncio
-
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    return ClosingStreamingResponse(body(), on_close=cancel, media_type="application/octet-stream")
 
 
 async def _json(request: Request) -> dict[str, Any]:
@@ -146,26 +143,12 @@ async def _json(request: Request) -> dict[str, Any]:
     return body
 
 
-def _checked_messages(messages: list[Any]) -> list[dict[str, Any]]:
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise InvalidRequest(f"messages[{i}] must be an object with role system, user or assistant")
-        content = m.get("content")
-        if not isinstance(content, (str, list)):
-            raise InvalidRequest(f"messages[{i}].content must be a string or a list of parts")
-        if isinstance(content, list) and not all(
-            isinstance(p, dict) and p.get("type") in ("text", "image", "image_url") for p in content
-        ):
-            raise InvalidRequest(f"messages[{i}].content parts must be {{type: text|image}}")
-    return messages
-
-
 def _install_error_handlers(app: FastAPI, metrics: WorkerMetrics) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
         metrics.rejected(type(exc).__name__)
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, Overloaded) else None
-        return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=headers)
+        return JSONResponse(exc.frame().body(), status_code=exc.http_status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -173,10 +156,7 @@ def _install_error_handlers(app: FastAPI, metrics: WorkerMetrics) -> None:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err.get('loc', [])[1:]) or 'body'}: {err.get('msg')}" for err in exc.errors()
         )
-        code = ErrorCode.VALIDATION_TYPE_ERROR
-        return JSONResponse(
-            {"text": f"invalid request: {problems} (error_code: {int(code)})", "error_code": int(code)}, 400
-        )
+        return JSONResponse(InvalidRequest(f"invalid request: {problems}").frame().body(), 400)
 
     @app.exception_handler(HTTPException)
     async def unreadable_body(request: Request, exc: HTTPException) -> Response:

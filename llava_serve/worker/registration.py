@@ -12,6 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+from pydantic import BaseModel
+
+from llava_serve.protocol.controller import HeartBeatRequest, RegisterWorkerRequest, UnregisterWorkerRequest
+from llava_serve.protocol.worker import WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +25,7 @@ class Registrar:
         self,
         controller: str,
         worker_address: str,
-        status: Callable[[], dict[str, Any]],
+        status: Callable[[], WorkerStatus],
         interval: float = 15.0,
         secret: str | None = None,
         timeout: float = 5.0,
@@ -46,7 +50,7 @@ class Registrar:
             except asyncio.CancelledError:
                 pass
         if unregister and self.registered.is_set():
-            await self._post("/unregister_worker", {"worker_name": self.worker_address})
+            await self._post("/unregister_worker", UnregisterWorkerRequest(worker_name=self.worker_address))
 
     async def _run(self) -> None:
         backoff = 0.25
@@ -61,7 +65,7 @@ class Registrar:
                 pass
 
     async def _register(self) -> bool:
-        body = {"worker_name": self.worker_address, "check_heart_beat": True, "worker_status": self.status()}
+        body = RegisterWorkerRequest(worker_name=self.worker_address, worker_status=self.status())
         answer = await self._post("/register_worker", body)
         if answer is None:
             self.registered.clear()
@@ -73,7 +77,7 @@ class Registrar:
     async def _heartbeat_ok(self) -> bool:
         """Sleep an interval, send one heartbeat; False means register again."""
         await asyncio.sleep(self.interval)
-        body = {"worker_name": self.worker_address, "queue_length": self.status()["queue_length"]}
+        body = HeartBeatRequest(worker_name=self.worker_address, queue_length=self.status().queue_length)
         answer = await self._post("/receive_heart_beat", body)
         if answer is None:
             return False  # unreachable: re-register (idempotent) with backoff until it is back
@@ -83,10 +87,10 @@ class Registrar:
             return False
         return True
 
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    async def _post(self, path: str, body: BaseModel) -> dict[str, Any] | None:
         try:
             async with httpx.AsyncClient(timeout=self.timeout) as client:
-                response = await client.post(self.controller + path, json=body, headers=self.headers)
+                response = await client.post(self.controller + path, json=body.model_dump(), headers=self.headers)
         except httpx.HTTPError as exc:
             log.debug("controller %s%s unreachable: %s", self.controller, path, exc)
             return None

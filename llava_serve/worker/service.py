@@ -8,13 +8,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import TemplateError
+
+from llava_serve.common.aio import merge
 from llava_serve.engine.base import EngineBase
 from llava_serve.engine.params import SamplingParams
 from llava_serve.engine.request import Request, RequestOutput
-from llava_serve.errors import ContextOverflow, ImageCountMismatch, ImageTooLarge, InvalidRequest, ShuttingDown
-from llava_serve.models.base import LoadedModel
+from llava_serve.errors import (
+    ContextOverflow,
+    ImageCountMismatch,
+    ImageTooLarge,
+    InvalidParameter,
+    InvalidRequest,
+    ShuttingDown,
+)
+from llava_serve.models.base import EncodedPrompt, LoadedModel
 from llava_serve.models.images import ImageLimits, decode_base64_image
-from llava_serve.protocol.worker import GenerateRequest
+from llava_serve.protocol.frames import FinishReason, Frame, Usage
+from llava_serve.protocol.worker import ChatRequest, ChatTurn, GenerateRequest, SamplingFields, WorkerStatus
 from llava_serve.worker.metrics import WorkerMetrics
 from llava_serve.worker.stream import OutputChannel
 
@@ -27,7 +38,8 @@ MAX_CHARS_PER_TOKEN = 32
 class Accepted:
     request: Request
     channel: OutputChannel
-    body: GenerateRequest
+    echo: str  # what each frame's text starts with: the prompt (LLaVA's echo) or nothing
+    index: int | None = None  # the choice, on a chat stream
 
 
 class WorkerService:
@@ -45,46 +57,49 @@ class WorkerService:
 
     async def accept(self, body: GenerateRequest) -> Accepted:
         """Validate and submit; raises a typed error (4xx/429/503) before any token exists."""
-        if self.draining:
-            raise ShuttingDown("worker is shutting down; retry on another worker")
-        loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(self._prep, self.encode, body)
-        params = SamplingParams(
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            repetition_penalty=body.repetition_penalty,
-            seed=body.seed,
-            max_new_tokens=body.max_new_tokens,
-            stop=tuple(body.stop_list()),
-            stop_token_ids=tuple(body.stop_token_ids or ()),
-            ignore_eos=body.ignore_eos,
-        )
-        channel = OutputChannel()
+        self._check_open()
+        encoded = await self._off_loop(self.encode, body.prompt, body.images or [])
+        return self._submit(encoded, body, body.prompt if body.echo else "", None)
 
-        def sink(out: RequestOutput) -> None:  # engine thread; counted here, read or not
-            if out.finished:
-                self.metrics.finished(out.finish_reason or "unknown")
-            channel.sink(out)
+    async def accept_chat(self, body: ChatRequest) -> list[Accepted]:
+        """Render the messages with the model's template, encode the images once, submit `n` choices."""
+        self._check_open()
+        if "max_new_tokens" in body.model_fields_set and body.max_new_tokens >= self.lm.context_length:
+            raise InvalidParameter(
+                f"max_tokens {body.max_new_tokens} exceeds the model's context of {self.lm.context_length}",
+                param="max_tokens",
+            )
+        prompt = await self._off_loop(self.render, body.messages)
+        encoded = await self._off_loop(self.encode, prompt, body.images)
+        accepted: list[Accepted] = []
+        try:
+            for i in range(body.n):
+                accepted.append(self._submit(encoded, body, "", i, seed_offset=i))
+        except BaseException:  # all n or none: the ones already in are given back
+            for a in accepted:
+                self.engine.abort(a.request)
+            raise
+        return accepted
 
-        request = Request(prompt=encoded, params=params, sink=sink)
-        if body.request_id:
-            request.request_id = body.request_id
-        self.engine.submit(request)
-        self.metrics.accepted()
-        return Accepted(request, channel, body)
+    async def build_prompt(self, messages: list[ChatTurn]) -> str:
+        return await self._off_loop(self.render, messages)
 
     async def count_tokens(self, body: GenerateRequest) -> int:
         """The prompt's length in tokens, image tokens included (the same checks as a generation)."""
-        encoded = await asyncio.get_running_loop().run_in_executor(self._prep, self.encode, body)
+        encoded = await self._off_loop(self.encode, body.prompt, body.images or [])
         return len(encoded.input_ids)
 
-    def encode(self, body: GenerateRequest) -> Any:
-        """Check the request's images and prompt against the limits, then decode and encode them."""
-        images = body.images or []
+    def render(self, messages: list[ChatTurn]) -> str:
+        try:
+            return self.lm.build_prompt([m.as_message() for m in messages])
+        except TemplateError as exc:  # the model's chat template refuses these messages
+            raise InvalidRequest(f"the model's chat template cannot render these messages: {exc}") from None
+
+    def encode(self, prompt: str, images: list[str]) -> EncodedPrompt:
+        """Check the images and prompt against the limits, then decode and encode them."""
         if len(images) > self.limits.max_count:
             raise ImageTooLarge(f"{len(images)} images sent; this worker accepts at most {self.limits.max_count}")
-        tags = body.prompt.count("<image>")
+        tags = prompt.count("<image>")
         if tags > self.limits.max_count:
             raise InvalidRequest(f"the prompt has {tags} <image> tags; at most {self.limits.max_count} allowed")
         if tags != len(images):  # before any decoding: the cheapest refusal first
@@ -93,13 +108,13 @@ class WorkerService:
                 "send exactly one image per <image>"
             )
         most = self.lm.context_length * MAX_CHARS_PER_TOKEN
-        if len(body.prompt) > most:
+        if len(prompt) > most:
             raise ContextOverflow(
-                f"the prompt is {len(body.prompt)} characters; more than {most} cannot fit in the context of "
+                f"the prompt is {len(prompt)} characters; more than {most} cannot fit in the context of "
                 f"{self.lm.context_length} tokens; shorten the prompt"
             )
         decoded = [decode_base64_image(img, self.limits, i) for i, img in enumerate(images)]
-        return self.lm.encode(body.prompt, [d.image for d in decoded], [d.sha256 for d in decoded])
+        return self.lm.encode(prompt, [d.image for d in decoded], [d.sha256 for d in decoded])
 
     async def outputs(self, accepted: Accepted) -> AsyncIterator[RequestOutput]:
         """The request's outputs; leaving early (disconnect, error) cancels it in the engine."""
@@ -112,21 +127,72 @@ class WorkerService:
             if not finished:
                 self.engine.abort(accepted.request)
 
-    def status(self) -> dict[str, Any]:
-        return {"model_names": [self.lm.name], "speed": 1, "queue_length": self.engine.queue_length()}
+    async def frames(self, accepted: list[Accepted]) -> AsyncIterator[Frame]:
+        """The frames of one or several choices, interleaved as they come."""
 
-    def frame(self, accepted: Accepted, out: RequestOutput) -> dict[str, Any]:
-        text = accepted.body.prompt + out.text if accepted.body.echo else out.text
-        obj: dict[str, Any] = {"text": text, "error_code": 0}
-        if out.error is not None:
-            obj = {**out.error.to_dict(), "partial_text": text}
-        # usage in every frame, as FastChat's workers send it: a frame can carry several tokens
-        # (text held back mid-character or mid-stop-string), and clients can tell how many
-        obj["usage"] = {
-            "prompt_tokens": out.prompt_tokens,
-            "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens,
-        }
-        if out.finished:
-            obj["finish_reason"] = out.finish_reason
-        return obj
+        async def of(a: Accepted) -> AsyncIterator[Frame]:
+            async for out in self.outputs(a):
+                yield frame_of(a, out)
+
+        if len(accepted) == 1:
+            async for f in of(accepted[0]):
+                yield f
+            return
+        async for f in merge([of(a) for a in accepted]):
+            yield f
+
+    def abort(self, accepted: list[Accepted]) -> None:
+        for a in accepted:
+            self.engine.abort(a.request)
+
+    def status(self) -> WorkerStatus:
+        return WorkerStatus(model_names=[self.lm.name], speed=1, queue_length=self.engine.queue_length())
+
+    def _check_open(self) -> None:
+        if self.draining:
+            raise ShuttingDown("worker is shutting down; retry on another worker")
+
+    async def _off_loop(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._prep, fn, *args)
+
+    def _submit(
+        self, encoded: EncodedPrompt, body: SamplingFields, echo: str, index: int | None, seed_offset: int = 0
+    ) -> Accepted:
+        channel = OutputChannel()
+
+        def sink(out: RequestOutput) -> None:  # engine thread; counted here, read or not
+            if out.finished:
+                self.metrics.finished(out.finish_reason or "unknown")
+            channel.sink(out)
+
+        request = Request(prompt=encoded, params=sampling_params(body, seed_offset), sink=sink)
+        if body.request_id:
+            request.request_id = body.request_id if index is None else f"{body.request_id}-{index}"
+        self.engine.submit(request)
+        self.metrics.accepted()
+        return Accepted(request, channel, echo, index)
+
+
+def sampling_params(body: SamplingFields, seed_offset: int = 0) -> SamplingParams:
+    return SamplingParams(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        repetition_penalty=body.repetition_penalty,
+        seed=None if body.seed is None else body.seed + seed_offset,  # n choices, each reproducible
+        max_new_tokens=body.max_new_tokens,
+        stop=tuple(body.stop_list()),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos,
+    )
+
+
+def frame_of(accepted: Accepted, out: RequestOutput) -> Frame:
+    """A frame for an engine output. `usage` is in every frame, as FastChat's workers send it: a
+    frame can carry several tokens (text held back mid-character or mid-stop-string)."""
+    text = accepted.echo + out.text
+    usage = Usage.of(out.prompt_tokens, out.completion_tokens)
+    reason = FinishReason(out.finish_reason) if out.finished and out.finish_reason else None
+    if out.error is not None:
+        return out.error.frame(partial_text=text, usage=usage, finish_reason=reason, index=accepted.index)
+    return Frame(text=text, usage=usage, finish_reason=reason, index=accepted.index)

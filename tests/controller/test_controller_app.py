@@ -115,7 +115,7 @@ async def test_list_address_status_and_validation() -> None:
         assert (await c.post("/list_models")).json() == {"models": ["m", "n"]}
         assert (await c.post("/get_worker_address", json={"model": "n"})).json() == {"address": "http://w2:1"}
         status = (await c.post("/worker_get_status")).json()
-        assert status == {"model_names": ["m", "n"], "speed": 2.0, "queue_length": 1}
+        assert status == {"model_names": ["m", "n"], "speed": 2.0, "queue_length": 0}  # a lookup is no dispatch
         bad = await c.post("/register_worker", json={"worker_name": "file:///etc/passwd"})
         assert bad.status_code == 400 and bad.json()["error_code"] == 40001
         assert "worker_name" in bad.json()["text"]

@@ -82,7 +82,7 @@ def test_frames_pass_through_as_they_come_and_disconnect_reaches_worker(group: P
     assert min(gaps) > 0.08, f"frames arrived bunched, not one by one: {gaps}"
 
     def worker_cancelled() -> bool:
-        return httpx.get(worker.url + "/stats").json() == {"active": 0, "completed": 0, "cancelled": 1}
+        return httpx.get(worker.url + "/stats").json() == {"active": 0, "completed": 0, "cancelled": 1, "received": 1}
 
     wait_until(worker_cancelled, timeout=3)
 

@@ -28,7 +28,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from llava_serve.common.auth import add_bearer_auth
 from llava_serve.errors import ErrorCode
-from llava_serve.protocol.worker import GenerateRequest, encode_frame
+from llava_serve.protocol.frames import FinishReason, Frame, Usage, encode_frame
+from llava_serve.protocol.worker import GenerateRequest
+
+
+class TaggedFrame(Frame):
+    """A frame that names the worker that sent it, so tests can tell where a request went."""
+
+    worker: str = ""
+
 
 logger = logging.getLogger("fake_worker")
 CONTEXT_LENGTH = 4096
@@ -58,6 +66,7 @@ class FakeState:
     completed: int = 0
     cancelled: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
+    received: int = 0  # generation requests (HTTP calls), however many choices each asked for
 
     def status(self) -> dict[str, Any]:
         c = self.config
@@ -95,10 +104,16 @@ def check(req: GenerateRequest, state: FakeState) -> JSONResponse | None:
 
 
 def _error(status: int, code: ErrorCode, text: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"text": text, "error_code": int(code)}, status_code=status, headers=headers)
+    return JSONResponse(Frame.failure(int(code), text).body(), status_code=status, headers=headers)
 
 
-async def stream(req: GenerateRequest, state: FakeState) -> AsyncIterator[bytes]:
+async def chat_frames(req: GenerateRequest, state: FakeState, n: int) -> AsyncIterator[bytes]:
+    for index in range(n):
+        async for raw in stream(req, state, index if n > 1 else None):
+            yield raw
+
+
+async def stream(req: GenerateRequest, state: FakeState, index: int | None = None) -> AsyncIterator[bytes]:
     cfg = state.config
     words = output_words(req, cfg.num_tokens)
     prefix = req.prompt if req.echo else ""
@@ -109,14 +124,8 @@ async def stream(req: GenerateRequest, state: FakeState) -> AsyncIterator[bytes]
             await asyncio.sleep(cfg.frame_delay)
             out = f"{out} {word}".strip()
             if "FAIL_MIDSTREAM" in req.prompt and i == 1:
-                yield encode_frame(
-                    {
-                        "text": "engine failed (error_code: 50001)",
-                        "error_code": 50001,
-                        "finish_reason": "error",
-                        "worker": cfg.worker_address,
-                    }
-                )
+                failed = Frame.failure(50001, "engine failed", finish_reason=FinishReason.ERROR)
+                yield encode_frame(TaggedFrame(**failed.model_dump(), worker=cfg.worker_address))
                 return
             cut = [out.index(s) for s in req.stop_list() if s in out]
             if cut:
@@ -129,6 +138,7 @@ async def stream(req: GenerateRequest, state: FakeState) -> AsyncIterator[bytes]
                     len(out.split()) if out else 0,
                     reason if last else None,
                     cfg.worker_address,
+                    index,
                 )
             )
             if last:
@@ -141,17 +151,14 @@ async def stream(req: GenerateRequest, state: FakeState) -> AsyncIterator[bytes]
         state.active -= 1
 
 
-def _frame(text: str, req: GenerateRequest, n_out: int, reason: str | None, worker: str) -> dict[str, Any]:
-    frame: dict[str, Any] = {"text": text, "error_code": 0, "worker": worker}
-    if reason is not None:
-        n_prompt = len(req.prompt.split()) + 10 * len(req.images or [])
-        frame["finish_reason"] = reason
-        frame["usage"] = {
-            "prompt_tokens": n_prompt,
-            "completion_tokens": n_out,
-            "total_tokens": n_prompt + n_out,
-        }
-    return frame
+def _frame(
+    text: str, req: GenerateRequest, n_out: int, reason: str | None, worker: str, index: int | None
+) -> TaggedFrame:
+    if reason is None:
+        return TaggedFrame(text=text, worker=worker, index=index)
+    n_prompt = len(req.prompt.split()) + 10 * len(req.images or [])
+    usage = Usage.of(n_prompt, n_out)
+    return TaggedFrame(text=text, worker=worker, finish_reason=FinishReason(reason), usage=usage, index=index)
 
 
 def create_app(config: FakeConfig) -> FastAPI:
@@ -179,9 +186,22 @@ def create_app(config: FakeConfig) -> FastAPI:
     async def generate_stream(request: Request) -> Response:
         body = await request.json()
         state.requests.append(body)
+        state.received += 1
         req = GenerateRequest.model_validate(body)
         refused = check(req, state)
         return refused or StreamingResponse(stream(req, state), media_type="application/octet-stream")
+
+    @app.post("/worker_chat_stream")
+    async def chat_stream(request: Request) -> Response:
+        """Renders the messages with the toy template, then streams each of the n choices in turn."""
+        body = await request.json()
+        n = int(body.pop("n", 1))
+        body = {**body, "prompt": build_prompt(body.get("messages", [])), "echo": False}
+        state.requests.append(body)
+        state.received += 1
+        req = GenerateRequest.model_validate(body)
+        refused = check(req, state)
+        return refused or StreamingResponse(chat_frames(req, state, n), media_type="application/octet-stream")
 
     @app.post("/worker_get_status")
     async def worker_get_status() -> dict[str, Any]:
@@ -201,7 +221,12 @@ def create_app(config: FakeConfig) -> FastAPI:
 
     @app.get("/stats")
     async def stats() -> dict[str, int]:
-        return {"active": state.active, "completed": state.completed, "cancelled": state.cancelled}
+        return {
+            "active": state.active,
+            "completed": state.completed,
+            "cancelled": state.cancelled,
+            "received": state.received,
+        }
 
     @app.get("/last_requests")
     async def last_requests() -> list[dict[str, Any]]:

@@ -39,7 +39,7 @@ def stack() -> Iterator[Stack]:
               "--heart-beat-interval", "1"]  # fmt: skip
     argvs = {
         "controller": ["llava_serve.controller", "--api-key", CTRL_KEY, "--registration-secret", SECRET,
-                       "--log-level", "warning"],
+                       "--heart-beat-interval", "1", "--heart-beat-expiration", "5", "--log-level", "warning"],
         "w1": [*worker, "--model-name", "fake"],
         "w2": [*worker, "--model-name", "fake"],
         "slow": [*worker, "--model-name", "slow", "--frame-delay", "0.1", "--num-tokens", "200"],
@@ -142,7 +142,7 @@ def test_client_disconnect_stops_the_worker(stack: Stack) -> None:
 
     def wait_for_cancelled(n: int) -> None:
         deadline = time.monotonic() + 5
-        while httpx.get(slow).json() != {"active": 0, "completed": 0, "cancelled": n}:
+        while httpx.get(slow).json() | {"received": 0} != {"active": 0, "completed": 0, "cancelled": n, "received": 0}:
             assert time.monotonic() < deadline, httpx.get(slow).json()
             time.sleep(0.05)
 
@@ -157,3 +157,22 @@ def test_client_disconnect_stops_the_worker(stack: Stack) -> None:
         httpx.post(stack.api.url + "/v1/chat/completions", json=body, timeout=1.0,
                    headers={"authorization": f"Bearer {API_KEY}"})  # fmt: skip
     wait_for_cancelled(2)
+
+
+def _dispatches(stack: Stack, model: str) -> float:
+    text = httpx.get(stack.ctrl.url + "/metrics", headers={"authorization": f"Bearer {CTRL_KEY}"}).text
+    prefix = f'llava_controller_dispatches_total{{model="{model}"}} '
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_one_request_is_one_dispatch_and_one_worker_call(stack: Stack, n: int) -> None:
+    received = lambda: sum(httpx.get(stack.procs[w].url + "/stats").json()["received"] for w in ("w1", "w2"))  # noqa: E731
+    before_dispatches, before_calls = _dispatches(stack, "fake"), received()
+    msgs = [image_msg("What is this?", data_url("red"))]
+    resp = stack.client.chat.completions.create(model="fake", messages=msgs, n=n, max_tokens=3)  # type: ignore[arg-type]
+    assert [c.index for c in resp.choices] == list(range(n))
+    assert _dispatches(stack, "fake") - before_dispatches == 1  # the controller dispatched once, for all n
+    assert received() - before_calls == 1  # one call to a worker, no prompt building or lookups beside it
+    bodies = [b for b in stack.requests_seen("w1", "w2") if b.get("request_id") == resp.id]
+    assert len(bodies) == 1 and len(bodies[0]["images"]) == 1  # the image was sent once for the n choices

@@ -12,64 +12,73 @@ import httpx
 import openai
 import pytest
 
+from llava_serve.errors import InvalidParameter, NoWorker, ServeError, UnknownModel
 from llava_serve.openai_api.app import create_app
 from llava_serve.openai_api.config import ApiConfig
-from tests.fakes.fake_worker import build_prompt
+from llava_serve.protocol.frames import FinishReason, Frame, Usage, encode_frame
 from tests.fakes.images import data_url, png_bytes
 
 pytestmark = pytest.mark.anyio
 WORDS = ["Hello", " there", ",", " red", " square", "."]
 
 
-def frames(words: list[str] = WORDS, finish: str = "stop", error_at: int | None = None) -> bytes:
-    out, text = [], ""
-    for i, word in enumerate(words):
-        if i == error_at:
-            out.append({"text": "engine died (error_code: 50007)", "error_code": 50007})
-            break
-        text += word
-        frame: dict[str, Any] = {"text": text, "error_code": 0}
-        if i == len(words) - 1:
-            usage = {"prompt_tokens": 20, "completion_tokens": len(words), "total_tokens": 20 + len(words)}
-            frame |= {"finish_reason": finish, "usage": usage}
-        out.append(frame)
-    return b"".join(json.dumps(f).encode() + b"\0" for f in out)
+def frames(words: list[str] = WORDS, finish: str = "stop", error_at: int | None = None, n: int = 1) -> bytes:
+    """A worker's chat stream: n choices, frames interleaved, each with its index when n > 1."""
+    out: list[Frame] = []
+    for i in range(len(words)):
+        for index in range(n):
+            if i == error_at:
+                out.append(Frame.failure(50007, "engine died", index=index if n > 1 else None))
+                return b"".join(encode_frame(f) for f in out)
+            frame = Frame(text="".join(words[: i + 1]), index=index if n > 1 else None)
+            if i == len(words) - 1:
+                frame.finish_reason, frame.usage = FinishReason(finish), Usage.of(20, len(words))
+            out.append(frame)
+    return b"".join(encode_frame(f) for f in out)
+
+
+def refusal(status: int, err: ServeError, **headers: str) -> httpx.Response:
+    return httpx.Response(status, content=encode_frame(err.frame()), headers=headers)
 
 
 class Cluster:
-    """A controller at controller.test and one worker at worker.test, as HTTP mocks."""
+    """A controller at controller.test, as an HTTP mock that behaves like the real one in front of a
+    worker with a context of 100 tokens: every request it gets is recorded."""
 
     def __init__(self) -> None:
         self.models = ["fake"]
         self.available = True
         self.controller_down = False
-        self.addresses: list[str] = []  # what /get_worker_address answers next (then worker.test)
-        self.generations: list[dict[str, Any]] = []
-        self.prompts: list[list[dict[str, Any]]] = []
-        self.generate: Callable[[dict[str, Any]], httpx.Response] = lambda body: httpx.Response(200, content=frames())
+        self.requests: list[tuple[str, str]] = []  # (host, path) of every call the API made
+        self.generations: list[dict[str, Any]] = []  # chat bodies that started generating
+        self.generate: Callable[[dict[str, Any]], httpx.Response] = lambda body: httpx.Response(
+            200, content=frames(n=body.get("n", 1))
+        )
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content or b"{}")
         route = (request.url.host, request.url.path)
+        self.requests.append(route)
         if request.url.host == "controller.test" and self.controller_down:
             raise httpx.ConnectError("connection refused", request=request)
         if route == ("controller.test", "/list_models"):
             return httpx.Response(200, json={"models": self.models})
-        if route == ("controller.test", "/get_worker_address"):
-            ok = self.available and body["model"] in self.models
-            address = self.addresses.pop(0) if self.addresses else "http://worker.test"
-            return httpx.Response(200, json={"address": address if ok else ""})
-        if request.url.host == "dead.test":
-            raise httpx.ConnectError("connection refused", request=request)
-        if route == ("controller.test", "/worker_generate_stream"):
-            self.generations.append(body)
-            return self.generate(body)
-        if route == ("worker.test", "/worker_build_prompt"):
-            self.prompts.append(body["messages"])
-            return httpx.Response(200, json={"prompt": build_prompt(body["messages"])})
-        if route == ("worker.test", "/model_details"):
-            return httpx.Response(200, json={"context_length": 100, "is_multimodal": True, "model_name": "fake"})
+        if route == ("controller.test", "/worker_chat_stream"):
+            return self.chat(body)
         return httpx.Response(404, json={"detail": "Not Found"})
+
+    def chat(self, body: dict[str, Any]) -> httpx.Response:
+        if body["model"] not in self.models:
+            return refusal(404, UnknownModel(f"model {body['model']!r} does not exist"))
+        if not self.available:
+            return refusal(503, NoWorker("every worker of model 'fake' is out of rotation"))
+        if body.get("max_new_tokens", 0) >= 100:
+            err = InvalidParameter(f"max_tokens {body['max_new_tokens']} exceeds the model's context of 100")
+            return refusal(400, err.__class__(err.message, param="max_tokens"))
+        response = self.generate(body)
+        if response.status_code == 200:
+            self.generations.append(body)
+        return response
 
 
 @pytest.fixture
@@ -105,20 +114,18 @@ async def test_request_mapped_to_worker_body(env: tuple[openai.AsyncOpenAI, Clus
     assert [c.message.content for c in resp.choices] == ["Hello there, red square."] * 2
     assert [c.finish_reason for c in resp.choices] == ["stop", "stop"]
     assert resp.usage is not None and (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (20, 12)
-    assert cluster.prompts[0] == [
+    (body,) = cluster.generations  # one generation for both choices: the images travel once
+    assert cluster.requests == [("controller.test", "/worker_chat_stream")]  # one call, no lookups
+    assert body["messages"] == [
         {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
         {"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "image"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "Red and green."}]},
         {"role": "user", "content": [{"type": "text", "text": "And now?"}]},
-    ]
-    first, second = cluster.generations
-    expected_images = [base64.b64encode(png_bytes(c)).decode() for c in ("red", "green")]
-    assert first["images"] == expected_images
-    assert first["prompt"] == build_prompt(cluster.prompts[0]) and first["prompt"].count("<image>") == 2
-    assert {k: first[k] for k in ("model", "temperature", "top_p", "max_new_tokens", "stop", "echo")} == {
-        "model": "fake", "temperature": 0.3, "top_p": 0.9, "max_new_tokens": 7, "stop": ["END"], "echo": False,
+    ]  # fmt: skip
+    assert body["images"] == [base64.b64encode(png_bytes(c)).decode() for c in ("red", "green")]
+    assert {k: body[k] for k in ("model", "temperature", "top_p", "max_new_tokens", "stop", "n", "seed")} == {
+        "model": "fake", "temperature": 0.3, "top_p": 0.9, "max_new_tokens": 7, "stop": ["END"], "n": 2, "seed": 5,
     }  # fmt: skip
-    assert (first["seed"], second["seed"]) == (5, 6)
 
 
 async def test_streaming_chunks_usage_and_n(env: tuple[openai.AsyncOpenAI, Cluster]) -> None:
@@ -176,18 +183,6 @@ async def test_mid_stream_worker_error(env: tuple[openai.AsyncOpenAI, Cluster]) 
     assert info.value.status_code == 503
 
 
-async def test_prompt_worker_gone_another_is_asked(env: tuple[openai.AsyncOpenAI, Cluster]) -> None:
-    client, cluster = env
-    cluster.addresses = ["http://dead.test", "http://dead.test"]
-    resp = await client.chat.completions.create(model="fake", messages=[user("hi")])
-    assert resp.choices[0].message.content == "Hello there, red square."
-    assert len(cluster.prompts) == 1  # built on the live worker, the third address asked for
-    cluster.addresses = ["http://dead.test"] * 3
-    with pytest.raises(openai.APIStatusError, match=r"cannot reach worker http://dead\.test") as info:
-        await client.chat.completions.create(model="fake", messages=[user("hi")])
-    assert info.value.status_code == 502
-
-
 async def test_garbled_frame_is_an_error_not_a_cut(env: tuple[openai.AsyncOpenAI, Cluster]) -> None:
     client, cluster = env
     cluster.generate = lambda body: httpx.Response(200, content=frames()[:40] + b"<html>\0")
@@ -201,7 +196,7 @@ async def test_garbled_frame_is_an_error_not_a_cut(env: tuple[openai.AsyncOpenAI
 
 
 def _worker_refusal(status: int, code: int, text: str, **headers: str) -> Callable[..., httpx.Response]:
-    return lambda body: httpx.Response(status, json={"text": text, "error_code": code}, headers=headers)
+    return lambda body: httpx.Response(status, content=encode_frame(Frame.failure(code, text)), headers=headers)
 
 
 @pytest.mark.parametrize(
@@ -210,6 +205,8 @@ def _worker_refusal(status: int, code: int, text: str, **headers: str) -> Callab
         (lambda c: setattr(c, "models", ["other"]), 404, "model_not_found", None),
         (lambda c: setattr(c, "available", False), 503, "controller_no_worker", None),
         (lambda c: setattr(c, "controller_down", True), 503, "internal_error", None),
+        (lambda c: setattr(c, "generate", lambda b: httpx.Response(404, json={"detail": "Not Found"})),
+         502, "controller_worker_timeout", None),
         (lambda c: setattr(c, "generate", _worker_refusal(429, 42903, "busy", **{"retry-after": "3"})),
          429, "rate_limit_exceeded", None),
         (lambda c: setattr(c, "generate", _worker_refusal(400, 40004, "2 placeholders, 1 image")),

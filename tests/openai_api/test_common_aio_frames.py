@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 import pytest
 
 from llava_serve.common.aio import gather_or_cancel, merge
-from llava_serve.common.frames import FrameSplitter, iter_frames
 
 pytestmark = pytest.mark.anyio
 
@@ -61,17 +60,3 @@ async def test_merge_interleaves_raises_and_closes() -> None:
     assert await merged.__anext__() in ("a0", "b0")
     await merged.aclose()  # a client that goes away
     assert sorted(closed) == ["a", "b"]
-
-
-async def test_frames_split_across_chunks() -> None:
-    splitter = FrameSplitter()
-    assert splitter.feed(b'{"text": "a"') == []
-    assert splitter.feed(b', "error_code": 0}\0{"te') == [b'{"text": "a", "error_code": 0}\0']
-    assert splitter.feed(b'xt": "ab"}\0\0') == [b'{"text": "ab"}\0']
-    assert splitter.rest == b""
-
-    async def chunks() -> AsyncIterator[bytes]:
-        for c in (b'{"text": "x", ', b'"error_code": 0}\0{"text": "last", "error_code": 1}'):
-            yield c
-
-    assert [f["text"] async for f in iter_frames(chunks())] == ["x", "last"]  # unterminated last frame read

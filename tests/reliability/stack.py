@@ -87,7 +87,6 @@ class Stack:
                     "--controller-address", self.url("controller"), *c.api_extra]  # fmt: skip
             argv += ["--api-key", c.api_key] if c.api_key else []
             argv += ["--controller-api-key", c.controller_key] if c.controller_key else []
-            argv += ["--worker-api-key", c.worker_key] if c.worker_key else []
             return argv
         argv = ["llava_serve.model_worker", "--model-path", str(c.model_path), "--model-name", MODEL,
                 "--device", "cpu", "--port", port, "--worker-address", self.url(name),

@@ -2,9 +2,9 @@
 
     python -m tests.web.fake_backend --port 31001 --word-delay 0.15 [--api-key K]
 
-It serves the controller routes the demo uses (/list_models, /get_worker_address, the
-/worker_generate_stream proxy) and the worker's /worker_build_prompt, naming itself as the
-worker. The answer is real in one sense: it names the dominant colour of the last image,
+It serves the controller routes the demo uses (/list_models and the /worker_chat_stream proxy,
+which renders the messages as a LLaVA worker would), plus /worker_generate_stream for
+LLaVA-protocol clients. The answer is real in one sense: it names the dominant colour of the last image,
 computed from its pixels, streamed word by word as cumulative `\\0`-delimited frames.
 
 Models: `fake-llava` answers; `fake-broken` fails after two words with an error frame (as a
@@ -33,7 +33,7 @@ from PIL import Image
 from llava_serve.common.auth import add_bearer_auth
 from llava_serve.common.streaming import ClosingStreamingResponse
 from llava_serve.errors import ErrorCode
-from llava_serve.protocol.worker import encode_frame
+from llava_serve.protocol.frames import FinishReason, Frame, Usage, encode_frame
 
 GOOD, BROKEN, BUSY = "fake-llava", "fake-broken", "fake-busy"
 MODELS = [GOOD, BROKEN, BUSY]
@@ -92,8 +92,7 @@ def answer_words(images: list[str]) -> list[str]:
 
 
 def _error(status: int, message: str, code: ErrorCode, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"text": f"{message} (error_code: {int(code)})", "error_code": int(code)}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(Frame.failure(int(code), message).body(), status_code=status, headers=headers)
 
 
 def build_prompt(messages: list[dict[str, Any]]) -> str:
@@ -115,15 +114,14 @@ async def _frames(state: FakeState, model: str, words: list[str]) -> AsyncIterat
         for i, _ in enumerate(words):
             if model == BROKEN and i == 2:
                 oom = int(ErrorCode.CUDA_OUT_OF_MEMORY)
-                text = f"worker ran out of GPU memory while decoding (error_code: {oom})"
-                yield encode_frame({"text": text, "error_code": oom, "finish_reason": "error"})
+                message = "worker ran out of GPU memory while decoding"
+                yield encode_frame(Frame.failure(oom, message, finish_reason=FinishReason.ERROR))
                 finished = True
                 return
             await asyncio.sleep(state.word_delay)
-            yield encode_frame({"text": " ".join(words[: i + 1]), "error_code": 0})
-        usage = {"prompt_tokens": 10, "completion_tokens": len(words), "total_tokens": 10 + len(words)}
-        last = {"text": " ".join(words), "error_code": 0, "finish_reason": "stop", "usage": usage}
-        yield encode_frame(last)
+            yield encode_frame(Frame(text=" ".join(words[: i + 1])))
+        usage = Usage.of(10, len(words))
+        yield encode_frame(Frame(text=" ".join(words), finish_reason=FinishReason.STOP, usage=usage))
         finished = True
     finally:
         state.active -= 1
@@ -143,43 +141,18 @@ def create_app(url: str, word_delay: float, api_key: str | None = None) -> FastA
     async def list_models() -> dict[str, Any]:
         return {"models": MODELS}
 
-    @app.post("/get_worker_address")
-    async def get_worker_address(body: dict[str, Any]) -> dict[str, str]:
-        return {"address": state.url if body.get("model") in MODELS else ""}
-
-    @app.post("/worker_build_prompt")
-    async def worker_build_prompt(body: dict[str, Any]) -> Any:
+    @app.post("/worker_chat_stream")
+    async def worker_chat_stream(request: Request) -> Any:
+        body = await request.json()
         try:
-            return {"prompt": build_prompt(body["messages"])}
+            prompt = build_prompt(body["messages"])
         except (KeyError, TypeError) as exc:
             return _error(400, f"bad messages: {exc!r}", ErrorCode.VALIDATION_TYPE_ERROR)
+        return _generate(state, {**body, "prompt": prompt})
 
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request) -> Any:
-        body = await request.json()
-        state.last_request = body
-        model, prompt, images = body.get("model"), body.get("prompt", ""), body.get("images") or []
-        if model not in MODELS:
-            return _error(503, f"no worker serves model {model!r}", ErrorCode.CONTROLLER_NO_WORKER)
-        if model == BUSY:
-            return _error(
-                429,
-                "worker overloaded: 5 requests running and the queue is full",
-                ErrorCode.ENGINE_OVERLOADED,
-                {"Retry-After": "3"},
-            )
-        if prompt.count("<image>") != len(images):
-            return _error(
-                400,
-                f"prompt has {prompt.count('<image>')} <image> tokens but {len(images)} images were sent",
-                ErrorCode.IMAGE_COUNT_MISMATCH,
-            )
-        try:
-            words = answer_words(images)
-        except (binascii.Error, ValueError, OSError) as exc:
-            return _error(400, f"cannot decode the image: {exc}", ErrorCode.INVALID_IMAGE)
-        return ClosingStreamingResponse(_frames(state, model, words), media_type="application/octet-stream")
-
+        return _generate(state, await request.json())
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -193,6 +166,31 @@ def create_app(url: str, word_delay: float, api_key: str | None = None) -> FastA
         return state.last_request
 
     return app
+
+
+def _generate(state: FakeState, body: dict[str, Any]) -> Any:
+    state.last_request = body
+    model, prompt, images = body.get("model"), body.get("prompt", ""), body.get("images") or []
+    if model not in MODELS:
+        return _error(404, f"model {model!r} does not exist", ErrorCode.INVALID_MODEL)
+    if model == BUSY:
+        return _error(
+            429,
+            "worker overloaded: 5 requests running and the queue is full",
+            ErrorCode.ENGINE_OVERLOADED,
+            {"Retry-After": "3"},
+        )
+    if prompt.count("<image>") != len(images):
+        return _error(
+            400,
+            f"prompt has {prompt.count('<image>')} <image> tokens but {len(images)} images were sent",
+            ErrorCode.IMAGE_COUNT_MISMATCH,
+        )
+    try:
+        words = answer_words(images)
+    except (binascii.Error, ValueError, OSError) as exc:
+        return _error(400, f"cannot decode the image: {exc}", ErrorCode.INVALID_IMAGE)
+    return ClosingStreamingResponse(_frames(state, model, words), media_type="application/octet-stream")
 
 
 def main(argv: list[str] | None = None) -> None:

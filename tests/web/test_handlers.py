@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from llava_serve.web.client import ControllerClient
-from llava_serve.web.config import WebConfig
+from llava_serve.cluster.client import ClusterClient
+from llava_serve.web.config import WebConfig, cluster_client
 from llava_serve.web.conversation import Conversation, encode_image
 from llava_serve.web.handlers import DemoHandlers
 from tests.procs import free_port
@@ -21,7 +21,7 @@ from tests.web.conftest import Backend, draw_circle
 
 def _handlers(url: str, api_key: str | None = None, mode: str = "once") -> DemoHandlers:
     config = WebConfig(controller_url=url, controller_api_key=api_key, model_list_mode=mode)  # type: ignore[arg-type]
-    return DemoHandlers(config, ControllerClient.from_config(config))
+    return DemoHandlers(config, cluster_client(config))
 
 
 @pytest.fixture
@@ -55,6 +55,7 @@ async def test_failed_exchange_is_shown_but_not_resent(
     shown = await _answer(handlers, conv, "fake-broken")
     assert shown[-1].startswith("Looking at\n\nError: worker ran out of GPU memory")
     assert shown[-1].endswith("(error code 50002)") and conv.turns[-1].error
+    assert shown[-1].count("50002") == 1  # the message travels without the code: it is shown once
     conv.add_question("And this one?", str(draw_circle(tmp_path / "blue.png", (30, 60, 220))))
     request = conv.model_request()
     assert [m["content"][-1]["text"] for m in request.messages] == ["And this one?"]
@@ -66,7 +67,7 @@ async def test_regenerate_replaces_the_last_answer(handlers: DemoHandlers, red_c
     conv = Conversation()
     conv.add_question("Colour?", str(red_circle))
     await _answer(handlers, conv, "fake-busy")
-    assert "busy (HTTP 429)" in conv.turns[-1].text
+    assert "the model is busy, try again in 3 s" in conv.turns[-1].text
     handlers.regenerate(conv)
     assert (await _answer(handlers, conv, "fake-llava"))[-1].endswith("is red.")
     assert [t.role for t in conv.turns] == ["user", "assistant"]
@@ -91,13 +92,13 @@ async def test_controller_down_reads_as_text() -> None:
     finally:
         await h.client.aclose()
     assert shown == [
-        f"Error: cannot connect to the controller at {url}/get_worker_address (Connection refused); "
-        "is it running? (error code 50003)"
+        f"Error: cannot reach the controller at {url}/worker_chat_stream: Connection refused "
+        "(error code 50001); is the controller running?"
     ]
-    assert "Could not load the model list" in note and "cannot connect to the controller" in note
+    assert "Could not load the model list" in note and "cannot reach the controller" in note
 
 
-class CountingClient(ControllerClient):
+class CountingClient(ClusterClient):
     def __init__(self, models: list[str]) -> None:
         super().__init__("http://127.0.0.1:9")
         self.models, self.calls = models, 0
