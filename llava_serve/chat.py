@@ -17,7 +17,7 @@ from llava_serve.engine.request import Request, RequestOutput
 from llava_serve.errors import ModelLoadError, ServeError
 from llava_serve.models.base import LoadedModel
 from llava_serve.models.images import ImageLimits, decode_image_bytes
-from llava_serve.worker.config import WorkerConfig, add_model_args
+from llava_serve.worker.config import add_model_args
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,20 +76,18 @@ class ChatSession:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from llava_serve.engine.engine import BatchEngine
-    from llava_serve.engine.threads import run_in_fresh_thread
-    from llava_serve.generate import model_keys
-    from llava_serve.models.loader import load_model
-    from llava_serve.worker.server import resolve_model_path
+    if args.image is not None and not args.image.is_file():  # before the model loads, not after
+        print(f"llava-serve chat: --image {args.image}: no such file", file=sys.stderr)
+        return 2
+    from llava_serve.worker.loading import config_from_model_args, load_model_and_engine
 
     try:
-        config = WorkerConfig(model_path=args.model_path, **model_keys(args))
-        options = config.load_options(resolve_model_path(args.model_path))
-        lm = run_in_fresh_thread(lambda: load_model(options))  # no OpenMP pool left here (see threads.py)
+        config = config_from_model_args(args, limit_model_concurrency=1, max_queue=1)
+        lm, engine = load_model_and_engine(config)
     except (ModelLoadError, ValueError) as exc:
         print(f"llava-serve chat: cannot load the model: {exc}", file=sys.stderr)
         return 2
-    engine = BatchEngine(lm, max_running=1, max_waiting=1).start()
+    engine.start()
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, stop=("</s>",))
     session = ChatSession(lm, engine, params)
     try:
@@ -120,11 +118,15 @@ def repl(session: ChatSession) -> int:
             print("(conversation cleared)")
             continue
         if line.startswith("/image"):
+            name = line.removeprefix("/image").strip()
+            if not name:
+                print("(give a file name: /image FILE)")
+                continue
             try:
-                session.set_image(Path(line.split(maxsplit=1)[1]))
+                session.set_image(Path(name))
                 print("(new image; conversation cleared)")
-            except (IndexError, OSError, ServeError) as exc:
-                print(f"(cannot use that image: {getattr(exc, 'message', exc) or 'give a file name'})")
+            except (OSError, ServeError) as exc:
+                print(f"(cannot use that image: {getattr(exc, 'message', exc)})")
             continue
         print("ASSISTANT: ", end="", flush=True)
         try:

@@ -8,8 +8,8 @@ import json
 import queue
 import sys
 from pathlib import Path
-from typing import Any
 
+from llava_serve.engine.base import EngineBase
 from llava_serve.engine.params import SamplingParams
 from llava_serve.engine.request import Request, RequestOutput
 from llava_serve.errors import ModelLoadError, ServeError
@@ -34,10 +34,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_once(lm: LoadedModel, prompt: str, images: list, keys: list[str], params: SamplingParams) -> RequestOutput:
-    from llava_serve.engine.engine import BatchEngine
-
-    engine = BatchEngine(lm, max_running=1, max_waiting=0).start()
+def run_once(
+    lm: LoadedModel, engine: EngineBase, prompt: str, images: list, keys: list[str], params: SamplingParams
+) -> RequestOutput:
+    engine.start()
     outputs: queue.Queue[RequestOutput] = queue.Queue()
     try:
         engine.submit(Request(prompt=lm.encode(prompt, images, keys), params=params, sink=outputs.put))
@@ -59,10 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from llava_serve.engine.threads import run_in_fresh_thread
-    from llava_serve.models.loader import load_model
-    from llava_serve.worker.config import WorkerConfig
-    from llava_serve.worker.server import resolve_model_path
+    from llava_serve.worker.loading import config_from_model_args, load_model_and_engine
 
     files = [Path(f) for f in args.image]
     for f in files:
@@ -77,17 +74,14 @@ def _main(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
         seed=args.seed,
     )
-    options = WorkerConfig(model_path=args.model_path, **{k: getattr(args, k) for k in _MODEL_KEYS}).load_options(
-        resolve_model_path(args.model_path)
-    )
-    lm = run_in_fresh_thread(lambda: load_model(options))  # no OpenMP pool left here (see threads.py)
+    lm, engine = load_model_and_engine(config_from_model_args(args, limit_model_concurrency=1, max_queue=0))
     if args.raw_prompt is not None:
         prompt = args.raw_prompt
     else:
         content = [{"type": "image"} for _ in decoded] + [{"type": "text", "text": args.prompt}]
         prompt = lm.build_prompt([{"role": "user", "content": content}])
     keys = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
-    out = run_once(lm, prompt, [d.image for d in decoded], keys, params)
+    out = run_once(lm, engine, prompt, [d.image for d in decoded], keys, params)
     if out.error is not None:
         raise out.error
     if args.json:
@@ -97,21 +91,3 @@ def _main(args: argparse.Namespace) -> int:
     else:
         print(out.text.strip())
     return 0
-
-
-_MODEL_KEYS = (
-    "model_base",
-    "model_name",
-    "device",
-    "dtype",
-    "load_8bit",
-    "load_4bit",
-    "vision_tower",
-    "conv_template",
-    "trust_remote_code",
-)
-
-
-def model_keys(args: argparse.Namespace) -> dict[str, Any]:
-    """The model-loading flags of add_model_args, as WorkerConfig fields."""
-    return {k: getattr(args, k) for k in _MODEL_KEYS}

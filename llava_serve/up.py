@@ -174,12 +174,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.model_path:
         from llava_serve.errors import ModelLoadError
-        from llava_serve.worker.server import resolve_model_path
+        from llava_serve.worker.loading import resolve_model_path
 
         try:
             resolve_model_path(None)
         except ModelLoadError as exc:
             print(f"llava-serve up: {exc}", file=sys.stderr)
+            return 2
+    for path in args.model_path:  # before any process starts: a typo fails in a second, not after a load
+        if not Path(path).expanduser().is_dir():
+            print(f"llava-serve up: --model-path {path}: no such folder", file=sys.stderr)
             return 2
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="llava-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,20 @@ class WorkerConfig:
         )
 
 
+# The model-loading flags of add_model_args, as WorkerConfig fields (besides model_path).
+MODEL_KEYS = (
+    "model_base",
+    "model_name",
+    "device",
+    "dtype",
+    "load_8bit",
+    "load_4bit",
+    "vision_tower",
+    "conv_template",
+    "trust_remote_code",
+)
+
+
 def add_model_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
     """Flags shared by every command that loads a model; several: --model-path may repeat."""
     if several:

@@ -1,4 +1,4 @@
-"""Run a worker: load the model (with progress), start the engine, serve, drain on SIGTERM."""
+"""Run a worker: start the engine, serve, drain on SIGTERM (loading is `worker/loading.py`)."""
 
 from __future__ import annotations
 
@@ -7,55 +7,15 @@ import logging
 import time
 from typing import Any
 
-import torch
 import uvicorn
 
 from llava_serve.engine.base import EngineBase
-from llava_serve.errors import ModelLoadError
 from llava_serve.models.base import LoadedModel
 from llava_serve.worker.app import create_app
 from llava_serve.worker.config import WorkerConfig
 from llava_serve.worker.registration import Registrar
 
 log = logging.getLogger("llava_serve.worker")
-
-
-def resolve_model_path(model_path: str | None) -> str:
-    """The given path, or the bundled default model's folder; a clear error if it is not there."""
-    if model_path:
-        return model_path
-    try:
-        from llava_serve.default_model import default_model_path
-
-        path = default_model_path()
-    except ImportError:
-        path = None
-    if path is None or not (path / "config.json").is_file():
-        raise ModelLoadError(
-            "this installation has no bundled default model; pass --model-path CHECKPOINT "
-            "(`llava-serve build-model --kind llava --size small --out DIR` makes a random-weight one for trying "
-            "the stack)"
-        )
-    return str(path)
-
-
-def build_engine(config: WorkerConfig, lm: LoadedModel) -> EngineBase:
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if config.engine == "generate":
-        from llava_serve.engine.generate_engine import GenerateEngine
-
-        return GenerateEngine(lm, max_running=config.limit_model_concurrency, max_waiting=config.max_queue)
-    from llava_serve.engine.engine import BatchEngine
-
-    return BatchEngine(
-        lm,
-        max_running=config.limit_model_concurrency,
-        max_waiting=config.max_queue,
-        feature_cache_size=config.feature_cache_size,
-        prepack=not config.no_prepack,
-        adapt_threads=not config.threads,
-    )
 
 
 class DrainingServer(uvicorn.Server):
@@ -97,7 +57,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> None:
-    """Serve `lm` with `engine` (from `build_engine`); starts the engine."""
+    """Serve `lm` with `engine` (from `worker.loading.build_engine`); starts the engine."""
     engine.start()
     app = create_app(config, lm, engine)
     registrar = None

@@ -8,7 +8,7 @@ import torch
 from llava_serve.engine.prepack import PackedLinear
 from llava_serve.models import LoadOptions, load_model
 from llava_serve.worker.config import worker_config
-from llava_serve.worker.server import build_engine
+from llava_serve.worker.loading import build_engine
 
 
 def test_bad_thread_count_is_refused() -> None:
