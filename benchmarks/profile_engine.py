@@ -16,10 +16,10 @@ from collections import defaultdict
 
 import torch
 
-from llava_serve.tools.bench_workload import make_requests
 from llava_serve.engine import Request, SamplingParams
 from llava_serve.engine.engine import BatchEngine
 from llava_serve.models.loader import LoadOptions, load_model
+from llava_serve.tools.bench_workload import make_requests
 
 
 def engine_requests(lm, n: int, tokens: int, round_id: int) -> list[Request]:

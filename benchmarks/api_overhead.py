@@ -1,0 +1,141 @@
+"""Time to first token through the OpenAI API vs calling the worker directly, one client, default model.
+
+    python benchmarks/api_overhead.py [--rounds 40] [--model-path P]
+
+Starts a controller, one worker and the API (real processes on free ports), then alternates the same
+chat request (one picture, greedy, 8 tokens) between the two paths: the worker's /worker_chat_stream
+and the API's streaming /v1/chat/completions (API -> controller -> worker). TTFT is the time to the
+first frame/chunk that carries answer text. Prints the medians and their ratio; the paths alternate
+so machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from llava_serve.protocol.frames import FrameSplitter, decode_frame
+from llava_serve.up import Service, start, stop_all, wait_ready
+
+QUESTION = "What colour is the circle?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def circle_png() -> str:
+    img = Image.new("RGB", (224, 224), "white")
+    ImageDraw.Draw(img).ellipse((60, 60, 160, 160), fill=(220, 30, 30))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def ttft_worker(http: httpx.Client, url: str, image: str) -> float:
+    body = {
+        "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+        "images": [image],
+        "temperature": 0,
+        "max_new_tokens": 8,
+    }
+    t0 = time.perf_counter()
+    with http.stream("POST", url + "/worker_chat_stream", json=body) as resp:
+        splitter = FrameSplitter()
+        for chunk in resp.iter_bytes():
+            for raw in splitter.feed(chunk):
+                if decode_frame(raw).text.strip():
+                    return time.perf_counter() - t0
+    raise RuntimeError("the worker sent no text")
+
+
+def ttft_api(http: httpx.Client, url: str, model: str, image: str) -> float:
+    body = {
+        "model": model,
+        "stream": True,
+        "temperature": 0,
+        "max_tokens": 8,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}},
+                    {"type": "text", "text": QUESTION},
+                ],
+            }
+        ],
+    }
+    t0 = time.perf_counter()
+    with http.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if (choices[0].get("delta") or {}).get("content"):
+                    return time.perf_counter() - t0
+    raise RuntimeError("the API sent no text")
+
+
+def stack(model_path: str | None, log_dir: Path) -> tuple[list[Service], dict[str, str]]:
+    ports = {name: free_port() for name in ("controller", "worker", "api")}
+    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    model = ["--model-path", model_path] if model_path else []
+    argvs = {
+        "controller": ["llava_serve.controller", "--host", "127.0.0.1", "--port", str(ports["controller"])],
+        "worker": ["llava_serve.model_worker", "--host", "127.0.0.1", "--port", str(ports["worker"]),
+                   "--worker-address", url["worker"], "--controller-address", url["controller"], *model],
+        "api": ["llava_serve.openai_api", "--host", "127.0.0.1", "--port", str(ports["api"]),
+                "--controller-address", url["controller"]],
+    }  # fmt: skip
+    ready = {"controller": "/health", "worker": "/ready", "api": "/health"}
+    services = []
+    for name, argv in argvs.items():
+        services.append(start(name, argv, ports[name], ready[name], "127.0.0.1", log_dir))
+        wait_ready(services[-1], timeout=180)
+    return services, url
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--model-path", default=None)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="llava-serve-bench-") as tmp:
+        services, url = stack(args.model_path, Path(tmp))
+        try:
+            with httpx.Client(timeout=120) as http:
+                deadline = time.monotonic() + 60
+                while not (models := http.post(url["controller"] + "/list_models").json()["models"]):
+                    assert time.monotonic() < deadline, "the worker never registered"
+                    time.sleep(0.2)
+                image = circle_png()
+                direct, api = [], []
+                for _ in range(3):  # warm both paths
+                    ttft_worker(http, url["worker"], image)
+                    ttft_api(http, url["api"], models[0], image)
+                for _ in tqdm(range(args.rounds), desc="rounds"):
+                    direct.append(ttft_worker(http, url["worker"], image))
+                    api.append(ttft_api(http, url["api"], models[0], image))
+        finally:
+            stop_all(services)
+    d, a = statistics.median(direct), statistics.median(api)
+    print(f"TTFT median over {args.rounds} rounds: worker direct {d * 1000:.1f} ms, through the API {a * 1000:.1f} ms")
+    print(f"API / direct: {a / d:.3f}  (p90 {statistics.quantiles(api, n=10)[-1] * 1000:.1f} ms vs "
+          f"{statistics.quantiles(direct, n=10)[-1] * 1000:.1f} ms)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
