@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from llava_serve.common.auth import add_bearer_auth, bearer_headers
+from llava_serve.common.json_body import add_json_body
 from llava_serve.common.limits import add_body_limit, body_error
 from llava_serve.controller.config import ControllerConfig
 from llava_serve.controller.dispatch import Dispatcher
@@ -48,6 +49,7 @@ def create_app(
     app.include_router(worker_router)
     app.include_router(router)
     add_body_limit(app, config.max_body_bytes)
+    add_json_body(app)  # LLaVA/FastChat clients send JSON without the header
     add_bearer_auth(app, config.api_keys, exempt_paths={"/health", *WORKER_ROUTES})
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 
 from llava_serve.common.auth import add_bearer_auth
 from llava_serve.common.disconnect import ClientDisconnected, cancel_on_disconnect
+from llava_serve.common.json_body import add_json_body
 from llava_serve.common.limits import add_body_limit, body_error
 from llava_serve.common.streaming import ClosingStreamingResponse
 from llava_serve.engine.base import EngineBase
@@ -47,6 +48,7 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
     )
     _install_error_handlers(app, metrics)
     add_body_limit(app, config.max_body_bytes)
+    add_json_body(app)  # LLaVA/FastChat clients send JSON without the header
     add_bearer_auth(app, config.api_key)
 
     @app.post("/worker_generate_stream")

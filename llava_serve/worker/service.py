@@ -40,6 +40,7 @@ class Accepted:
     channel: OutputChannel
     echo: str  # what each frame's text starts with: the prompt (LLaVA's echo) or nothing
     index: int | None = None  # the choice, on a chat stream
+    trim: tuple[str, ...] = ()  # trimmed from the end of the final text, never a stop (see accept)
 
 
 class WorkerService:
@@ -59,7 +60,15 @@ class WorkerService:
         """Validate and submit; raises a typed error (4xx/429/503) before any token exists."""
         self._check_open()
         encoded = await self._off_loop(self.encode, body.prompt, body.images or [])
-        return self._submit(encoded, body, body.prompt if body.echo else "", None)
+        # LLaVA's clients send their template's separator as `stop` (" " for vicuna_v1) and LLaVA's
+        # worker only trims it from the end of the answer; a stop at the first space would end every
+        # answer after one word. So on this route a whitespace-only stop is trimmed, not a stop.
+        soft = tuple(s for s in body.stop_list() if not s.strip())
+        if soft:
+            body = body.model_copy(update={"stop": [s for s in body.stop_list() if s.strip()]})
+        accepted = self._submit(encoded, body, body.prompt if body.echo else "", None)
+        accepted.trim = soft
+        return accepted
 
     async def accept_chat(self, body: ChatRequest) -> list[Accepted]:
         """Render the messages with the model's template, encode the images once, submit `n` choices."""
@@ -191,6 +200,9 @@ def frame_of(accepted: Accepted, out: RequestOutput) -> Frame:
     """A frame for an engine output. `usage` is in every frame, as FastChat's workers send it: a
     frame can carry several tokens (text held back mid-character or mid-stop-string)."""
     text = accepted.echo + out.text
+    if out.finished:
+        for soft in accepted.trim:
+            text = text.removesuffix(soft)
     usage = Usage.of(out.prompt_tokens, out.completion_tokens)
     reason = FinishReason(out.finish_reason) if out.finished and out.finish_reason else None
     if out.error is not None:

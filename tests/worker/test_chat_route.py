@@ -90,3 +90,25 @@ def test_refusals_are_frames(worker, change: dict[str, Any], status: int, code: 
     frame = Frame.model_validate(resp.json())
     assert frame.error_code == code and frame.param == param and frame.message
     assert engine.queue_length() == 0
+
+
+def test_llava_routes_read_json_sent_without_its_content_type(worker) -> None:  # type: ignore[no-untyped-def]
+    """LLaVA's README curl line posts JSON with curl's default form content type."""
+    client, _, _ = worker
+    body = '{"prompt": "USER: hi ASSISTANT:", "temperature": 0, "max_new_tokens": 4}'
+    headers = {"content-type": "application/x-www-form-urlencoded"}
+    resp = asyncio.run(client.post("/worker_generate_stream", content=body, headers=headers))
+    assert resp.status_code == 200 and choices(resp)[0].usage is not None
+    resp = asyncio.run(client.post("/worker_generate_stream", content="prompt=hi", headers=headers))
+    assert resp.status_code == 400 and Frame.model_validate(resp.json()).error_code == 40001
+
+
+def test_a_whitespace_stop_is_trimmed_not_a_stop_on_the_llava_route(worker) -> None:  # type: ignore[no-untyped-def]
+    """LLaVA's test_message sends its template's separator (" ") as `stop`; LLaVA's worker trims it."""
+    client, _, _ = worker
+    body = {"prompt": "USER: hi ASSISTANT:", "temperature": 0, "max_new_tokens": 12, "ignore_eos": True, "echo": False}
+    (plain,) = choices(post(client, "/worker_generate_stream", body)).values()
+    assert " " in plain.text.strip()  # a hard stop on " " would have cut this answer short
+    (spaced,) = choices(post(client, "/worker_generate_stream", {**body, "stop": " "})).values()
+    assert spaced.usage == plain.usage and spaced.text == plain.text.removesuffix(" ")
+    assert spaced.usage is not None and spaced.usage.completion_tokens == 12  # it did not stop at a space
