@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
@@ -16,8 +15,9 @@ from llava_serve.cluster.client import ClusterClient
 from llava_serve.common.auth import add_bearer_auth
 from llava_serve.common.limits import add_body_limit, body_error
 from llava_serve.errors import InvalidRequest, Overloaded, RequestTooLarge, ServeError, Unauthorized
+from llava_serve.openai_api.completions import CompletionService
 from llava_serve.openai_api.config import ApiConfig
-from llava_serve.openai_api.errors import openai_error
+from llava_serve.openai_api.errors import RouteError, openai_error
 from llava_serve.openai_api.images import ImageFetcher, Resolver, system_resolver
 from llava_serve.openai_api.routes import ApiState, router
 from llava_serve.openai_api.serving import ChatService
@@ -40,13 +40,14 @@ def create_app(
     )
     images = ImageFetcher(config.image_policy(), resolver, image_transport)
     app = FastAPI(title="llava-serve OpenAI-compatible API", lifespan=_lifespan)
-    app.state.api = ApiState(config, cluster, images, ChatService(config, cluster, images))
+    chat, completions = ChatService(config, cluster, images), CompletionService(config, cluster, images)
+    app.state.api = ApiState(config, cluster, images, chat, completions)
     app.include_router(router)
     add_body_limit(app, config.body_limit, render=_too_large)
     add_bearer_auth(app, config.api_keys, render=_auth_error)
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _unreadable_body)
+    app.add_exception_handler(HTTPException, _http_error)
     return app
 
 
@@ -73,12 +74,25 @@ def _too_large(err: RequestTooLarge) -> tuple[int, dict[str, object]]:
     return openai_error(err)
 
 
-async def _unreadable_body(request: Request, exc: Exception) -> Response:
+async def _http_error(request: Request, exc: Exception) -> Response:
     """FastAPI's 400 "error parsing the body" (an over-limit body without Content-Length, JSON nested
-    too deeply) as the error it hides; other HTTP errors (404, 405) as FastAPI answers them."""
+    too deeply) as the error it hides; every other HTTP error (404, 405) in OpenAI's shape too."""
     assert isinstance(exc, HTTPException)
     err = body_error(exc)
-    return error_response(err) if err is not None else await http_exception_handler(request, exc)
+    if err is None:
+        err = RouteError(_http_message(request, exc), exc.status_code)
+    response = error_response(err)
+    response.headers.update(exc.headers or {})  # 405's Allow
+    return response
+
+
+def _http_message(request: Request, exc: HTTPException) -> str:
+    if exc.status_code == 404:
+        offered = "/v1/models, /v1/chat/completions and /v1/completions"
+        return f"no route {request.method} {request.url.path}; this server offers {offered}"
+    if exc.status_code == 405:
+        return f"{request.method} is not allowed on {request.url.path}"
+    return str(exc.detail)
 
 
 async def _serve_error(request: Request, exc: Exception) -> Response:

@@ -33,6 +33,15 @@ def openai_error(err: ServeError) -> tuple[int, dict[str, Any]]:
         message=err.message,
         type=_error_type(err.http_status),
         param=err.param,
-        code=_OPENAI_CODES.get(err.code, err.code.name.lower()),
+        code=getattr(err, "openai_code", None) or _OPENAI_CODES.get(err.code, err.code.name.lower()),
     )
     return err.http_status, ErrorResponse(error=info).model_dump()
+
+
+class RouteError(ServeError):
+    """An HTTP-level refusal (no such route, method not allowed), in OpenAI's shape."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.http_status = status
+        self.openai_code = {404: "not_found", 405: "method_not_allowed"}.get(status, "invalid_request")

@@ -34,15 +34,17 @@ logger = logging.getLogger(__name__)
 class ChoiceText:
     """One choice's answer as it grows: frames carry the cumulative text, chunks the new part."""
 
+    strip_leading: bool = True
     sent: str = ""
     finish_reason: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
 
     def delta(self, frame: Frame) -> str:
-        # The answer starts after the template's "ASSISTANT:"; a byte-level tokenizer puts the space in
-        # the first token. Leading whitespace is dropped (as LLaVA's demo strips its output); lstrip of
-        # a growing text only grows, and text that shrank is held back until it grows past.
-        text = frame.text.lstrip()
+        # A chat answer starts after the template's "ASSISTANT:"; a byte-level tokenizer puts the space
+        # in the first token. Leading whitespace is dropped there (as LLaVA's demo strips its output);
+        # lstrip of a growing text only grows, and text that shrank is held back until it grows past.
+        # A raw completion keeps its text as generated.
+        text = frame.text.lstrip() if self.strip_leading else frame.text
         new = text[len(self.sent) :] if text.startswith(self.sent) else ""
         self.sent += new
         if frame.usage is not None:

@@ -145,6 +145,54 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class CompletionRequest(BaseModel):
+    """Legacy completions: a raw prompt (no chat template). `images` (an extension, image URLs as in
+    chat) fill the prompt's `<image>` placeholders in order."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    prompt: str | list[str] = Field(min_length=1)
+    images: list[str] = Field(default_factory=list)
+    max_tokens: int | None = Field(16, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1)
+    echo: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    _stop = field_validator("stop")(ChatCompletionRequest._stop_strings.__func__)  # type: ignore[attr-defined]
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def unsupported(self) -> str | None:
+        extra = self.model_extra or {}
+        for name in ("suffix", "logit_bias", "best_of"):
+            if extra.get(name) not in (None, {}, 1):
+                return name
+        return None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

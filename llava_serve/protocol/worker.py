@@ -45,11 +45,13 @@ class SamplingFields(BaseModel):
 
 
 class GenerateRequest(SamplingFields):
-    """Body of /worker_generate_stream and /worker_generate: a prompt built by the client."""
+    """Body of /worker_generate_stream and /worker_generate: a prompt built by the client. With
+    `n` > 1 (an extension; the OpenAI API's completions use it) frames carry `index`."""
 
     prompt: str
     images: list[str] | None = None
     echo: bool = True
+    n: int = Field(default=1, ge=1, le=16)
 
 
 class ChatPart(BaseModel):

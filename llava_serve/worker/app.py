@@ -18,7 +18,7 @@ from llava_serve.common.json_body import add_json_body
 from llava_serve.common.limits import add_body_limit, body_error
 from llava_serve.common.streaming import ClosingStreamingResponse
 from llava_serve.engine.base import EngineBase
-from llava_serve.errors import InvalidRequest, Overloaded, ServeError
+from llava_serve.errors import InvalidParameter, InvalidRequest, Overloaded, ServeError
 from llava_serve.models.base import LoadedModel
 from llava_serve.protocol.frames import Frame, encode_frame
 from llava_serve.protocol.worker import (
@@ -53,7 +53,7 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
 
     @app.post("/worker_generate_stream")
     async def generate_stream(body: GenerateRequest) -> Response:
-        return _stream(service, [await service.accept(body)])
+        return _stream(service, await service.accept(body))
 
     @app.post("/worker_chat_stream")
     async def chat_stream(body: ChatRequest) -> Response:
@@ -61,11 +61,13 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
 
     @app.post("/worker_generate")
     async def generate(body: GenerateRequest, request: Request) -> Response:
+        if body.n > 1:
+            raise InvalidParameter("n > 1 needs /worker_generate_stream (one answer here)", param="n")
         accepted = await service.accept(body)
 
         async def answer() -> dict[str, Any]:
             last = Frame()
-            async for frame in service.frames([accepted]):  # cancelled on disconnect: aborts the request
+            async for frame in service.frames(accepted):  # cancelled on disconnect: aborts the request
                 last = frame
             return last.body()
 

@@ -56,8 +56,9 @@ class WorkerService:
     def close(self) -> None:
         self._prep.shutdown(wait=False, cancel_futures=True)
 
-    async def accept(self, body: GenerateRequest) -> Accepted:
-        """Validate and submit; raises a typed error (4xx/429/503) before any token exists."""
+    async def accept(self, body: GenerateRequest) -> list[Accepted]:
+        """Validate and submit (n choices of one prompt); raises a typed error (4xx/429/503) before
+        any token exists."""
         self._check_open()
         encoded = await self._off_loop(self.encode, body.prompt, body.images or [])
         # LLaVA's clients send their template's separator as `stop` (" " for vicuna_v1) and LLaVA's
@@ -66,8 +67,9 @@ class WorkerService:
         soft = tuple(s for s in body.stop_list() if not s.strip())
         if soft:
             body = body.model_copy(update={"stop": [s for s in body.stop_list() if s.strip()]})
-        accepted = self._submit(encoded, body, body.prompt if body.echo else "", None)
-        accepted.trim = soft
+        accepted = self._submit_all(encoded, body, body.prompt if body.echo else "", body.n)
+        for a in accepted:
+            a.trim = soft
         return accepted
 
     async def accept_chat(self, body: ChatRequest) -> list[Accepted]:
@@ -80,15 +82,7 @@ class WorkerService:
             )
         prompt = await self._off_loop(self.render, body.messages)
         encoded = await self._off_loop(self.encode, prompt, body.images)
-        accepted: list[Accepted] = []
-        try:
-            for i in range(body.n):
-                accepted.append(self._submit(encoded, body, "", i, seed_offset=i))
-        except BaseException:  # all n or none: the ones already in are given back
-            for a in accepted:
-                self.engine.abort(a.request)
-            raise
-        return accepted
+        return self._submit_all(encoded, body, "", body.n)
 
     async def build_prompt(self, messages: list[ChatTurn]) -> str:
         return await self._off_loop(self.render, messages)
@@ -163,6 +157,17 @@ class WorkerService:
 
     async def _off_loop(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._prep, fn, *args)
+
+    def _submit_all(self, encoded: EncodedPrompt, body: SamplingFields, echo: str, n: int) -> list[Accepted]:
+        """n choices of one encoded prompt (choice i samples with seed + i), all or none."""
+        accepted: list[Accepted] = []
+        try:
+            for i in range(n):
+                accepted.append(self._submit(encoded, body, echo, i if n > 1 else None, seed_offset=i))
+        except BaseException:  # the ones already in are given back
+            self.abort(accepted)
+            raise
+        return accepted
 
     def _submit(
         self, encoded: EncodedPrompt, body: SamplingFields, echo: str, index: int | None, seed_offset: int = 0
