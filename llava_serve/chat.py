@@ -10,14 +10,16 @@ import hashlib
 import queue
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from llava_serve.engine.params import SamplingParams
-from llava_serve.engine.request import Request, RequestOutput
 from llava_serve.errors import ModelLoadError, ServeError
-from llava_serve.models.base import LoadedModel
 from llava_serve.models.images import ImageLimits, decode_image_bytes
 from llava_serve.worker.config import add_model_args
+
+if TYPE_CHECKING:  # torch loads with the model, not for --help
+    from llava_serve.engine.request import RequestOutput
+    from llava_serve.models.base import LoadedModel
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,6 +50,8 @@ class ChatSession:
         self.messages = []
 
     def ask(self, text: str, out: TextIO) -> str:
+        from llava_serve.engine.request import Request
+
         first = not self.messages and self.image is not None
         content: list[dict[str, Any]] = [{"type": "image"}] if first else []
         self.messages.append({"role": "user", "content": [*content, {"type": "text", "text": text}]})

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "soak": ("llava_serve.tools.soak", "the whole stack under steady mixed load for N minutes: does anything grow?"),
     "build-model": ("llava_serve.tools.checkpoints.build", "build small random-weight checkpoints offline"),
     "eval": ("llava_serve.default_model.eval", "evaluate the default model through a served worker"),
-    "train-default": ("llava_serve.default_model.train", "train the bundled default model"),
+    "train-default": ("llava_serve.default_model.train_cli", "train the bundled default model"),
 }
 
 

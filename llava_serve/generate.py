@@ -8,14 +8,17 @@ import json
 import queue
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from llava_serve.engine.base import EngineBase
 from llava_serve.engine.params import SamplingParams
-from llava_serve.engine.request import Request, RequestOutput
 from llava_serve.errors import ModelLoadError, ServeError
-from llava_serve.models.base import LoadedModel
 from llava_serve.models.images import ImageLimits, decode_image_bytes
 from llava_serve.worker.config import add_model_args
+
+if TYPE_CHECKING:  # torch loads with the model, not for --help
+    from llava_serve.engine.base import EngineBase
+    from llava_serve.engine.request import RequestOutput
+    from llava_serve.models.base import LoadedModel
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
 def run_once(
     lm: LoadedModel, engine: EngineBase, prompt: str, images: list, keys: list[str], params: SamplingParams
 ) -> RequestOutput:
+    from llava_serve.engine.request import Request
+
     engine.start()
     outputs: queue.Queue[RequestOutput] = queue.Queue()
     try:

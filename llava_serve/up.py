@@ -7,11 +7,12 @@ waits until each is ready, prints the URLs, and on Ctrl-C stops them all, newest
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(path).expanduser().is_dir():
             print(f"llava-serve up: --model-path {path}: no such folder", file=sys.stderr)
             return 2
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="llava-serve-"))
+    log_dir = args.log_dir or new_log_dir()
     log_dir.mkdir(parents=True, exist_ok=True)
     services: list[Service] = []
 
@@ -215,6 +216,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_all(services)
         print("all services stopped", flush=True)
+
+
+KEEP_RUNS = 5
+
+
+def new_log_dir(root: Path | None = None) -> Path:
+    """A folder for this run's logs under ~/.local/state/llava-serve/logs (XDG_STATE_HOME honoured);
+    only the newest KEEP_RUNS runs' folders are kept."""
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    root = root or state / "llava-serve" / "logs"
+    root.mkdir(parents=True, exist_ok=True)
+    runs = sorted(p for p in root.glob("up-*") if p.is_dir())
+    for old in runs[: max(0, len(runs) - (KEEP_RUNS - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    return root / f"up-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
 def print_urls(services: list[Service], log_dir: Path) -> None:

@@ -1,13 +1,16 @@
-"""`llava-serve up` end to end: the whole stack in one command, asked through the official openai client."""
+"""`llava-serve up` end to end: the whole stack in one command, asked through the official openai client,
+and the README's examples run verbatim against it."""
 
 from __future__ import annotations
 
 import base64
 import io
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -15,8 +18,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 from llava_serve.default_model import default_model_path
+from llava_serve.protocol.frames import Frame
 from tests.procs import free_port
 
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 HAS_DEFAULT = (default_model_path() / "config.json").is_file()
 
 
@@ -42,7 +48,7 @@ def wait_for(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
 
 
 @pytest.mark.skipif(not HAS_DEFAULT, reason="the default model's weights are not built")
-def test_up_serves_the_default_model_and_stops_cleanly():
+def test_up_serves_the_default_model_and_stops_cleanly(tmp_path):
     ports = [free_port() for _ in range(4)]
     argv = [
         sys.executable,
@@ -58,6 +64,8 @@ def test_up_serves_the_default_model_and_stops_cleanly():
         str(ports[1]),
         "--api-port",
         str(ports[2]),
+        "--log-dir",
+        str(tmp_path / "logs"),
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -77,6 +85,7 @@ def test_up_serves_the_default_model_and_stops_cleanly():
             model=model, messages=[{"role": "user", "content": content}], temperature=0, max_tokens=20
         )
         assert "red" in answer.choices[0].message.content.lower()
+        readme_examples_work(api_port=ports[2], worker_port=ports[1])
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
@@ -85,6 +94,26 @@ def test_up_serves_the_default_model_and_stops_cleanly():
     for port in ports[:3]:
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+
+
+def readme_blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def readme_examples_work(api_port: int, worker_port: int) -> None:
+    """The README's examples, pasted verbatim into a shell in the repository (only the ports differ)."""
+    (snippet,) = [b for b in readme_blocks("python") if "OpenAI(" in b]
+    snippet = snippet.replace("127.0.0.1:8000", f"127.0.0.1:{api_port}")
+    ran = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert "red" in ran.stdout.lower(), ran.stdout
+    (curl,) = [b for b in readme_blocks("bash") if "curl " in b]
+    curl = curl.replace("localhost:21002", f"localhost:{worker_port}")
+    ran = subprocess.run(["bash", "-c", curl], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    frames = [Frame.model_validate_json(line) for line in ran.stdout.splitlines() if line.strip()]
+    assert ran.returncode == 0 and frames, ran.stderr
+    assert frames[-1].error_code == 0 and frames[-1].finish_reason is not None, frames[-1]
+    assert "red" in frames[-1].text.lower(), frames[-1].text
 
 
 def test_up_refuses_a_taken_port():

@@ -26,7 +26,6 @@ from pathlib import Path
 from PIL import Image
 
 from llava_serve.default_model import default_model_path
-from llava_serve.default_model.batches import conversation
 from llava_serve.default_model.data import render, sample_scene
 from llava_serve.default_model.questions import GENERATORS, KINDS, QA
 from llava_serve.default_model.scoring import is_correct
@@ -68,6 +67,8 @@ class LocalAnswerer:
         self.device = device
 
     def __call__(self, image: Image.Image, question: str) -> str:
+        from llava_serve.default_model.batches import conversation  # torch: loaded for a run, not for --help
+
         messages = conversation([QA("", question, "", None)], with_answers=False)
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = self.processor(text=prompt, images=[image], return_tensors="pt").to(self.device)
@@ -86,6 +87,7 @@ class WorkerAnswerer:
 
     def __call__(self, image: Image.Image, question: str) -> str:
         from llava_serve.cluster.client import chat_sync
+        from llava_serve.default_model.batches import conversation  # torch: loaded for a run, not for --help
         from llava_serve.protocol.worker import ChatRequest, ChatTurn
 
         messages = conversation([QA("", question, "", None)], with_answers=False)
@@ -145,7 +147,9 @@ def format_table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="llava-serve eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=200, help="number of fresh images (5 questions each)")
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
     target = parser.add_mutually_exclusive_group()

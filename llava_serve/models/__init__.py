@@ -1,6 +1,3 @@
-"""Model loading: HF checkpoints, original LLaVA format, quantization, prompt templates, images."""
+"""Model loading: HF checkpoints, original LLaVA format, quantization, prompt templates, images.
 
-from llava_serve.models.base import EncodedPrompt, LoadedModel, PreparedImage
-from llava_serve.models.loader import LoadOptions, load_model
-
-__all__ = ["EncodedPrompt", "LoadOptions", "LoadedModel", "PreparedImage", "load_model"]
+Nothing is imported here, so that light modules (flags, image checks) do not pull in torch."""

@@ -1,8 +1,2 @@
-"""The web demo: a Gradio chat that talks only to the controller over HTTP (and, to build a
-prompt, to the worker the controller names). Build it with `create_app(WebConfig(...))`."""
-
-from llava_serve.web.app import create_app
-from llava_serve.web.config import WebConfig
-from llava_serve.web.demo import create_demo
-
-__all__ = ["WebConfig", "create_app", "create_demo"]
+"""The web demo: a Gradio chat that talks only to the controller, through `ClusterClient`. Build it with
+`web.app.create_app(WebConfig(...))`. Nothing is imported here, so reading its flags does not load Gradio."""

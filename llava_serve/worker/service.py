@@ -75,7 +75,7 @@ class WorkerService:
     async def accept_chat(self, body: ChatRequest) -> list[Accepted]:
         """Render the messages with the model's template, encode the images once, submit `n` choices."""
         self._check_open()
-        if "max_new_tokens" in body.model_fields_set and body.max_new_tokens >= self.lm.context_length:
+        if "max_new_tokens" in body.model_fields_set and body.max_new_tokens > self.lm.context_length:
             raise InvalidParameter(
                 f"max_tokens {body.max_new_tokens} exceeds the model's context of {self.lm.context_length}",
                 param="max_tokens",

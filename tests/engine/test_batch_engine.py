@@ -9,7 +9,7 @@ import pytest
 from llava_serve.engine.engine import BatchEngine
 from llava_serve.engine.params import SamplingParams
 from llava_serve.errors import Overloaded
-from llava_serve.models import LoadOptions, load_model
+from llava_serve.models.loader import LoadOptions, load_model
 from tests.engine.helpers import Collector, greedy, make_cases, reference
 
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_serve.engine import Request, RequestOutput, SamplingParams
 from llava_serve.engine.engine import BatchEngine
 from llava_serve.engine.generate_engine import GenerateEngine
+from llava_serve.engine.params import SamplingParams
+from llava_serve.engine.request import Request, RequestOutput
 from llava_serve.errors import ImageCountMismatch, InvalidRequest, Overloaded
 from llava_serve.models.base import LoadedModel
 from llava_serve.models.loader import LoadOptions, load_model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llava_serve.engine.engine import BatchEngine
-from llava_serve.models import LoadOptions, load_model
+from llava_serve.models.loader import LoadOptions, load_model
 from tests.engine.helpers import Collector, greedy, make_cases, reference
 
 pytest.importorskip("bitsandbytes")

@@ -18,10 +18,9 @@ from PIL import Image
 
 from llava_serve.engine.engine import BatchEngine
 from llava_serve.errors import ImageCountMismatch
-from llava_serve.models import LoadOptions, load_model
 from llava_serve.models.base import IMAGE_PLACEHOLDER, LoadedModel
 from llava_serve.models.hf import model_class
-from llava_serve.models.loader import is_original_llava
+from llava_serve.models.loader import LoadOptions, is_original_llava, load_model
 from llava_serve.models.options import read_config
 from llava_serve.tools.checkpoints.build import build
 from tests.engine.helpers import Case, Collector, greedy, make_cases, reference

@@ -7,9 +7,10 @@ import asyncio
 import httpx
 import pytest
 
-from llava_serve.web import WebConfig, create_app, create_demo
 from llava_serve.web.__main__ import main
-from llava_serve.web.config import config_from_args
+from llava_serve.web.app import create_app
+from llava_serve.web.config import WebConfig, config_from_args
+from llava_serve.web.demo import create_demo
 
 
 def test_cli_flags_map_to_config() -> None:

@@ -49,6 +49,11 @@ def _missing() -> str | None:
     return None
 
 
+# In CI (CI=true, as .ci/run runs) a missing browser fails the run instead of skipping the test.
+REQUIRED = os.environ.get("CI", "").lower() in ("1", "true")
+if REQUIRED and _missing() is not None:
+    raise RuntimeError(f"CI needs the browser test and it cannot run: {_missing()}")
+
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(_missing() is not None, reason=_missing() or ""),

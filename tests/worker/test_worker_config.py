@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llava_serve.engine.prepack import PackedLinear
-from llava_serve.models import LoadOptions, load_model
+from llava_serve.models.loader import LoadOptions, load_model
 from llava_serve.worker.config import worker_config
 from llava_serve.worker.loading import build_engine
 

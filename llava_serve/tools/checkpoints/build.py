@@ -7,12 +7,15 @@ import argparse
 import math
 from pathlib import Path
 
-from llava_serve.tools.checkpoints.hf import SIZES, build_hf, build_internvl
-from llava_serve.tools.checkpoints.original import build_original
+SIZES = ("bench", "small", "tiny")  # checked against hf.SIZES by a test; here so that --help needs no torch
 
 
 def build(kind: str, size_name: str, out: Path, seed: int = 0) -> Path:
-    size = SIZES[size_name]
+    from llava_serve.tools.checkpoints.hf import SIZES as BY_NAME
+    from llava_serve.tools.checkpoints.hf import build_hf, build_internvl
+    from llava_serve.tools.checkpoints.original import build_original
+
+    size = BY_NAME[size_name]
     out.mkdir(parents=True, exist_ok=True)
     if kind in ("llava", "llava-next", "text"):
         build_hf(kind, size, out, seed)
