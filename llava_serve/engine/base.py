@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from llava_serve.engine.request import Request, RequestOutput, Status
+from llava_serve.engine.request import Request, RequestOutput, Status, TokenLogprobs
 from llava_serve.engine.text import TextAssembler
 from llava_serve.errors import EngineDead, Overloaded, ServeError
 from llava_serve.models.base import LoadedModel
@@ -117,7 +117,11 @@ class EngineBase:
         text = assembler.visible()
         if text == before and req.output_ids[:-1]:
             return  # nothing new to show (a partial character or a possible stop string)
-        req.sink(RequestOutput(req.request_id, text, len(req.output_ids), req.prompt_len, finished=False))
+        req.sink(
+            RequestOutput(
+                req.request_id, text, len(req.output_ids), req.prompt_len, finished=False, logprobs=_logprobs(req)
+            )
+        )
 
     def _finish(self, req: Request, reason: str, error: ServeError | None = None) -> None:
         """The one place an accepted request leaves: its final output, then its slot is free."""
@@ -136,5 +140,10 @@ class EngineBase:
             finished=True,
             finish_reason=reason,
             error=error,
+            logprobs=_logprobs(req),
         )
         req.sink(out)
+
+
+def _logprobs(req: Request) -> list[TokenLogprobs] | None:
+    return req.token_logprobs if req.params.logprobs is not None else None

@@ -33,7 +33,7 @@ from llava_serve.engine.base import EngineBase
 from llava_serve.engine.request import Request, Status
 from llava_serve.engine.sampler import apply_repetition_penalty, generator_of, sample_row
 from llava_serve.engine.text import TextAssembler
-from llava_serve.errors import EngineDead, OutOfMemory, ServeError
+from llava_serve.errors import EngineDead, InvalidParameter, OutOfMemory, ServeError
 from llava_serve.models.base import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,19 @@ class GenerateEngine(EngineBase):
     def start(self) -> GenerateEngine:
         self._started = True
         return self
+
+    def submit(self, req: Request) -> None:
+        """The LLaVA-way baseline keeps to what LLaVA's worker offers; the rest is refused, not ignored."""
+        p = req.params
+        asked = [name for name, on in (("logprobs", p.logprobs is not None), ("presence_penalty", p.presence_penalty),
+                                       ("frequency_penalty", p.frequency_penalty),
+                                       ("response_format", req.constraint is not None)) if on]  # fmt: skip
+        if asked:
+            raise InvalidParameter(
+                f"{asked[0]} is not offered by --engine generate (the LLaVA-way baseline); use --engine batch",
+                param=asked[0],
+            )
+        super().submit(req)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop taking work; running generations stop at their next token and fail with EngineDead."""

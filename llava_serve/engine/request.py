@@ -22,6 +22,15 @@ class Status(Enum):
     FINISHED = "finished"
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One generated token: its log-probability and the top alternatives as (token id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -31,6 +40,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None
     error: ServeError | None = None
+    logprobs: list[TokenLogprobs] | None = None  # every token's so far (the request's own list, append-only)
 
 
 # Called from the engine thread; implementations hand the output over to their own thread/loop.
@@ -54,6 +64,10 @@ class Request:
     @property
     def prompt_len(self) -> int:
         return len(self.prompt.input_ids)
+
+    # set by the worker when asked for structured output / log-probabilities (see sampler.py)
+    constraint: Any = None
+    token_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     def cancel(self) -> None:
         """Thread-safe: the engine drops the request before its next step."""

@@ -37,6 +37,18 @@ class Usage(BaseModel):
         )
 
 
+class TopLogprob(BaseModel):
+    """A token and its log-probability, in OpenAI's shape (`bytes`: the token's UTF-8 bytes)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
 class Frame(BaseModel):
     """One frame. Workers of other projects send frames with fewer keys (LLaVA's: text and
     error_code only) or more; those are read as well."""
@@ -51,6 +63,7 @@ class Frame(BaseModel):
     message: str | None = None  # error frames: the message without the code
     param: str | None = None  # error frames: the request field at fault
     partial_text: str | None = None  # error frames ending a stream: the text sent before the failure
+    logprobs: list[TokenLogprob] | None = None  # the tokens generated since the previous frame of this choice
 
     @classmethod
     def failure(

@@ -28,6 +28,12 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     ignore_eos: bool = False
     request_id: str | None = None
+    # extensions, as vLLM names them: OpenAI's penalties, log-probabilities (how many alternatives
+    # per token), structured output ({"type": "json_object"} or {"type": "json_schema", "schema": {...}})
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -12,8 +12,9 @@ from jinja2 import TemplateError
 
 from llava_serve.common.aio import merge
 from llava_serve.engine.base import EngineBase
+from llava_serve.engine.constraint import Constraint
 from llava_serve.engine.params import SamplingParams
-from llava_serve.engine.request import Request, RequestOutput
+from llava_serve.engine.request import Request, RequestOutput, TokenLogprobs
 from llava_serve.errors import (
     ContextOverflow,
     ImageCountMismatch,
@@ -24,7 +25,7 @@ from llava_serve.errors import (
 )
 from llava_serve.models.base import EncodedPrompt, LoadedModel
 from llava_serve.models.images import ImageLimits, decode_base64_image
-from llava_serve.protocol.frames import FinishReason, Frame, Usage
+from llava_serve.protocol.frames import FinishReason, Frame, TokenLogprob, TopLogprob, Usage
 from llava_serve.protocol.worker import ChatRequest, ChatTurn, GenerateRequest, SamplingFields, WorkerStatus
 from llava_serve.worker.metrics import WorkerMetrics
 from llava_serve.worker.stream import OutputChannel
@@ -41,6 +42,7 @@ class Accepted:
     echo: str  # what each frame's text starts with: the prompt (LLaVA's echo) or nothing
     index: int | None = None  # the choice, on a chat stream
     trim: tuple[str, ...] = ()  # trimmed from the end of the final text, never a stop (see accept)
+    logprobs_sent: int = 0  # token log-probabilities already sent in earlier frames
 
 
 class WorkerService:
@@ -67,7 +69,8 @@ class WorkerService:
         soft = tuple(s for s in body.stop_list() if not s.strip())
         if soft:
             body = body.model_copy(update={"stop": [s for s in body.stop_list() if s.strip()]})
-        accepted = self._submit_all(encoded, body, body.prompt if body.echo else "", body.n)
+        constraints = await self._off_loop(self.constraints, body, body.n)
+        accepted = self._submit_all(encoded, body, body.prompt if body.echo else "", constraints)
         for a in accepted:
             a.trim = soft
         return accepted
@@ -82,7 +85,8 @@ class WorkerService:
             )
         prompt = await self._off_loop(self.render, body.messages)
         encoded = await self._off_loop(self.encode, prompt, body.images)
-        return self._submit_all(encoded, body, "", body.n)
+        constraints = await self._off_loop(self.constraints, body, body.n)
+        return self._submit_all(encoded, body, "", constraints)
 
     async def build_prompt(self, messages: list[ChatTurn]) -> str:
         return await self._off_loop(self.render, messages)
@@ -135,7 +139,7 @@ class WorkerService:
 
         async def of(a: Accepted) -> AsyncIterator[Frame]:
             async for out in self.outputs(a):
-                yield frame_of(a, out)
+                yield frame_of(a, out, self.token_text)
 
         if len(accepted) == 1:
             async for f in of(accepted[0]):
@@ -148,6 +152,9 @@ class WorkerService:
         for a in accepted:
             self.engine.abort(a.request)
 
+    def token_text(self, token: int) -> str:
+        return str(self.lm.tokenizer.decode([token]))
+
     def status(self) -> WorkerStatus:
         return WorkerStatus(model_names=[self.lm.name], speed=1, queue_length=self.engine.queue_length())
 
@@ -158,19 +165,34 @@ class WorkerService:
     async def _off_loop(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._prep, fn, *args)
 
-    def _submit_all(self, encoded: EncodedPrompt, body: SamplingFields, echo: str, n: int) -> list[Accepted]:
+    def constraints(self, body: SamplingFields, n: int) -> list[Constraint | None]:
+        """Each choice's grammar matcher (compiled here, off the event loop and the engine thread)."""
+        spec = body.response_format
+        if spec is None or spec.get("type") == "text":
+            return [None] * n
+        return [Constraint(spec, self.lm.tokenizer) for _ in range(n)]
+
+    def _submit_all(
+        self, encoded: EncodedPrompt, body: SamplingFields, echo: str, constraints: list[Constraint | None]
+    ) -> list[Accepted]:
         """n choices of one encoded prompt (choice i samples with seed + i), all or none."""
-        accepted: list[Accepted] = []
+        n, accepted = len(constraints), []
         try:
-            for i in range(n):
-                accepted.append(self._submit(encoded, body, echo, i if n > 1 else None, seed_offset=i))
+            for i, constraint in enumerate(constraints):
+                accepted.append(self._submit(encoded, body, echo, i if n > 1 else None, i, constraint))
         except BaseException:  # the ones already in are given back
             self.abort(accepted)
             raise
         return accepted
 
     def _submit(
-        self, encoded: EncodedPrompt, body: SamplingFields, echo: str, index: int | None, seed_offset: int = 0
+        self,
+        encoded: EncodedPrompt,
+        body: SamplingFields,
+        echo: str,
+        index: int | None,
+        seed_offset: int,
+        constraint: Constraint | None,
     ) -> Accepted:
         channel = OutputChannel()
 
@@ -180,6 +202,7 @@ class WorkerService:
             channel.sink(out)
 
         request = Request(prompt=encoded, params=sampling_params(body, seed_offset), sink=sink)
+        request.constraint = constraint
         if body.request_id:
             request.request_id = body.request_id if index is None else f"{body.request_id}-{index}"
         self.engine.submit(request)
@@ -198,12 +221,32 @@ def sampling_params(body: SamplingFields, seed_offset: int = 0) -> SamplingParam
         stop=tuple(body.stop_list()),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logprobs=body.logprobs,
     )
 
 
-def frame_of(accepted: Accepted, out: RequestOutput) -> Frame:
+def frame_of(accepted: Accepted, out: RequestOutput, token_text: Callable[[int], str]) -> Frame:
     """A frame for an engine output. `usage` is in every frame, as FastChat's workers send it: a
     frame can carry several tokens (text held back mid-character or mid-stop-string)."""
+    frame = _frame_of(accepted, out)
+    if out.logprobs is not None:
+        new = out.logprobs[accepted.logprobs_sent : out.completion_tokens]
+        accepted.logprobs_sent += len(new)
+        frame.logprobs = [_token_logprob(t, token_text) for t in new]
+    return frame
+
+
+def _token_logprob(t: TokenLogprobs, token_text: Callable[[int], str]) -> TokenLogprob:
+    def top(token: int, logprob: float) -> TopLogprob:
+        text = token_text(token)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    return TokenLogprob(**top(t.token, t.logprob).model_dump(), top_logprobs=[top(i, lp) for i, lp in t.top])
+
+
+def _frame_of(accepted: Accepted, out: RequestOutput) -> Frame:
     text = accepted.echo + out.text
     if out.finished:
         for soft in accepted.trim:
