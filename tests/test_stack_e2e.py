@@ -184,3 +184,74 @@ def test_legacy_completions_raw_prompt_images_n_echo_and_stream(stack):
     with pytest.raises(openai.BadRequestError) as info:
         stack.completions.create(model="tiny-llava", prompt=prompt, max_tokens=4)  # the image is missing
     assert info.value.body["code"] == "image_count_mismatch"
+
+
+SHAPES = {
+    "type": "object",
+    "properties": {"colour": {"enum": ["red", "green", "blue"]}, "count": {"type": "integer", "minimum": 0}},
+    "required": ["colour", "count"],
+    "additionalProperties": False,
+}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+                          "required": ["city"], "additionalProperties": False}}}  # fmt: skip
+
+
+def test_n_samples_differ_and_a_seed_repeats_them(stack):
+    def four(seed):
+        r = stack.chat.completions.create(model="tiny-llava", messages=[{"role": "user", "content": "hi"}], n=4,
+                                          temperature=1.0, max_tokens=8, seed=seed)  # fmt: skip
+        return [c.message.content for c in sorted(r.choices, key=lambda c: c.index)]
+
+    first = four(5)
+    assert len(set(first)) > 1 and four(5) == first
+
+
+def test_logprobs_streaming_and_not(stack):
+    kw = {"model": "tiny-llava", "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 6,
+          "logprobs": True, "top_logprobs": 2}  # fmt: skip
+    reply = stack.chat.completions.create(**kw)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.logprob <= 0 and t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)  # greedy
+    streamed = [t for c in stack.chat.completions.create(stream=True, **kw) if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]  # fmt: skip
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+
+
+def test_penalties_and_json_schema(stack):
+    import jsonschema
+
+    reply = stack.chat.completions.create(
+        model="tiny-llava", messages=[{"role": "user", "content": "Shapes as JSON"}], temperature=1.0, n=4,
+        max_tokens=48, presence_penalty=0.5, frequency_penalty=0.5,
+        response_format={"type": "json_schema", "json_schema": {"name": "shapes", "schema": SHAPES}},
+    )  # fmt: skip
+    for choice in reply.choices:
+        jsonschema.validate(json.loads(choice.message.content), SHAPES)
+    obj = stack.chat.completions.create(model="tiny-llava", messages=[{"role": "user", "content": "JSON"}],
+                                        max_tokens=48, response_format={"type": "json_object"})  # fmt: skip
+    assert obj.choices[0].finish_reason != "stop" or isinstance(json.loads(obj.choices[0].message.content), dict)
+
+
+def test_forced_tool_calls_streaming_and_not(stack):
+    import jsonschema
+
+    kw = {"model": "tiny-llava", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER],
+          "max_tokens": 120, "temperature": 0.8, "seed": 2}  # fmt: skip
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        reply = stack.chat.completions.create(tool_choice=choice, **kw)
+        assert reply.choices[0].message.tool_calls, (reply.choices[0].message.content, reply.choices[0].finish_reason)
+        (call,) = reply.choices[0].message.tool_calls
+        assert reply.choices[0].finish_reason == "tool_calls" and reply.choices[0].message.content is None
+        assert call.function.name == "get_weather" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    chunks = list(stack.chat.completions.create(tool_choice="required", stream=True, **kw))
+    calls = [tc for c in chunks if c.choices and c.choices[0].delta.tool_calls for tc in c.choices[0].delta.tool_calls]
+    assert calls and calls[0].function.name == "get_weather"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    history = [*kw["messages"], {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function":
+               {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]  # fmt: skip
+    follow = stack.chat.completions.create(**{**kw, "messages": history}, tool_choice="none")
+    assert follow.choices[0].message.content is not None and not follow.choices[0].message.tool_calls

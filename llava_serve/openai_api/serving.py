@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from llava_serve.cluster.client import ClusterClient, FrameStream
 from llava_serve.common.aio import gather_or_cancel
@@ -15,14 +16,18 @@ from llava_serve.errors import ErrorCode, ImageError, InvalidParameter, InvalidR
 from llava_serve.openai_api.config import ApiConfig
 from llava_serve.openai_api.images import ImageFetcher
 from llava_serve.openai_api.sse import StreamHeader, chunk, done, error_event
-from llava_serve.protocol.frames import FinishReason, Frame
+from llava_serve.openai_api.tools import ToolPlan, as_text
+from llava_serve.protocol.frames import FinishReason, Frame, TokenLogprob
 from llava_serve.protocol.openai import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionRequest,
+    ChatMessage,
     Choice,
+    ChoiceLogprobs,
     Delta,
     ImagePart,
+    ToolCallDelta,
     Usage,
 )
 from llava_serve.protocol.worker import ChatPart, ChatRequest, ChatTurn
@@ -38,6 +43,7 @@ class ChoiceText:
     sent: str = ""
     finish_reason: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def delta(self, frame: Frame) -> str:
         # A chat answer starts after the template's "ASSISTANT:"; a byte-level tokenizer puts the space
@@ -49,15 +55,25 @@ class ChoiceText:
         self.sent += new
         if frame.usage is not None:
             self.usage = frame.usage.model_dump()
+        self.logprobs += frame.logprobs or []
         if frame.finish_reason is not None:
             self.finish_reason = frame.finish_reason.value
         return new
 
 
-def chat_turns(req: ChatCompletionRequest) -> tuple[list[ChatTurn], list[tuple[str, str]]]:
+WORKER_ROLES: dict[str, Literal["system", "user", "assistant"]] = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "user",  # tool results reach a template without tool turns as user text (see tools.as_text)
+}
+
+
+def chat_turns(messages: list[ChatMessage]) -> tuple[list[ChatTurn], list[tuple[str, str]]]:
     """Messages in the worker's chat form, and the image URLs with their `param` paths, in order."""
     turns, images = [], []
-    for i, msg in enumerate(req.messages):
+    for i, msg in enumerate(messages):
         parts: list[ChatPart] = []
         for j, part in enumerate(msg.parts()):
             if isinstance(part, ImagePart):
@@ -65,8 +81,7 @@ def chat_turns(req: ChatCompletionRequest) -> tuple[list[ChatTurn], list[tuple[s
                 parts.append(ChatPart(type="image"))
             else:
                 parts.append(ChatPart(type="text", text=part.text))
-        role = "system" if msg.role == "developer" else msg.role
-        turns.append(ChatTurn(role=role, content=parts))
+        turns.append(ChatTurn(role=WORKER_ROLES[msg.role], content=parts))
     return turns, images
 
 
@@ -77,25 +92,24 @@ class ChatService:
         self.images = images
 
     async def complete(self, req: ChatCompletionRequest) -> ChatCompletion:
-        cid, stream = await self.open(req)
+        cid, stream, plan = await self.open(req)
         choices = [ChoiceText() for _ in range(req.n)]
         async for frame in stream:
             choices[frame.index or 0].delta(frame)
-        answers = [
-            Choice(index=i, message=AssistantMessage(content=c.sent), finish_reason=c.finish_reason or "stop")
-            for i, c in enumerate(choices)
-        ]
+        answers = [answer(i, c, plan, req.logprobs) for i, c in enumerate(choices)]
         return ChatCompletion(id=cid, model=req.model, choices=answers, usage=total_usage(choices))
 
     async def open_stream(self, req: ChatCompletionRequest) -> ChatStream:
         """Start the generation; refusals before the first token are raised here, as HTTP errors."""
-        cid, stream = await self.open(req)
+        cid, stream, plan = await self.open(req)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return ChatStream(StreamHeader(cid, int(time.time()), req.model, include_usage), stream, req.n)
+        return ChatStream(StreamHeader(cid, int(time.time()), req.model, include_usage), stream, req.n, plan)
 
-    async def open(self, req: ChatCompletionRequest) -> tuple[str, FrameStream]:
+    async def open(self, req: ChatCompletionRequest) -> tuple[str, FrameStream, ToolPlan]:
         self._validate(req)
-        turns, urls = chat_turns(req)
+        plan = ToolPlan(req)
+        messages = ([plan.system_message()] if plan.active else []) + [as_text(m) for m in req.messages]
+        turns, urls = chat_turns(messages)
         images = await gather_or_cancel([self._image(url, param) for url, param in urls])
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         body = ChatRequest(
@@ -109,11 +123,15 @@ class ChatService:
             seed=req.seed,
             request_id=cid,
         )
-        if (limit := req.output_limit()) is not None:
-            body.max_new_tokens = limit
-        return cid, await self.cluster.chat(body)
+        for name, value in sampling_extensions(req, plan).items():
+            setattr(body, name, value)  # set only when asked, so the worker's defaults stay its own
+        return cid, await self.cluster.chat(body), plan
 
     def _validate(self, req: ChatCompletionRequest) -> None:
+        try:
+            req.top_logprobs_asked()
+        except ValueError as exc:
+            raise InvalidParameter(str(exc), param="top_logprobs") from None
         unsupported = req.unsupported()
         if unsupported:
             raise InvalidRequest(f"{unsupported} is not supported by this server", param=unsupported)
@@ -137,6 +155,34 @@ class ChatService:
             raise
 
 
+def sampling_extensions(req: ChatCompletionRequest, plan: ToolPlan) -> dict[str, Any]:
+    """The worker fields for what the request asks beyond plain sampling."""
+    fields: dict[str, Any] = {"max_new_tokens": req.output_limit()}
+    fields |= {"presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
+    fields |= {"repetition_penalty": req.repetition_penalty, "logprobs": req.top_logprobs_asked()}
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        fields["response_format"] = {"type": "json_object"}
+    elif fmt is not None and fmt.type == "json_schema":
+        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else {"type": "object"}
+        fields["response_format"] = {"type": "json_schema", "schema": schema}
+    if (forced := plan.grammar()) is not None:
+        fields["response_format"] = forced
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def answer(index: int, choice: ChoiceText, plan: ToolPlan, logprobs: bool | None) -> Choice:
+    calls = plan.read(choice.sent) if plan.active else None
+    message = AssistantMessage(content=None, tool_calls=calls) if calls else AssistantMessage(content=choice.sent)
+    reason = "tool_calls" if calls else (choice.finish_reason or "stop")
+    return Choice(
+        index=index,
+        message=message,
+        finish_reason=reason,
+        logprobs=ChoiceLogprobs(content=choice.logprobs) if logprobs else None,
+    )
+
+
 def total_usage(choices: list[ChoiceText]) -> Usage:
     """Prompt tokens counted once (the n choices share the prompt), completion tokens summed."""
     prompt = next((c.usage.get("prompt_tokens", 0) for c in choices if c.usage), 0)
@@ -145,11 +191,13 @@ def total_usage(choices: list[ChoiceText]) -> Usage:
 
 
 class ChatStream:
-    """An open generation served as OpenAI SSE chunks; `aclose()` closes the upstream stream."""
+    """An open generation served as OpenAI SSE chunks; `aclose()` closes the upstream stream. With
+    tools, each choice's answer is held back until it ends: it is then a tool call or text."""
 
-    def __init__(self, header: StreamHeader, stream: FrameStream, n: int) -> None:
+    def __init__(self, header: StreamHeader, stream: FrameStream, n: int, plan: ToolPlan) -> None:
         self.header = header
         self.stream = stream
+        self.plan = plan
         self.choices = [ChoiceText() for _ in range(n)]
 
     async def aclose(self) -> None:
@@ -160,11 +208,8 @@ class ChatStream:
             for i in range(len(self.choices)):
                 yield chunk(self.header, i, Delta(role="assistant", content=""))
             async for frame in self.stream:
-                index = frame.index or 0
-                new = self.choices[index].delta(frame)
-                reason = frame.finish_reason.value if frame.finish_reason is not None else None
-                if new or reason:
-                    yield chunk(self.header, index, Delta(content=new) if new else None, reason)
+                for event in self._events(frame):
+                    yield event
             for i, c in enumerate(self.choices):  # a worker that ends without finish_reason
                 if c.finish_reason is None:
                     yield chunk(self.header, i, None, FinishReason.STOP.value)
@@ -174,3 +219,21 @@ class ChatStream:
             logger.warning("chat stream %s failed: %s", self.header.id, err.message)
             yield error_event(err)
         yield done()
+
+    def _events(self, frame: Frame) -> list[str]:
+        index = frame.index or 0
+        choice = self.choices[index]
+        new = choice.delta(frame)
+        reason = frame.finish_reason.value if frame.finish_reason is not None else None
+        logprobs = ChoiceLogprobs(content=frame.logprobs) if frame.logprobs else None
+        if not self.plan.active:
+            return [chunk(self.header, index, Delta(content=new) if new else None, reason, logprobs=logprobs)]
+        events = [chunk(self.header, index, None, logprobs=logprobs)] if logprobs else []
+        if reason is not None:
+            final = answer(index, choice, self.plan, False)
+            if final.message.tool_calls:
+                calls = [ToolCallDelta(index=k, **c.model_dump()) for k, c in enumerate(final.message.tool_calls)]
+                events.append(chunk(self.header, index, Delta(tool_calls=calls), final.finish_reason))
+            else:
+                events.append(chunk(self.header, index, Delta(content=choice.sent), final.finish_reason))
+        return events

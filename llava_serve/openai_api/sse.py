@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from llava_serve.errors import ServeError
 from llava_serve.openai_api.errors import openai_error
-from llava_serve.protocol.openai import ChatCompletionChunk, ChunkChoice, Delta, Usage
+from llava_serve.protocol.openai import ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, Delta, Usage
 
 
 @dataclass(frozen=True)
@@ -26,9 +26,14 @@ def chunk(
     delta: Delta | None,
     finish_reason: str | None = None,
     usage: Usage | None = None,
+    logprobs: ChoiceLogprobs | None = None,
 ) -> str:
     """One `chat.completion.chunk`; index None makes the choice-less final usage chunk."""
-    choices = [] if index is None else [ChunkChoice(index=index, delta=delta or Delta(), finish_reason=finish_reason)]
+    choices = (
+        []
+        if index is None
+        else [ChunkChoice(index=index, delta=delta or Delta(), finish_reason=finish_reason, logprobs=logprobs)]
+    )
     data = ChatCompletionChunk(
         id=header.id, created=header.created, model=header.model, choices=choices, usage=usage
     ).model_dump(exclude_none=True)
