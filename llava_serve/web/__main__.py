@@ -8,6 +8,7 @@ import uvicorn
 
 from llava_serve.web.app import create_app
 from llava_serve.web.config import config_from_args
+from llava_serve.web.uploads import private_uploads
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -16,7 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger(__name__).info(
         "web demo on http://%s:%d, controller %s", config.host, config.port, config.controller_url
     )
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
+    with private_uploads(config):  # before the app: Gradio reads the folder when it is built
+        uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
 
 
 if __name__ == "__main__":
