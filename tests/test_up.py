@@ -77,6 +77,12 @@ def test_up_serves_the_default_model_and_stops_cleanly():
             model=model, messages=[{"role": "user", "content": content}], temperature=0, max_tokens=20
         )
         assert "red" in answer.choices[0].message.content.lower()
+        # up's registration secret: a process that does not have it cannot register or unregister
+        ctrl = f"http://127.0.0.1:{ports[0]}"
+        for route in ("/register_worker", "/unregister_worker"):
+            refused = httpx.post(ctrl + route, json={"worker_name": f"http://127.0.0.1:{ports[1]}"}, timeout=5)
+            assert refused.status_code == 403, route
+        assert httpx.post(ctrl + "/list_models", timeout=5).json()["models"] == [model]
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)

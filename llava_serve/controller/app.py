@@ -36,14 +36,15 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
     """`clock`, `rng` and `transport` (outbound HTTP to workers) are injectable for tests."""
-    registry = Registry(config.heart_beat_expiration, clock)
+    registry = Registry(config.heart_beat_expiration, clock, config.max_workers)
     dispatcher = Dispatcher(registry, config.dispatch_method, rng)
     metrics = ControllerMetrics(registry)
     client = _worker_client(config, transport)
     proxy = StreamProxy(dispatcher, client, metrics, config.max_tries)
 
     app = FastAPI(title="llava-serve controller", lifespan=_lifespan)
-    app.state.controller = ControllerState(config, registry, dispatcher, metrics, client, proxy)
+    probe = _probe_client(config, transport)
+    app.state.controller = ControllerState(config, registry, dispatcher, metrics, client, proxy, probe)
     app.include_router(worker_router)
     app.include_router(router)
     add_body_limit(app, config.max_body_bytes)
@@ -65,6 +66,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await expiry
         await ctrl.client.aclose()
+        await ctrl.probe.aclose()
 
 
 async def _expire_workers(registry: Registry, every: float) -> None:
@@ -81,6 +83,12 @@ def _worker_client(config: ControllerConfig, transport: httpx.AsyncBaseTransport
     # reached directly, never through a proxy from the environment.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     return httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits, transport=transport, trust_env=False)
+
+
+def _probe_client(config: ControllerConfig, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+    """For status checks of addresses asking to register: no credential, no redirects, short timeouts."""
+    timeout = httpx.Timeout(config.connect_timeout)
+    return httpx.AsyncClient(timeout=timeout, transport=transport, trust_env=False, follow_redirects=False)
 
 
 def error_response(request: Request, err: ServeError) -> Response:

@@ -54,9 +54,17 @@ class Usage(BaseModel):
 
 
 class WorkerStatus(BaseModel):
-    model_names: list[str]
-    speed: float = 1.0
-    queue_length: int = 0
+    # Bounded: dispatch divides and weights by these (inf broke lottery, a negative queue won every pick).
+    model_names: list[str] = Field(max_length=64)
+    speed: float = Field(1.0, ge=0.0, le=1e9, allow_inf_nan=False)
+    queue_length: int = Field(0, ge=0, le=1_000_000_000)
+
+    @field_validator("model_names")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        if any(not 0 < len(n) <= 256 for n in v):
+            raise ValueError("model names must be 1..256 characters")
+        return v
 
 
 def encode_frame(obj: dict[str, Any]) -> bytes:

@@ -13,6 +13,7 @@ from jinja2 import TemplateError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from llava_serve.common.attest import ATTEST_PATH
 from llava_serve.common.auth import add_bearer_auth
 from llava_serve.common.disconnect import ClientDisconnected, cancel_on_disconnect
 from llava_serve.common.limits import add_body_limit, body_error
@@ -21,6 +22,7 @@ from llava_serve.engine.base import EngineBase
 from llava_serve.errors import ErrorCode, InvalidRequest, Overloaded, ServeError
 from llava_serve.models.base import LoadedModel
 from llava_serve.protocol.worker import GenerateRequest, encode_frame
+from llava_serve.worker.attest import add_attest_route
 from llava_serve.worker.config import WorkerConfig
 from llava_serve.worker.metrics import WorkerMetrics
 from llava_serve.worker.service import Accepted, WorkerService
@@ -39,7 +41,9 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
     )
     _install_error_handlers(app, metrics)
     add_body_limit(app, config.max_body_bytes)
-    add_bearer_auth(app, config.api_key)
+    # The status check is open to key-less callers: the controller sends no key before it passes.
+    add_bearer_auth(app, config.api_key, exempt_paths={"/health", ATTEST_PATH})
+    add_attest_route(app, config.registration_secret, config.worker_address, service.status)
 
     @app.post("/worker_generate_stream")
     async def generate_stream(body: GenerateRequest) -> Response:

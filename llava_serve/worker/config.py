@@ -4,8 +4,10 @@ command that loads a model shares."""
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, fields
 
+from llava_serve.common.attest import SECRET_ENV
 from llava_serve.models.images import ImageLimits
 from llava_serve.models.options import LoadOptions
 
@@ -111,7 +113,11 @@ def worker_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-register", action="store_true")
     p.add_argument("--heart-beat-interval", type=float, default=15.0)
     p.add_argument("--api-key", action="append", default=[], help="bearer key clients must send (repeatable)")
-    p.add_argument("--registration-secret", default=None, help="shared secret presented to the controller")
+    p.add_argument(
+        "--registration-secret",
+        default=os.environ.get(SECRET_ENV) or None,
+        help=f"shared secret presented to the controller (default: ${SECRET_ENV})",
+    )
     p.add_argument("--max-images", type=int, default=8)
     p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
     p.add_argument("--max-image-pixels", type=int, default=40_000_000)
