@@ -38,6 +38,8 @@ class WorkerConfig:
     max_images: int = 8
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    max_image_aspect_ratio: float = 32.0
+    max_request_pixels: int = 100_000_000
     ready_stall_seconds: float = 60.0
     shutdown_grace: float = 20.0
     feature_cache_size: int = 64
@@ -61,7 +63,13 @@ class WorkerConfig:
 
     @property
     def image_limits(self) -> ImageLimits:
-        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, max_count=self.max_images)
+        return ImageLimits(
+            max_bytes=self.max_image_bytes,
+            max_pixels=self.max_image_pixels,
+            max_count=self.max_images,
+            max_aspect_ratio=self.max_image_aspect_ratio,
+            max_request_pixels=self.max_request_pixels,
+        )
 
     @property
     def max_body_bytes(self) -> int:
@@ -121,6 +129,8 @@ def worker_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=8)
     p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
     p.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    p.add_argument("--max-image-aspect-ratio", type=float, default=32.0, help="longer side / shorter side")
+    p.add_argument("--max-request-pixels", type=int, default=100_000_000, help="all images of a request together")
     p.add_argument("--ready-stall-seconds", type=float, default=60.0)
     p.add_argument("--shutdown-grace", type=float, default=20.0)
     p.add_argument("--feature-cache-size", type=int, default=64)

@@ -13,7 +13,7 @@ from llava_serve.engine.params import SamplingParams
 from llava_serve.engine.request import Request, RequestOutput
 from llava_serve.errors import ContextOverflow, ImageCountMismatch, ImageTooLarge, InvalidRequest, ShuttingDown
 from llava_serve.models.base import LoadedModel
-from llava_serve.models.images import ImageLimits, decode_base64_image
+from llava_serve.models.images import ImageLimits, decode_request_images
 from llava_serve.protocol.worker import GenerateRequest
 from llava_serve.worker.metrics import WorkerMetrics
 from llava_serve.worker.stream import OutputChannel
@@ -98,7 +98,7 @@ class WorkerService:
                 f"the prompt is {len(body.prompt)} characters; more than {most} cannot fit in the context of "
                 f"{self.lm.context_length} tokens; shorten the prompt"
             )
-        decoded = [decode_base64_image(img, self.limits, i) for i, img in enumerate(images)]
+        decoded = decode_request_images(images, self.limits)
         return self.lm.encode(body.prompt, [d.image for d in decoded], [d.sha256 for d in decoded])
 
     async def outputs(self, accepted: Accepted) -> AsyncIterator[RequestOutput]:

@@ -46,6 +46,8 @@ def payload(name: str) -> bytes:
         return png(30000, 30000, colour_type=0, bit_depth=1)
     if name == "bomb":  # 100000x100000 RGBA claimed (40 GB decoded), a few KB of data
         return png(100_000, 100_000, rows=8)
+    if name == "1x16384":  # 141 bytes; a processor that pads to a square made it 16384x16384
+        return png(1, 16384)
     if name == "bomb_within_limits":  # 6000x6000 RGBA: under the 40 Mpx limit, 144 MB decoded
         return png(6000, 6000)
     if name == "truncated":
@@ -101,6 +103,9 @@ TAGS = "<image>" * 10_000
 CASES = [
     Case("30000x30000 image", "worker", W, lambda: worker_body(images=[b64("30000x30000")]), 413, 40003),
     Case("PNG bomb, 100000x100000 claimed", "worker", W, lambda: worker_body(images=[b64("bomb")]), 413, 40003),
+    Case("1x16384 PNG (aspect ratio)", "worker", W, lambda: worker_body(images=[b64("1x16384")]), 413, 40003),
+    Case("two 6000x6000 PNGs (request pixel budget)", "worker", W,
+         lambda: worker_body(prompt="<image><image>", images=[b64("bomb_within_limits")] * 2), 413, 40003),
     Case("truncated PNG", "worker", W, lambda: worker_body(images=[b64("truncated")]), 400, 40002),
     Case("not an image (PDF)", "worker", W, lambda: worker_body(images=[b64("not_an_image")]), 400, 40002),
     Case("50 MB body", "worker", W, lambda: big_body(), 413, 40005),
@@ -113,6 +118,7 @@ CASES = [
     Case("JSON nested 100,000 deep", "worker", "/count_token", lambda: nested(), 400, 40001),
     Case("JSON nested 100,000 deep", "worker", "/worker_build_prompt", lambda: nested(), 400, 40001),
     Case("30000x30000 image", "controller", C, lambda: worker_body(images=[b64("30000x30000")]), 413, 40003),
+    Case("1x16384 PNG (aspect ratio)", "controller", C, lambda: worker_body(images=[b64("1x16384")]), 413, 40003),
     Case("50 MB body", "controller", C, lambda: big_body(), 413, 40005),
     Case("50 MB body, chunked", "controller", C, lambda: chunked(big_body()), 413, 40005),
     Case("JSON nested 100,000 deep", "controller", C, lambda: nested(), 400, 40001),
