@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from llava_serve.common.auth import add_bearer_auth, bearer_headers
-from llava_serve.common.limits import add_body_limit, body_error
+from llava_serve.common.limits import SMALL_BODY, add_body_limit, body_error
 from llava_serve.controller.config import ControllerConfig
 from llava_serve.controller.dispatch import Dispatcher
 from llava_serve.controller.metrics import ControllerMetrics
@@ -47,7 +47,8 @@ def create_app(
     app.state.controller = ControllerState(config, registry, dispatcher, metrics, client, proxy, probe)
     app.include_router(worker_router)
     app.include_router(router)
-    add_body_limit(app, config.max_body_bytes)
+    small = {"/list_models", "/get_worker_address", "/worker_get_status", "/refresh_all_workers", *WORKER_ROUTES}
+    add_body_limit(app, config.max_body_bytes, per_path=dict.fromkeys(small, SMALL_BODY))
     add_bearer_auth(app, config.api_keys, exempt_paths={"/health", *WORKER_ROUTES})
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -17,6 +17,7 @@ import httpx
 
 from llava_serve.common.aio import aclose_shielded, gather_or_cancel, merge
 from llava_serve.common.frames import iter_frames
+from llava_serve.common.text import check_unicode
 from llava_serve.errors import (
     ErrorCode,
     ImageError,
@@ -37,6 +38,7 @@ from llava_serve.protocol.openai import (
     Choice,
     Delta,
     ImagePart,
+    TextPart,
     Usage,
 )
 
@@ -141,6 +143,7 @@ class ChatService:
             raise with_param(InvalidRequest(f"{unsupported} is not supported by this server"), unsupported)
         if req.n > self.config.max_n:
             raise with_param(InvalidParameter(f"n must be at most {self.config.max_n}"), "n")
+        _check_text(req)
         n_images = sum(isinstance(p, ImagePart) for m in req.messages for p in m.parts())
         if n_images > self.config.max_images_per_request:
             raise with_param(
@@ -184,6 +187,17 @@ class ChatService:
             finish = update.finish_reason or finish
             usage = update.usage or usage
         return text, finish, usage
+
+
+def _check_text(req: ChatCompletionRequest) -> None:
+    """Lone surrogates are refused here: forwarding them to the worker failed (500)."""
+    for i, m in enumerate(req.messages):
+        for j, p in enumerate(m.parts()):
+            if isinstance(p, TextPart):
+                try:
+                    check_unicode(p.text, f"messages[{i}].content[{j}]")
+                except InvalidRequest as err:
+                    raise with_param(err, f"messages[{i}].content") from None
 
 
 async def choice_updates(index: int, resp: httpx.Response) -> AsyncIterator[Update]:

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from llava_serve.common.attest import ATTEST_PATH
 from llava_serve.common.auth import add_bearer_auth
 from llava_serve.common.disconnect import ClientDisconnected, cancel_on_disconnect
-from llava_serve.common.limits import add_body_limit, body_error
+from llava_serve.common.limits import SMALL_BODY, add_body_limit, body_error
 from llava_serve.common.streaming import ClosingStreamingResponse
 from llava_serve.engine.base import EngineBase
 from llava_serve.errors import ErrorCode, InvalidRequest, Overloaded, ServeError
@@ -24,8 +24,12 @@ from llava_serve.models.base import LoadedModel
 from llava_serve.protocol.worker import GenerateRequest, encode_frame
 from llava_serve.worker.attest import add_attest_route
 from llava_serve.worker.config import WorkerConfig
+from llava_serve.worker.messages import TextGuard, checked_messages, special_tokens_of
 from llava_serve.worker.metrics import WorkerMetrics
 from llava_serve.worker.service import Accepted, WorkerService
+
+# /worker_build_prompt takes chat messages without images: text only.
+PROMPT_BODY = 16 * 1024 * 1024
 
 
 def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> FastAPI:
@@ -33,6 +37,7 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
     stats = engine.stats
     metrics = WorkerMetrics(running=lambda: stats().running, waiting=lambda: stats().waiting)
     service = WorkerService(lm, engine, config.image_limits, metrics)
+    guard = TextGuard(special_tokens_of(lm.tokenizer))
     app.state.config, app.state.service, app.state.engine, app.state.metrics = (
         config,
         service,
@@ -40,7 +45,8 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
         metrics,
     )
     _install_error_handlers(app, metrics)
-    add_body_limit(app, config.max_body_bytes)
+    small = dict.fromkeys(("/worker_get_status", "/model_details", ATTEST_PATH), SMALL_BODY)
+    add_body_limit(app, config.max_body_bytes, per_path={**small, "/worker_build_prompt": PROMPT_BODY})
     # The status check is open to key-less callers: the controller sends no key before it passes.
     add_bearer_auth(app, config.api_key, exempt_paths={"/health", ATTEST_PATH})
     add_attest_route(app, config.registration_secret, config.worker_address, service.status)
@@ -99,7 +105,7 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("'messages' must be a non-empty list of {role, content}")
         try:
-            prompt = await _run(lm.build_prompt, _checked_messages(messages))
+            prompt = await _run(lm.build_prompt, checked_messages(messages, guard))
         except TemplateError as exc:  # the model's chat template refuses these messages
             raise InvalidRequest(f"the model's chat template cannot render these messages: {exc}") from None
         return {"prompt": prompt, "error_code": 0}
@@ -148,20 +154,6 @@ async def _json(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body
-
-
-def _checked_messages(messages: list[Any]) -> list[dict[str, Any]]:
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise InvalidRequest(f"messages[{i}] must be an object with role system, user or assistant")
-        content = m.get("content")
-        if not isinstance(content, (str, list)):
-            raise InvalidRequest(f"messages[{i}].content must be a string or a list of parts")
-        if isinstance(content, list) and not all(
-            isinstance(p, dict) and p.get("type") in ("text", "image", "image_url") for p in content
-        ):
-            raise InvalidRequest(f"messages[{i}].content parts must be {{type: text|image}}")
-    return messages
 
 
 def _install_error_handlers(app: FastAPI, metrics: WorkerMetrics) -> None:

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from llava_serve.common.text import check_unicode
 from llava_serve.engine.base import EngineBase
 from llava_serve.engine.params import SamplingParams
 from llava_serve.engine.request import Request, RequestOutput
@@ -98,6 +99,7 @@ class WorkerService:
                 f"the prompt is {len(body.prompt)} characters; more than {most} cannot fit in the context of "
                 f"{self.lm.context_length} tokens; shorten the prompt"
             )
+        check_unicode(body.prompt, "prompt")  # tokenizers fail on lone surrogates
         decoded = decode_request_images(images, self.limits)
         return self.lm.encode(body.prompt, [d.image for d in decoded], [d.sha256 for d in decoded])
 

@@ -166,3 +166,11 @@ async def test_the_worker_answers_the_check_only_to_a_secret_holder() -> None:
 def test_mock_proof_matches_the_address_format() -> None:
     request = httpx.Request("POST", REAL + ATTEST_PATH, content=json.dumps({"challenge": "x"}))
     assert f"{request.url.scheme}://{request.url.netloc.decode()}" == REAL
+
+
+async def test_small_routes_refuse_big_bodies_before_reading() -> None:
+    async with _client(ControllerConfig(), Workers()) as c:
+        padded = b'{"worker_name": "http://w1:1", "pad": "' + b"a" * 100_000 + b'"}'
+        for path in ("/register_worker", "/receive_heart_beat", "/get_worker_address"):
+            resp = await c.post(path, content=padded, headers={"content-type": "application/json"})
+            assert resp.status_code == 413 and resp.json()["error_code"] == ErrorCode.REQUEST_TOO_LARGE, path

@@ -65,7 +65,7 @@ def service_routes(stack: Stack, name: str) -> list[tuple[str, str]]:
         app = api_app(api_config(api_parser().parse_args(argv)))
     else:
         engine = SimpleNamespace(stats=lambda: None)
-        app = worker_app(worker_config(argv), SimpleNamespace(), engine)  # type: ignore[arg-type]
+        app = worker_app(worker_config(argv), SimpleNamespace(tokenizer=None), engine)  # type: ignore[arg-type]
         app.state.service.close()
     found = sorted(set(endpoints(app.routes)))
     documented = {(m.upper(), p) for p, ops in app.openapi()["paths"].items() for m in ops}
