@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
             "no --registration-secret: only workers on this machine may register (connections from other "
             "hosts to /register_worker, /receive_heart_beat and /unregister_worker are refused with 403)"
         )
-    run_app(create_app(config), config.host, config.port, config.log_level)
+    run_app(create_app(config), config.host, config.port, config.log_level, config.connections)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from llava_serve.common.auth import add_bearer_auth, bearer_headers
+from llava_serve.common.disconnect import add_disconnect_handler
 from llava_serve.common.limits import SMALL_BODY, add_body_limit, body_error
 from llava_serve.controller.config import ControllerConfig
 from llava_serve.controller.dispatch import Dispatcher
@@ -50,6 +51,7 @@ def create_app(
     small = {"/list_models", "/get_worker_address", "/worker_get_status", "/refresh_all_workers", *WORKER_ROUTES}
     add_body_limit(app, config.max_body_bytes, per_path=dict.fromkeys(small, SMALL_BODY))
     add_bearer_auth(app, config.api_keys, exempt_paths={"/health", *WORKER_ROUTES})
+    add_disconnect_handler(app)
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _unreadable_body)

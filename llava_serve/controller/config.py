@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from llava_serve.common.attest import SECRET_ENV
+from llava_serve.common.connections import ConnectionLimits, add_connection_args, pop_connection_limits
 from llava_serve.controller.dispatch import METHODS
 
 
@@ -31,6 +32,7 @@ class ControllerConfig:
     max_body_bytes: int = 256 * 1024 * 1024
     # Registrations held at once (each costs a little memory and a status check).
     max_workers: int = 256
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tries", type=int, default=d.max_tries, help="workers tried per request")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body accepted")
     p.add_argument("--max-workers", type=int, default=d.max_workers, help="most workers registered at once")
+    add_connection_args(p)
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     return p
 
@@ -83,4 +86,5 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ControllerConfig:
     values = vars(args).copy()
     values["api_keys"] = tuple(values.pop("api_key"))
-    return ControllerConfig(**values)
+    connections = pop_connection_limits(values)
+    return ControllerConfig(**values, connections=connections)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 
-import uvicorn
-
+from llava_serve.common.serve import configure_logging, run_app
 from llava_serve.web.app import create_app
 from llava_serve.web.config import config_from_args
 from llava_serve.web.uploads import private_uploads
@@ -13,12 +12,12 @@ from llava_serve.web.uploads import private_uploads
 
 def main(argv: list[str] | None = None) -> None:
     config = config_from_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("info")
     logging.getLogger(__name__).info(
         "web demo on http://%s:%d, controller %s", config.host, config.port, config.controller_url
     )
     with private_uploads(config):  # before the app: Gradio reads the folder when it is built
-        uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
+        run_app(create_app(config), config.host, config.port, "info", config.connections)
 
 
 if __name__ == "__main__":

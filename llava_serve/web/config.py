@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
+
+from llava_serve.common.connections import ConnectionLimits, add_connection_args, pop_connection_limits
 
 ModelListMode = Literal["once", "reload"]
 
@@ -33,6 +35,7 @@ class WebConfig:
     # A file of `user:password` lines: the demo then asks for a login (Gradio's auth) on every page
     # and route but /health. None: open to anyone who can reach it.
     auth_file: str | None = None
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.controller_url)
@@ -103,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="file of user:password lines; the demo then requires a login (default: no login)",
     )
+    add_connection_args(p)
     return p
 
 
@@ -128,9 +132,10 @@ def read_auth_file(path: str) -> list[tuple[str, str]]:
 
 def config_from_args(argv: list[str] | None = None) -> WebConfig:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    values = vars(parser.parse_args(argv))
     try:
-        return WebConfig(**vars(args))
+        connections = pop_connection_limits(values)
+        return WebConfig(**values, connections=connections)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # parser.error exits; this keeps type checkers content

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 
 from llava_serve.common.attest import ATTEST_PATH
 from llava_serve.common.auth import add_bearer_auth
-from llava_serve.common.disconnect import ClientDisconnected, cancel_on_disconnect
+from llava_serve.common.disconnect import ClientDisconnected, add_disconnect_handler, cancel_on_disconnect
 from llava_serve.common.limits import SMALL_BODY, add_body_limit, body_error
 from llava_serve.common.streaming import ClosingStreamingResponse
 from llava_serve.engine.base import EngineBase
@@ -45,6 +45,7 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
         metrics,
     )
     _install_error_handlers(app, metrics)
+    add_disconnect_handler(app)
     small = dict.fromkeys(("/worker_get_status", "/model_details", ATTEST_PATH), SMALL_BODY)
     add_body_limit(app, config.max_body_bytes, per_path={**small, "/worker_build_prompt": PROMPT_BODY})
     # The status check is open to key-less callers: the controller sends no key before it passes.

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from llava_serve.common.attest import SECRET_ENV
+from llava_serve.common.connections import ConnectionLimits, add_connection_args, pop_connection_limits
 from llava_serve.models.images import ImageLimits
 from llava_serve.models.options import LoadOptions
 
@@ -45,6 +46,7 @@ class WorkerConfig:
     feature_cache_size: int = 64
     no_prepack: bool = False
     threads: int = 0  # torch intra-op threads of the engine; 0: the batch engine picks (ThreadTuner)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -147,6 +149,7 @@ def worker_parser() -> argparse.ArgumentParser:
         help="CPU float32, batch engine: do not keep oneDNN-prepacked copies of the linear weights "
         "(saves one copy of the weights in memory; batched decoding is then ~2x slower)",
     )
+    add_connection_args(p)
     p.add_argument("--log-level", default="info")
     return p
 
@@ -154,5 +157,6 @@ def worker_parser() -> argparse.ArgumentParser:
 def worker_config(argv: list[str] | None = None) -> WorkerConfig:
     args = vars(worker_parser().parse_args(argv))
     args["api_key"] = tuple(args["api_key"])
+    args["connections"] = pop_connection_limits(args)
     names = {f.name for f in fields(WorkerConfig)}
     return WorkerConfig(**{k: v for k, v in args.items() if k in names})

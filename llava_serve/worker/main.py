@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
+from llava_serve.common.serve import rate_limit_logs
 from llava_serve.errors import ModelLoadError
 from llava_serve.worker.config import worker_config
 
@@ -17,6 +18,7 @@ if TYPE_CHECKING:  # torch and the rest load in main, after the flags are checke
 def main(argv: list[str] | None = None) -> int:
     config = worker_config(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rate_limit_logs()
     from llava_serve.engine.threads import run_in_fresh_thread
     from llava_serve.models.loader import load_model
     from llava_serve.worker.server import build_engine, resolve_model_path, serve

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import uvicorn
 
+from llava_serve.common.serve import uvicorn_config
 from llava_serve.engine.base import EngineBase
 from llava_serve.errors import ModelLoadError
 from llava_serve.models.base import LoadedModel
@@ -110,9 +111,7 @@ def serve(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> None:
             secret=config.registration_secret,
         )
 
-    uv_config = uvicorn.Config(
-        app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5
-    )
+    uv_config = uvicorn_config(app, config.host, config.port, config.log_level, config.connections)
     server = DrainingServer(uv_config, app, registrar, config.shutdown_grace)
     try:
         server.run()
