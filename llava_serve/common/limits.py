@@ -29,6 +29,7 @@ Render = Callable[[RequestTooLarge], tuple[int, dict[str, Any]]]
 # Far more than any real request holds (a 128k-token prompt of prose has ~10k commas; base64 none).
 MAX_JSON_ITEMS = 100_000
 SMALL_BODY = 64 * 1024  # routes that take a name or nothing
+CLOSE = [(b"connection", b"close")]
 
 
 def default_render(err: RequestTooLarge) -> tuple[int, dict[str, Any]]:
@@ -80,15 +81,16 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await self._refuse(send, RequestTooLarge(f"request body larger than {limit} bytes"))
         seen = items = 0
-        started = False
+        started = exceeded = False
 
         async def limited_receive():  # type: ignore[no-untyped-def]
-            nonlocal seen, items
+            nonlocal seen, items, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 chunk = message.get("body", b"")
                 seen += len(chunk)
                 items += chunk.count(b"{") + chunk.count(b"[") + chunk.count(b",")
+                exceeded = seen > limit or items > self.max_items
                 if seen > limit:
                     raise RequestTooLarge(f"request body larger than {limit} bytes")
                 if items > self.max_items:
@@ -97,7 +99,10 @@ class BodyLimit:
 
         async def tracking_send(message):  # type: ignore[no-untyped-def]
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if exceeded:  # the app answered the refusal itself (FastAPI's body errors): close too
+                    message = {**message, "headers": [*message.get("headers", []), *CLOSE]}
             await send(message)
 
         try:
@@ -108,6 +113,8 @@ class BodyLimit:
 
     async def _refuse(self, send, err: RequestTooLarge) -> None:  # type: ignore[no-untyped-def]
         status, body = self.render(err)
-        headers = [(b"content-type", b"application/json")]
+        # Close once answered, as nginx does: otherwise uvicorn reads (and drops) the rest of the body,
+        # and a client sending 20 MB bodies in a loop kept the event loop busy for everyone else.
+        headers = [(b"content-type", b"application/json"), *CLOSE]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": json.dumps(body).encode()})
