@@ -148,6 +148,12 @@ class Forbidden(ServeError):
     http_status = 403
 
 
+class RegistryFull(Overloaded):
+    """The controller already holds its --max-workers registrations."""
+
+    code = ErrorCode.RATE_LIMIT
+
+
 class ModelLoadError(Exception):
     """A checkpoint cannot be loaded; the message says what to fix."""
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from llava_serve.common.attest import SECRET_ENV, new_secret
 from llava_serve.worker.config import add_model_args
 
 
@@ -120,10 +121,18 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str], int, str]]:
     return items
 
 
-def start(name: str, argv: list[str], port: int, ready: str, host: str, log_dir: Path) -> Service:
+def start(
+    name: str, argv: list[str], port: int, ready: str, host: str, log_dir: Path, secret: str | None = None
+) -> Service:
+    """Start one service; `secret` goes to the controller and workers only, in the environment
+    (not argv, which every user of the machine can read in `ps`)."""
     log = log_dir / f"{name.replace(':', '-')}.log"
+    env = dict(os.environ)
+    env.pop(SECRET_ENV, None)
+    if secret and (name == "controller" or name.startswith("worker:")):
+        env[SECRET_ENV] = secret
     with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=fh, stderr=subprocess.STDOUT, env=env)
     return Service(name, f"http://{host}:{port}", ready, proc, log)
 
 
@@ -189,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = args.log_dir or new_log_dir()
     log_dir.mkdir(parents=True, exist_ok=True)
     services: list[Service] = []
+    secret = os.environ.get(SECRET_ENV) or new_secret()  # registration is authenticated, always
 
     def on_signal(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -198,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i, (name, cmd, port, ready) in enumerate(items, 1):
             print(f"[{i}/{len(items)}] starting {name} ...", flush=True)
-            svc = start(name, cmd, port, ready, args.host, log_dir)
+            svc = start(name, cmd, port, ready, args.host, log_dir, secret)
             services.append(svc)
             wait_ready(svc, args.ready_timeout)
         print_urls(services, log_dir)

@@ -86,6 +86,12 @@ def test_up_serves_the_default_model_and_stops_cleanly(tmp_path):
         )
         assert "red" in answer.choices[0].message.content.lower()
         readme_examples_work(api_port=ports[2], worker_port=ports[1])
+        # up's registration secret: a process that does not have it cannot register or unregister
+        ctrl = f"http://127.0.0.1:{ports[0]}"
+        for route in ("/register_worker", "/unregister_worker"):
+            refused = httpx.post(ctrl + route, json={"worker_name": f"http://127.0.0.1:{ports[1]}"}, timeout=5)
+            assert refused.status_code == 403, route
+        assert httpx.post(ctrl + "/list_models", timeout=5).json()["models"] == [model]
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)

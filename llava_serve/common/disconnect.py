@@ -11,7 +11,8 @@ import contextlib
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 
 T = TypeVar("T")
 
@@ -39,3 +40,12 @@ async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+
+
+def add_disconnect_handler(app: Any) -> None:
+    """A client that leaves while its body is read is not a server error: no traceback, no 500."""
+
+    async def left(request: Request, exc: Exception) -> Response:
+        return Response(status_code=499)
+
+    app.add_exception_handler(ClientDisconnect, left)

@@ -21,8 +21,11 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(config.log_level)
     warn_if_exposed(logger, config.host, config.api_keys)
     if not config.registration_secret:
-        logger.warning("no --registration-secret: any process that reaches the controller can register")
-    run_app(create_app(config), config.host, config.port, config.log_level)
+        logger.warning(
+            "no --registration-secret: only workers on this machine may register (connections from other "
+            "hosts to /register_worker, /receive_heart_beat and /unregister_worker are refused with 403)"
+        )
+    run_app(create_app(config), config.host, config.port, config.log_level, config.connections)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from llava_serve.common.auth import add_bearer_auth, bearer_headers
+from llava_serve.common.disconnect import add_disconnect_handler
 from llava_serve.common.json_body import add_json_body
-from llava_serve.common.limits import add_body_limit, body_error
+from llava_serve.common.limits import SMALL_BODY, add_body_limit, body_error
 from llava_serve.controller.config import ControllerConfig
 from llava_serve.controller.dispatch import Dispatcher
 from llava_serve.controller.metrics import ControllerMetrics
@@ -38,19 +39,23 @@ def create_app(
 ) -> FastAPI:
     """`clock`, `rng` and `transport` (outbound HTTP to workers) are injectable for tests."""
     # every live worker heartbeats (and so re-registers) within an interval of a restart
-    registry = Registry(config.heart_beat_expiration, clock, warmup=1.5 * config.heart_beat_interval)
+    warmup = 1.5 * config.heart_beat_interval
+    registry = Registry(config.heart_beat_expiration, clock, config.max_workers, warmup=warmup)
     dispatcher = Dispatcher(registry, config.dispatch_method, rng)
     metrics = ControllerMetrics(registry)
     client = _worker_client(config, transport)
     proxy = StreamProxy(dispatcher, client, metrics, config.max_tries)
 
     app = FastAPI(title="llava-serve controller", lifespan=_lifespan)
-    app.state.controller = ControllerState(config, registry, dispatcher, metrics, client, proxy)
+    probe = _probe_client(config, transport)
+    app.state.controller = ControllerState(config, registry, dispatcher, metrics, client, proxy, probe)
     app.include_router(worker_router)
     app.include_router(router)
-    add_body_limit(app, config.max_body_bytes)
+    small = {"/list_models", "/get_worker_address", "/worker_get_status", "/refresh_all_workers", *WORKER_ROUTES}
+    add_body_limit(app, config.max_body_bytes, per_path=dict.fromkeys(small, SMALL_BODY))
     add_json_body(app)  # LLaVA/FastChat clients send JSON without the header
     add_bearer_auth(app, config.api_keys, exempt_paths={"/health", *WORKER_ROUTES})
+    add_disconnect_handler(app)
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _unreadable_body)
@@ -68,6 +73,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await expiry
         await ctrl.client.aclose()
+        await ctrl.probe.aclose()
 
 
 async def _expire_workers(registry: Registry, every: float) -> None:
@@ -84,6 +90,12 @@ def _worker_client(config: ControllerConfig, transport: httpx.AsyncBaseTransport
     # reached directly, never through a proxy from the environment.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     return httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits, transport=transport, trust_env=False)
+
+
+def _probe_client(config: ControllerConfig, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+    """For status checks of addresses asking to register: no credential, no redirects, short timeouts."""
+    timeout = httpx.Timeout(config.connect_timeout)
+    return httpx.AsyncClient(timeout=timeout, transport=transport, trust_env=False, follow_redirects=False)
 
 
 def error_response(request: Request, err: ServeError) -> Response:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 
+from llava_serve.common.attest import SECRET_ENV
+from llava_serve.common.connections import ConnectionLimits, add_connection_args, pop_connection_limits
 from llava_serve.controller.dispatch import METHODS
 
 
@@ -27,6 +30,9 @@ class ControllerConfig:
     max_tries: int = 3
     # Largest request body read (a worker's default limit is about 230 MB: 8 images of 20 MB).
     max_body_bytes: int = 256 * 1024 * 1024
+    # Registrations held at once (each costs a little memory and a status check).
+    max_workers: int = 256
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -43,6 +49,11 @@ class ControllerConfig:
             raise ValueError("timeouts must be > 0 and --max-tries >= 1")
         if self.max_body_bytes < 1:
             raise ValueError("--max-body-bytes must be >= 1")
+        if self.max_workers < 1:
+            raise ValueError("--max-workers must be >= 1")
+        if self.worker_api_key and not self.registration_secret:
+            # the key goes only to workers that proved they hold the secret; without one, none can
+            raise ValueError("--worker-api-key needs --registration-secret (or $" + SECRET_ENV + ")")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,13 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heart-beat-expiration", type=float, default=d.heart_beat_expiration)
     p.add_argument("--heart-beat-interval", type=float, default=d.heart_beat_interval)
     p.add_argument("--expiry-check-interval", type=float, default=d.expiry_check_interval)
-    p.add_argument("--registration-secret", help="workers must send it as X-Registration-Secret")
+    p.add_argument(
+        "--registration-secret",
+        default=os.environ.get(SECRET_ENV) or None,
+        help=f"workers must send it as X-Registration-Secret and prove they hold it (default: ${SECRET_ENV}); "
+        "without one, only workers on this machine may register",
+    )
     p.add_argument("--api-key", action="append", default=[], help="accepted client key (repeatable)")
     p.add_argument("--worker-api-key", help="bearer key sent to workers")
     p.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
     p.add_argument("--worker-timeout", type=float, default=d.worker_timeout)
     p.add_argument("--max-tries", type=int, default=d.max_tries, help="workers tried per request")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body accepted")
+    p.add_argument("--max-workers", type=int, default=d.max_workers, help="most workers registered at once")
+    add_connection_args(p)
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     return p
 
@@ -68,4 +86,5 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ControllerConfig:
     values = vars(args).copy()
     values["api_keys"] = tuple(values.pop("api_key"))
-    return ControllerConfig(**values)
+    connections = pop_connection_limits(values)
+    return ControllerConfig(**values, connections=connections)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from llava_serve.errors import RegistryFull
 from llava_serve.protocol.worker import WorkerStatus
 
 Clock = Callable[[], float]
@@ -33,8 +34,11 @@ class WorkerInfo:
 
 
 class Registry:
-    def __init__(self, expiration: float, clock: Clock | None = None, warmup: float = 0.0) -> None:
+    def __init__(
+        self, expiration: float, clock: Clock | None = None, max_workers: int = 256, warmup: float = 0.0
+    ) -> None:
         self.expiration = expiration
+        self.max_workers = max_workers
         self.warmup = warmup
         self._clock = clock or time.monotonic
         self._workers: dict[str, WorkerInfo] = {}
@@ -53,6 +57,12 @@ class Registry:
         return list(self._workers.values())
 
     def register(self, name: str, status: WorkerStatus, check_heart_beat: bool = True) -> None:
+        """Add or update `name`; RegistryFull when it is new and max_workers are registered."""
+        if name not in self._workers and len(self._workers) >= self.max_workers:
+            raise RegistryFull(
+                f"the controller already has {self.max_workers} workers registered (--max-workers)",
+                retry_after=self.expiration,
+            )
         self._workers[name] = WorkerInfo(
             name=name,
             model_names=list(status.model_names),

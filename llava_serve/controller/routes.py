@@ -10,17 +10,18 @@ from dataclasses import dataclass
 import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from pydantic import ValidationError
 
 from llava_serve.common.aio import aclose_shielded
 from llava_serve.common.auth import secret_matches
+from llava_serve.common.serve import is_loopback_host
 from llava_serve.common.streaming import ClosingStreamingResponse
+from llava_serve.controller.attest import verified_status
 from llava_serve.controller.config import ControllerConfig
 from llava_serve.controller.dispatch import Dispatcher
 from llava_serve.controller.metrics import ControllerMetrics
 from llava_serve.controller.proxy import StreamProxy, fetch_worker_status
 from llava_serve.controller.registry import Registry
-from llava_serve.errors import Forbidden, InvalidRequest, WorkerUnavailable
+from llava_serve.errors import Forbidden, InvalidRequest
 from llava_serve.protocol.controller import (
     GetWorkerAddressRequest,
     GetWorkerAddressResponse,
@@ -46,8 +47,9 @@ class ControllerState:
     registry: Registry
     dispatcher: Dispatcher
     metrics: ControllerMetrics
-    client: httpx.AsyncClient
+    client: httpx.AsyncClient  # carries the worker key: only for workers that passed the status check
     proxy: StreamProxy
+    probe: httpx.AsyncClient  # carries nothing: for the status check of an address not yet registered
 
 
 def get_state(request: Request) -> ControllerState:
@@ -55,11 +57,15 @@ def get_state(request: Request) -> ControllerState:
 
 
 async def require_registration_secret(request: Request) -> None:
+    """With a secret: the secret. Without one: only processes on this machine may register."""
     secret = get_state(request).config.registration_secret
+    host = request.client.host if request.client else "?"
     if secret and not secret_matches(request.headers.get("x-registration-secret"), secret):
-        host = request.client.host if request.client else "?"
         logger.warning("refused %s from %s: missing or wrong X-Registration-Secret", request.url.path, host)
         raise Forbidden("missing or wrong X-Registration-Secret header")
+    if not secret and not is_loopback_host(host):
+        logger.warning("refused %s from %s: no --registration-secret, loopback only", request.url.path, host)
+        raise Forbidden("this controller has no registration secret: only workers on its own machine may register")
 
 
 worker_router = APIRouter(dependencies=[Depends(require_registration_secret)])
@@ -70,12 +76,8 @@ router = APIRouter()
 async def register_worker(
     req: RegisterWorkerRequest, ctrl: ControllerState = Depends(get_state)
 ) -> RegisterWorkerResponse:
-    status = req.worker_status
-    if status is None:
-        try:
-            status = await fetch_worker_status(ctrl.client, req.worker_name)
-        except (httpx.HTTPError, ValidationError, ValueError) as exc:
-            raise WorkerUnavailable(f"cannot get the status of worker {req.worker_name}: {exc}") from exc
+    # What the address says about itself, not what the request claims (req.worker_status is ignored).
+    status = await verified_status(ctrl.probe, req.worker_name, ctrl.config.registration_secret)
     ctrl.registry.register(req.worker_name, status, req.check_heart_beat)
     logger.info("registered worker %s: models=%s speed=%s", req.worker_name, status.model_names, status.speed)
     return RegisterWorkerResponse(heart_beat_interval=ctrl.config.heart_beat_interval)

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
 
     configure_logging(config.log_level)
     warn_if_exposed(logger, config.host, config.api_keys)
-    run_app(create_app(config), config.host, config.port, config.log_level)
+    run_app(create_app(config), config.host, config.port, config.log_level, config.connections)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 
 from llava_serve.cluster.client import ClusterClient
 from llava_serve.common.auth import add_bearer_auth
+from llava_serve.common.disconnect import add_disconnect_handler
 from llava_serve.common.limits import add_body_limit, body_error
 from llava_serve.errors import InvalidRequest, Overloaded, RequestTooLarge, ServeError, Unauthorized
 from llava_serve.openai_api.completions import CompletionService
@@ -45,6 +46,7 @@ def create_app(
     app.include_router(router)
     add_body_limit(app, config.body_limit, render=_too_large)
     add_bearer_auth(app, config.api_keys, render=_auth_error)
+    add_disconnect_handler(app)
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from llava_serve.common.connections import ConnectionLimits, add_connection_args, pop_connection_limits
 from llava_serve.openai_api.images import ImagePolicy
 
 
@@ -24,6 +25,7 @@ class ApiConfig:
     upstream_timeout: float = 300.0
     # Largest request body read; None: room for the image limits (base64) plus 4 MiB (body_limit).
     max_body_bytes: int | None = None
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n", type=int, default=d.max_n, help="largest n (choices per request)")
     p.add_argument("--upstream-timeout", type=float, default=d.upstream_timeout)
     p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default: images + 4 MiB)")
+    add_connection_args(p)
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     return p
 
@@ -78,4 +81,5 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ApiConfig:
     values = vars(args).copy()
     values["api_keys"] = tuple(values.pop("api_key"))
-    return ApiConfig(**values)
+    connections = pop_connection_limits(values)
+    return ApiConfig(**values, connections=connections)

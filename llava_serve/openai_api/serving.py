@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from llava_serve.cluster.client import ClusterClient, FrameStream
 from llava_serve.common.aio import gather_or_cancel
+from llava_serve.common.text import check_unicode
 from llava_serve.errors import ErrorCode, ImageError, InvalidParameter, InvalidRequest, ServeError
 from llava_serve.openai_api.config import ApiConfig
 from llava_serve.openai_api.images import ImageFetcher
@@ -27,6 +28,7 @@ from llava_serve.protocol.openai import (
     ChoiceLogprobs,
     Delta,
     ImagePart,
+    TextPart,
     ToolCallDelta,
     Usage,
 )
@@ -137,6 +139,7 @@ class ChatService:
             raise InvalidRequest(f"{unsupported} is not supported by this server", param=unsupported)
         if req.n > self.config.max_n:
             raise InvalidParameter(f"n must be at most {self.config.max_n}", param="n")
+        _check_text(req)
         n_images = sum(isinstance(p, ImagePart) for m in req.messages for p in m.parts())
         if n_images > self.config.max_images_per_request:
             raise InvalidRequest(
@@ -153,6 +156,18 @@ class ChatService:
         except ServeError as err:
             err.param = param
             raise
+
+
+def _check_text(req: ChatCompletionRequest) -> None:
+    """Lone surrogates are refused here: forwarding them to the worker failed (500)."""
+    for i, m in enumerate(req.messages):
+        for j, p in enumerate(m.parts()):
+            if isinstance(p, TextPart):
+                try:
+                    check_unicode(p.text, f"messages[{i}].content[{j}]")
+                except InvalidRequest as err:
+                    err.param = f"messages[{i}].content"
+                    raise
 
 
 def sampling_extensions(req: ChatCompletionRequest, plan: ToolPlan) -> dict[str, Any]:

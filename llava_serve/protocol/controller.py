@@ -38,7 +38,7 @@ class RegisterWorkerResponse(BaseModel):
 
 
 class HeartBeatRequest(WorkerName):
-    queue_length: int = Field(0, ge=0)
+    queue_length: int = Field(0, ge=0, le=1_000_000)
 
 
 class HeartBeatResponse(BaseModel):

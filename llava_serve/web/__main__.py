@@ -9,15 +9,17 @@ from llava_serve.web.config import config_from_args
 
 def main(argv: list[str] | None = None) -> None:
     config = config_from_args(argv)
-    import uvicorn  # gradio and the server load after the flags are read: --help is instant
-
+    # gradio and the server load after the flags are read: --help is instant
+    from llava_serve.common.serve import configure_logging, run_app
     from llava_serve.web.app import create_app
+    from llava_serve.web.uploads import private_uploads
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("info")
     logging.getLogger(__name__).info(
         "web demo on http://%s:%d, controller %s", config.host, config.port, config.controller_url
     )
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
+    with private_uploads(config):  # before the app: Gradio reads the folder when it is built
+        run_app(create_app(config), config.host, config.port, "info", config.connections)
 
 
 if __name__ == "__main__":

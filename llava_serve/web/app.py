@@ -31,7 +31,7 @@ def create_app(config: WebConfig, client: ClusterClient | None = None) -> FastAP
 
     demo = create_demo(config, client)
     app.state.demo = demo
-    return gr.mount_gradio_app(
+    mounted = gr.mount_gradio_app(
         app,
         demo,
         path="/",
@@ -43,3 +43,7 @@ def create_app(config: WebConfig, client: ClusterClient | None = None) -> FastAP
         auth=read_auth_file(config.auth_file) if config.auth_file else None,
         auth_message="llava-serve web demo: sign in",
     )
+    # gr.launch() sets this; mount_gradio_app does not, and without it Gradio skips its check that a
+    # file named as an input was uploaded (it would copy any server file into its cache and serve it).
+    demo.has_launched = True
+    return mounted

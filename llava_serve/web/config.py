@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
 from llava_serve.cluster.client import ClusterClient
+from llava_serve.common.connections import ConnectionLimits, add_connection_args, pop_connection_limits
 
 ModelListMode = Literal["once", "reload"]
 
@@ -28,9 +29,14 @@ class WebConfig:
     stream_timeout: float = 120.0  # longest wait for the next frame of an answer
     max_image_side: int = 1344  # longer images are scaled down before they are sent
     max_upload_mb: int = 20
+    # Uploads are deleted this many seconds after they arrive (and all of them when the demo stops).
+    upload_max_age: int = 3600
+    # Larger uploads are refused before they are decoded (Pillow's decompression-bomb limit).
+    max_upload_pixels: int = 40_000_000
     # A file of `user:password` lines: the demo then asks for a login (Gradio's auth) on every page
     # and route but /health. None: open to anyone who can reach it.
     auth_file: str | None = None
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.controller_url)
@@ -45,7 +51,14 @@ class WebConfig:
             raise ValueError(f"--model-list-mode must be 'once' or 'reload', got {self.model_list_mode!r}")
         if self.auth_file is not None:
             read_auth_file(self.auth_file)
-        for name in ("request_timeout", "stream_timeout", "max_image_side", "max_upload_mb"):
+        for name in (
+            "request_timeout",
+            "stream_timeout",
+            "max_image_side",
+            "max_upload_mb",
+            "upload_max_age",
+            "max_upload_pixels",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -85,11 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="pixels; larger uploads are scaled down before sending",
     )
     p.add_argument("--max-upload-mb", type=int, default=d.max_upload_mb)
+    p.add_argument("--upload-max-age", type=int, default=d.upload_max_age, help="seconds an uploaded file is kept")
+    p.add_argument(
+        "--max-upload-pixels", type=int, default=d.max_upload_pixels, help="largest image accepted, in pixels"
+    )
     p.add_argument(
         "--auth-file",
         default=None,
         help="file of user:password lines; the demo then requires a login (default: no login)",
     )
+    add_connection_args(p)
     return p
 
 
@@ -115,9 +133,10 @@ def read_auth_file(path: str) -> list[tuple[str, str]]:
 
 def config_from_args(argv: list[str] | None = None) -> WebConfig:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    values = vars(parser.parse_args(argv))
     try:
-        return WebConfig(**vars(args))
+        connections = pop_connection_limits(values)
+        return WebConfig(**values, connections=connections)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # parser.error exits; this keeps type checkers content

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from llava_serve.errors import ImageTooLarge
+
 
 @dataclass
 class Turn:
@@ -89,8 +91,12 @@ def _message(turn: Turn) -> dict[str, Any]:
 
 def encode_image(path: str, max_side: int) -> str:
     """Base64 PNG of the image at `path`, in RGB, scaled down so its longer side is <= max_side."""
-    with Image.open(path) as img:
-        rgb = img.convert("RGB")
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale, far less memory
+            rgb = img.convert("RGB")
+    except Image.DecompressionBombError:
+        raise ImageTooLarge("the image has too many pixels; upload a smaller one") from None
     if max(rgb.size) > max_side:
         rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     buf = io.BytesIO()

@@ -37,7 +37,9 @@ def theme() -> gr.themes.Base:
 def create_demo(config: WebConfig, client: ClusterClient | None = None) -> gr.Blocks:
     """Build the demo (nothing runs until it is served); `client` defaults to one for config."""
     handlers = DemoHandlers(config, client or cluster_client(config))
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    # Uploads older than upload_max_age go at the next sweep (a tenth of that, at least every 10 min).
+    sweep = max(1, min(600, config.upload_max_age // 10))
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(sweep, config.upload_max_age)) as demo:
         ui = _layout()
         _wire(demo, ui, handlers, config.concurrency_count)
     demo.queue(api_open=False, default_concurrency_limit=config.concurrency_count)

@@ -14,6 +14,7 @@ from llava_serve.errors import ControllerUnavailable, Forbidden, Overloaded, Ser
 from llava_serve.web.chat import SamplingParams, stream_answer
 from llava_serve.web.config import WebConfig
 from llava_serve.web.conversation import Conversation, Turn
+from llava_serve.web.uploads import is_upload
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class DemoHandlers:
         if conv.busy:
             gr.Warning("An answer is still being written: wait for it or press Stop.")
             return conv, conv.chatbot_messages(), gr.Textbox(), gr.Image()
+        if image_path and not is_upload(image_path):  # Gradio checks this too; fail closed if it stops
+            gr.Warning("That image was not uploaded here.")
+            return conv, conv.chatbot_messages(), gr.Textbox(), None
         if not (text or "").strip():
             gr.Warning("Type a question first.")
             return conv, conv.chatbot_messages(), gr.Textbox(), gr.Image()

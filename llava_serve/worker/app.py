@@ -12,10 +12,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from llava_serve.common.attest import ATTEST_PATH
 from llava_serve.common.auth import add_bearer_auth
-from llava_serve.common.disconnect import ClientDisconnected, cancel_on_disconnect
+from llava_serve.common.disconnect import ClientDisconnected, add_disconnect_handler, cancel_on_disconnect
 from llava_serve.common.json_body import add_json_body
-from llava_serve.common.limits import add_body_limit, body_error
+from llava_serve.common.limits import SMALL_BODY, add_body_limit, body_error
 from llava_serve.common.streaming import ClosingStreamingResponse
 from llava_serve.engine.base import EngineBase
 from llava_serve.errors import InvalidParameter, InvalidRequest, Overloaded, ServeError
@@ -30,9 +31,13 @@ from llava_serve.protocol.worker import (
     ModelDetails,
     WorkerStatus,
 )
+from llava_serve.worker.attest import add_attest_route
 from llava_serve.worker.config import WorkerConfig
 from llava_serve.worker.metrics import WorkerMetrics
 from llava_serve.worker.service import Accepted, WorkerService
+
+# /worker_build_prompt takes chat messages without images: text only.
+PROMPT_BODY = 16 * 1024 * 1024
 
 
 def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> FastAPI:
@@ -47,9 +52,13 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
         metrics,
     )
     _install_error_handlers(app, metrics)
-    add_body_limit(app, config.max_body_bytes)
+    add_disconnect_handler(app)
+    small = dict.fromkeys(("/worker_get_status", "/model_details", ATTEST_PATH), SMALL_BODY)
+    add_body_limit(app, config.max_body_bytes, per_path={**small, "/worker_build_prompt": PROMPT_BODY})
     add_json_body(app)  # LLaVA/FastChat clients send JSON without the header
-    add_bearer_auth(app, config.api_key)
+    # The status check is open to key-less callers: the controller sends no key before it passes.
+    add_bearer_auth(app, config.api_key, exempt_paths={"/health", ATTEST_PATH})
+    add_attest_route(app, config.registration_secret, config.worker_address, service.status)
 
     @app.post("/worker_generate_stream")
     async def generate_stream(body: GenerateRequest) -> Response:

@@ -4,8 +4,11 @@ command that loads a model shares."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, field, fields
 
+from llava_serve.common.attest import SECRET_ENV
+from llava_serve.common.connections import ConnectionLimits, add_connection_args, pop_connection_limits
 from llava_serve.models.images import ImageLimits
 from llava_serve.models.options import LoadOptions
 
@@ -36,11 +39,14 @@ class WorkerConfig:
     max_images: int = 8
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    max_image_aspect_ratio: float = 32.0
+    max_request_pixels: int = 100_000_000
     ready_stall_seconds: float = 60.0
     shutdown_grace: float = 20.0
     feature_cache_size: int = 64
     no_prepack: bool = False
     threads: int = 0  # torch intra-op threads of the engine; 0: the batch engine picks (ThreadTuner)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -59,7 +65,13 @@ class WorkerConfig:
 
     @property
     def image_limits(self) -> ImageLimits:
-        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, max_count=self.max_images)
+        return ImageLimits(
+            max_bytes=self.max_image_bytes,
+            max_pixels=self.max_image_pixels,
+            max_count=self.max_images,
+            max_aspect_ratio=self.max_image_aspect_ratio,
+            max_request_pixels=self.max_request_pixels,
+        )
 
     @property
     def max_body_bytes(self) -> int:
@@ -125,10 +137,16 @@ def worker_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-register", action="store_true")
     p.add_argument("--heart-beat-interval", type=float, default=15.0)
     p.add_argument("--api-key", action="append", default=[], help="bearer key clients must send (repeatable)")
-    p.add_argument("--registration-secret", default=None, help="shared secret presented to the controller")
+    p.add_argument(
+        "--registration-secret",
+        default=os.environ.get(SECRET_ENV) or None,
+        help=f"shared secret presented to the controller (default: ${SECRET_ENV})",
+    )
     p.add_argument("--max-images", type=int, default=8)
     p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
     p.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    p.add_argument("--max-image-aspect-ratio", type=float, default=32.0, help="longer side / shorter side")
+    p.add_argument("--max-request-pixels", type=int, default=100_000_000, help="all images of a request together")
     p.add_argument("--ready-stall-seconds", type=float, default=60.0)
     p.add_argument("--shutdown-grace", type=float, default=20.0)
     p.add_argument("--feature-cache-size", type=int, default=64)
@@ -145,6 +163,7 @@ def worker_parser() -> argparse.ArgumentParser:
         help="CPU float32, batch engine: do not keep oneDNN-prepacked copies of the linear weights "
         "(saves one copy of the weights in memory; batched decoding is then ~2x slower)",
     )
+    add_connection_args(p)
     p.add_argument("--log-level", default="info")
     return p
 
@@ -152,5 +171,6 @@ def worker_parser() -> argparse.ArgumentParser:
 def worker_config(argv: list[str] | None = None) -> WorkerConfig:
     args = vars(worker_parser().parse_args(argv))
     args["api_key"] = tuple(args["api_key"])
+    args["connections"] = pop_connection_limits(args)
     names = {f.name for f in fields(WorkerConfig)}
     return WorkerConfig(**{k: v for k, v in args.items() if k in names})

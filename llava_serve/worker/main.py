@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from llava_serve.common.serve import rate_limit_logs
 from llava_serve.errors import ModelLoadError
 from llava_serve.worker.config import worker_config
 
@@ -12,6 +13,7 @@ from llava_serve.worker.config import worker_config
 def main(argv: list[str] | None = None) -> int:
     config = worker_config(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rate_limit_logs()
     from llava_serve.worker.loading import load_model_and_engine
     from llava_serve.worker.server import serve
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import uvicorn
 
+from llava_serve.common.serve import uvicorn_config
 from llava_serve.engine.base import EngineBase
 from llava_serve.models.base import LoadedModel
 from llava_serve.worker.app import create_app
@@ -70,9 +71,7 @@ def serve(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> None:
             secret=config.registration_secret,
         )
 
-    uv_config = uvicorn.Config(
-        app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5
-    )
+    uv_config = uvicorn_config(app, config.host, config.port, config.log_level, config.connections)
     server = DrainingServer(uv_config, app, registrar, config.shutdown_grace)
     try:
         server.run()

@@ -11,6 +11,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from llava_serve.common.aio import merge
+from llava_serve.common.text import check_unicode
 from llava_serve.engine.base import EngineBase
 from llava_serve.engine.constraint import Constraint
 from llava_serve.engine.params import SamplingParams
@@ -24,9 +25,10 @@ from llava_serve.errors import (
     ShuttingDown,
 )
 from llava_serve.models.base import EncodedPrompt, LoadedModel
-from llava_serve.models.images import ImageLimits, decode_base64_image
+from llava_serve.models.images import ImageLimits, decode_request_images
 from llava_serve.protocol.frames import FinishReason, Frame, TokenLogprob, TopLogprob, Usage
 from llava_serve.protocol.worker import ChatRequest, ChatTurn, GenerateRequest, SamplingFields, WorkerStatus
+from llava_serve.worker.messages import TextGuard, checked_messages, special_tokens_of
 from llava_serve.worker.metrics import WorkerMetrics
 from llava_serve.worker.stream import OutputChannel
 
@@ -52,6 +54,7 @@ class WorkerService:
         self.limits = limits
         self.metrics = metrics
         self.draining = False
+        self.guard = TextGuard(special_tokens_of(lm.tokenizer))
         # CPU-bound preprocessing (image decode, tokenizer) stays off the event loop, bounded.
         self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llava-serve-prep")
 
@@ -97,8 +100,10 @@ class WorkerService:
         return len(encoded.input_ids)
 
     def render(self, messages: list[ChatTurn]) -> str:
+        """The model's own template over the messages; user text cannot become special tokens."""
+        checked = checked_messages([m.as_message() for m in messages], self.guard)
         try:
-            return self.lm.build_prompt([m.as_message() for m in messages])
+            return self.lm.build_prompt(checked)
         except TemplateError as exc:  # the model's chat template refuses these messages
             raise InvalidRequest(f"the model's chat template cannot render these messages: {exc}") from None
 
@@ -120,7 +125,8 @@ class WorkerService:
                 f"the prompt is {len(prompt)} characters; more than {most} cannot fit in the context of "
                 f"{self.lm.context_length} tokens; shorten the prompt"
             )
-        decoded = [decode_base64_image(img, self.limits, i) for i, img in enumerate(images)]
+        check_unicode(prompt, "prompt")  # tokenizers fail on lone surrogates
+        decoded = decode_request_images(images, self.limits)
         return self.lm.encode(prompt, [d.image for d in decoded], [d.sha256 for d in decoded])
 
     async def outputs(self, accepted: Accepted) -> AsyncIterator[RequestOutput]:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from llava_serve.common.attest import ATTEST_PATH, worker_proof
 from llava_serve.controller.app import create_app
 from llava_serve.controller.config import ControllerConfig
 from llava_serve.errors import ErrorCode
@@ -32,18 +33,37 @@ class DiesMidStream(httpx.AsyncByteStream):
 
 
 class Workers:
-    """What the mock workers do, by host name; records the calls they get."""
+    """What the mock workers do, by host name; records the calls they get.
 
-    def __init__(self) -> None:
+    `dead` workers answer the status check that registers them (unless `dead_for_status`), then
+    refuse connections; with `secret` every worker proves it holds it.
+    """
+
+    def __init__(self, secret: str | None = None) -> None:
         self.calls: list[tuple[str, str]] = []
+        self.requests: list[httpx.Request] = []
+        self.models: dict[str, str] = {}
+        self.secret = secret
+        self.dead_for_status = False
+
+    def status(self, host: str) -> dict[str, Any]:
+        return {"model_names": [self.models.get(host, "m")], "speed": 2, "queue_length": 1}
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         host, path = request.url.host, request.url.path
         self.calls.append((host, path))
-        if host.startswith("dead"):
+        self.requests.append(request)
+        checking = path in ("/worker_get_status", ATTEST_PATH)
+        if host.startswith("dead") and (self.dead_for_status or not checking):
             raise httpx.ConnectError("connection refused", request=request)
+        if path == ATTEST_PATH and self.secret:
+            challenge = json.loads(request.content)["challenge"]
+            address = f"{request.url.scheme}://{request.url.netloc.decode()}"
+            return httpx.Response(
+                200, json={**self.status(host), "proof": worker_proof(self.secret, challenge, address)}
+            )
         if path == "/worker_get_status":
-            return httpx.Response(200, json={"model_names": ["m"], "speed": 2, "queue_length": 1})
+            return httpx.Response(200, json=self.status(host))
         if host.startswith("broken"):
             return httpx.Response(200, stream=DiesMidStream())
         if host.startswith("leaving"):
@@ -64,7 +84,7 @@ async def _register(client: httpx.AsyncClient, name: str, model: str = "m", **he
 
 
 async def test_registration_secret_required_on_worker_routes(caplog: pytest.LogCaptureFixture) -> None:
-    async with _client(ControllerConfig(registration_secret="s3"), Workers()) as c:
+    async with _client(ControllerConfig(registration_secret="s3"), Workers(secret="s3")) as c:
         for headers in ({}, {"x-registration-secret": "wrong"}):
             resp = await _register(c, "http://w1:1", **headers)
             assert resp.status_code == 403
@@ -108,14 +128,16 @@ async def test_api_key_required_on_every_client_route() -> None:
 
 
 async def test_list_address_status_and_validation() -> None:
-    async with _client(ControllerConfig(), Workers()) as c:
+    workers = Workers()
+    workers.models["w2"] = "n"
+    async with _client(ControllerConfig(), workers) as c:
         assert (await c.post("/get_worker_address", json={"model": "m"})).json() == {"address": ""}
         await _register(c, "http://w1:1/")
         await _register(c, "http://w2:1", model="n")
         assert (await c.post("/list_models")).json() == {"models": ["m", "n"]}
         assert (await c.post("/get_worker_address", json={"model": "n"})).json() == {"address": "http://w2:1"}
         status = (await c.post("/worker_get_status")).json()
-        assert status == {"model_names": ["m", "n"], "speed": 2.0, "queue_length": 0}  # a lookup is no dispatch
+        assert status == {"model_names": ["m", "n"], "speed": 4.0, "queue_length": 2}  # 1 + 1 reported; lookups count 0
         bad = await c.post("/register_worker", json={"worker_name": "file:///etc/passwd"})
         assert bad.status_code == 400 and bad.json()["error_code"] == 40001
         assert "worker_name" in bad.json()["text"]
@@ -129,6 +151,7 @@ async def test_register_without_status_fetches_it() -> None:
         assert (await c.post("/register_worker", json={"worker_name": "http://w1:1"})).status_code == 200
         assert ("w1", "/worker_get_status") in workers.calls
         assert (await c.post("/worker_get_status")).json()["speed"] == 2.0
+        workers.dead_for_status = True
         resp = await c.post("/register_worker", json={"worker_name": "http://dead1:1"})
         assert resp.status_code == 502 and resp.json()["error_code"] == ErrorCode.CONTROLLER_WORKER_TIMEOUT
         assert (await c.post("/list_models")).json() == {"models": ["m"]}
@@ -171,7 +194,7 @@ async def test_all_workers_unreachable_bounded_tries() -> None:
         resp = await c.post("/worker_generate_stream", json={"model": "m", "prompt": "x"})
         assert resp.status_code == 503
         assert "could be reached (tried 2" in resp.json()["text"]
-        assert len(workers.calls) == 2
+        assert sum(p == "/worker_generate_stream" for _, p in workers.calls) == 2
         metrics = (await c.get("/metrics")).text
         assert 'llava_controller_proxy_errors_total{kind="connect"} 2.0' in metrics
         assert "llava_controller_retries_total 1.0" in metrics
@@ -199,9 +222,11 @@ async def test_worker_refusal_passed_through() -> None:
 
 
 async def test_refresh_drops_dead_workers() -> None:
-    async with _client(ControllerConfig(), Workers()) as c:
+    workers = Workers()
+    async with _client(ControllerConfig(), workers) as c:
         await _register(c, "http://good1:1")
         await _register(c, "http://dead1:1")
+        workers.dead_for_status = True
         resp = await c.post("/refresh_all_workers")
         assert resp.json() == {"workers": 1, "removed": ["http://dead1:1"]}
         assert (await c.post("/worker_get_status")).json()["speed"] == 2.0  # re-read from the worker

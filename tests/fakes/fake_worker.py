@@ -26,10 +26,12 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from llava_serve.common.attest import ATTEST_PATH
 from llava_serve.common.auth import add_bearer_auth
 from llava_serve.errors import ErrorCode
 from llava_serve.protocol.frames import FinishReason, Frame, Usage, encode_frame
-from llava_serve.protocol.worker import GenerateRequest
+from llava_serve.protocol.worker import GenerateRequest, WorkerStatus
+from llava_serve.worker.attest import add_attest_route
 
 
 class TaggedFrame(Frame):
@@ -180,7 +182,8 @@ def create_app(config: FakeConfig) -> FastAPI:
     app = FastAPI(lifespan=lifespan)
     app.state.fake = state
     if config.api_key:
-        add_bearer_auth(app, [config.api_key])
+        add_bearer_auth(app, [config.api_key], exempt_paths={"/health", ATTEST_PATH})
+    add_attest_route(app, config.registration_secret, config.worker_address, lambda: WorkerStatus(**state.status()))
 
     @app.post("/worker_generate_stream")
     async def generate_stream(request: Request) -> Response:

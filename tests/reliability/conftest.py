@@ -41,7 +41,7 @@ def stack(long_llava: Path) -> Iterator[Stack]:
         workers=2,
         limit_model_concurrency=2,
         max_queue=2,
-        worker_extra=("--max-images", "2", "--max-image-bytes", str(IMAGE_BYTES)),
+        worker_extra=("--max-images", "2", "--max-image-bytes", str(IMAGE_BYTES), "--max-request-pixels", "50000000"),
         api_extra=("--max-images-per-request", "2", "--max-image-bytes", str(IMAGE_BYTES)),
         controller_extra=("--max-body-bytes", str(32 * 2**20)),
         **KEYS,

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from starlette.routing import BaseRoute, Mount
 
+from llava_serve.common.attest import ATTEST_PATH, controller_mac
 from llava_serve.controller.app import create_app as controller_app
 from llava_serve.controller.config import build_parser as controller_parser
 from llava_serve.controller.config import config_from_args as controller_config
@@ -64,12 +65,19 @@ def service_routes(stack: Stack, name: str) -> list[tuple[str, str]]:
         app = api_app(api_config(api_parser().parse_args(argv)))
     else:
         engine = SimpleNamespace(stats=lambda: None)
-        app = worker_app(worker_config(argv), SimpleNamespace(), engine)  # type: ignore[arg-type]
+        app = worker_app(worker_config(argv), SimpleNamespace(tokenizer=None), engine)  # type: ignore[arg-type]
         app.state.service.close()
     found = sorted(set(endpoints(app.routes)))
     documented = {(m.upper(), p) for p, ops in app.openapi()["paths"].items() for m in ops}
     assert documented <= set(found), documented - set(found)  # the enumeration misses nothing
     return [*found, ("GET", "/no/such/route")]
+
+
+def attest_body(who: str) -> dict[str, str]:
+    """A worker's status check: the credential is the controller's MAC of the challenge."""
+    challenge = "c" * 32
+    macs = {"none": "", "wrong": controller_mac("guess", challenge), "right": controller_mac(KEYS["secret"], challenge)}
+    return {"challenge": challenge, "controller_mac": macs[who]}
 
 
 def credentials(stack: Stack, name: str, path: str) -> dict[str, dict[str, str]]:
@@ -86,11 +94,12 @@ def test_every_route_needs_its_credential(stack: Stack, name: str) -> None:
     for method, path in service_routes(stack, name):
         statuses = {}
         for who, headers in credentials(stack, name, path).items():
-            body = {"json": {}} if method in ("POST", "PUT", "PATCH") else {}
+            body = {"json": attest_body(who) if path == ATTEST_PATH else {}} if method == "POST" else {}
             resp = httpx.request(method, stack.url(name) + path, headers=headers, timeout=30, **body)
             statuses[who] = resp.status_code
         table.append({"route": f"{method} {path}", **statuses})
-        refused = 403 if name == "controller" and path in WORKER_ROUTES else 401
+        # the controller's worker routes and a worker's status check take the registration secret
+        refused = 403 if path in WORKER_ROUTES | {ATTEST_PATH} else 401
         if path in OPEN:
             assert statuses == {"none": 200, "wrong": 200, "right": 200}, (path, statuses)
         else:

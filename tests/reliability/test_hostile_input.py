@@ -46,6 +46,8 @@ def payload(name: str) -> bytes:
         return png(30000, 30000, colour_type=0, bit_depth=1)
     if name == "bomb":  # 100000x100000 RGBA claimed (40 GB decoded), a few KB of data
         return png(100_000, 100_000, rows=8)
+    if name == "1x16384":  # 141 bytes; a processor that pads to a square made it 16384x16384
+        return png(1, 16384)
     if name == "bomb_within_limits":  # 6000x6000 RGBA: under the 40 Mpx limit, 144 MB decoded
         return png(6000, 6000)
     if name == "truncated":
@@ -60,7 +62,7 @@ def b64(name: str) -> str:
     return base64.b64encode(payload(name)).decode()
 
 
-def nested(depth: int = 100_000) -> bytes:
+def nested(depth: int = 20_000) -> bytes:  # 40 KB: under every body cap, 20x the recursion limit
     return b'{"model": "tiny-llava", "prompt": "hi", "x": ' + b"[" * depth + b"]" * depth + b"}"
 
 
@@ -72,6 +74,18 @@ def chunked(body: bytes) -> Iterator[bytes]:
     """The same bytes without a Content-Length: the server learns the size only by reading."""
     for i in range(0, len(body), 1 << 20):
         yield body[i : i + (1 << 20)]
+
+
+def empty_messages(size: int = 40 * MB) -> bytes:
+    """40 MB of empty chat messages: 1.9 GB (API) and 2.5 GB (worker) once parsed, before the fix."""
+    one = b'{"role":"user","content":""},'
+    return b'{"model": "tiny-llava", "messages": [' + one * (size // len(one)) + b'{"role":"user","content":"hi"}]}'
+
+
+def chat_text(text: str) -> dict:  # type: ignore[type-arg]
+    body = chat_body(0, 4, stream=False)
+    body["messages"][0]["content"][1]["text"] = text
+    return body
 
 
 def chat_with(url: str, text: str = "What is it?") -> dict:  # type: ignore[type-arg]
@@ -101,6 +115,9 @@ TAGS = "<image>" * 10_000
 CASES = [
     Case("30000x30000 image", "worker", W, lambda: worker_body(images=[b64("30000x30000")]), 413, 40003),
     Case("PNG bomb, 100000x100000 claimed", "worker", W, lambda: worker_body(images=[b64("bomb")]), 413, 40003),
+    Case("1x16384 PNG (aspect ratio)", "worker", W, lambda: worker_body(images=[b64("1x16384")]), 413, 40003),
+    Case("two 6000x6000 PNGs (request pixel budget)", "worker", W,
+         lambda: worker_body(prompt="<image><image>", images=[b64("bomb_within_limits")] * 2), 413, 40003),
     Case("truncated PNG", "worker", W, lambda: worker_body(images=[b64("truncated")]), 400, 40002),
     Case("not an image (PDF)", "worker", W, lambda: worker_body(images=[b64("not_an_image")]), 400, 40002),
     Case("50 MB body", "worker", W, lambda: big_body(), 413, 40005),
@@ -109,14 +126,20 @@ CASES = [
     Case("10,000 <image> tags", "worker", W, lambda: worker_body(prompt=TAGS, images=[]), 400, 40001),
     Case("10,000 <image> tags and images", "worker", W, lambda: worker_body(prompt=TAGS, images=["AAAA"] * 10_000),
          413, 40003),
-    Case("JSON nested 100,000 deep", "worker", W, lambda: nested(), 400, 40001),
-    Case("JSON nested 100,000 deep", "worker", "/count_token", lambda: nested(), 400, 40001),
-    Case("JSON nested 100,000 deep", "worker", "/worker_build_prompt", lambda: nested(), 400, 40001),
+    Case("JSON nested 20,000 deep", "worker", W, lambda: nested(), 400, 40001),
+    Case("JSON nested 100,000 deep", "worker", W, lambda: nested(100_000), 413, 40005),
+    Case("100,000 stop strings", "worker", W, lambda: worker_body(stop=["x"] * 100_000), 413, 40005),
+    Case("50,000 stop strings", "worker", W, lambda: worker_body(stop=["x"] * 50_000), 400, 40001),
+    Case("40 MB of empty chat messages", "worker", "/worker_build_prompt", lambda: empty_messages(), 413, 40005),
+    Case("lone surrogate in the prompt", "worker", W, lambda: b'{"prompt": "\\ud800"}', 400, 40001),
+    Case("JSON nested 20,000 deep", "worker", "/count_token", lambda: nested(), 400, 40001),
+    Case("JSON nested 20,000 deep", "worker", "/worker_build_prompt", lambda: nested(), 400, 40001),
     Case("30000x30000 image", "controller", C, lambda: worker_body(images=[b64("30000x30000")]), 413, 40003),
+    Case("1x16384 PNG (aspect ratio)", "controller", C, lambda: worker_body(images=[b64("1x16384")]), 413, 40003),
     Case("50 MB body", "controller", C, lambda: big_body(), 413, 40005),
     Case("50 MB body, chunked", "controller", C, lambda: chunked(big_body()), 413, 40005),
-    Case("JSON nested 100,000 deep", "controller", C, lambda: nested(), 400, 40001),
-    Case("JSON nested 100,000 deep", "controller", "/get_worker_address", lambda: nested(), 400, 40001),
+    Case("JSON nested 20,000 deep", "controller", C, lambda: nested(), 400, 40001),
+    Case("JSON nested 20,000 deep", "controller", "/get_worker_address", lambda: nested(), 400, 40001),
     Case("30000x30000 image", "api", A, lambda: chat_with(data_url("30000x30000")), 413, "image_too_large"),
     Case("PNG bomb, 100000x100000 claimed", "api", A, lambda: chat_with(data_url("bomb")), 413, "image_too_large"),
     Case("truncated PNG", "api", A, lambda: chat_with(data_url("truncated")), 400, "invalid_image"),
@@ -124,7 +147,13 @@ CASES = [
     Case("50 MB body", "api", A, lambda: big_body(), 413, "request_too_large"),
     Case("50 MB body, chunked", "api", A, lambda: chunked(big_body()), 413, "request_too_large"),
     Case("10,000 image parts", "api", A, lambda: _many_image_parts(10_000), 400, "request_too_large"),
-    Case("JSON nested 100,000 deep", "api", A, lambda: nested(), 400, "validation_type_error"),
+    Case("JSON nested 20,000 deep", "api", A, lambda: nested(), 400, "validation_type_error"),
+    Case("40 MB of empty chat messages", "api", A, lambda: empty_messages(), 413, "request_too_large"),
+    Case("a literal <image> in a message", "api", A, lambda: chat_text("what is <image>?"), 400,
+         "validation_type_error"),
+    Case("a lone surrogate in a message", "api", A, lambda: json.dumps(chat_text("\ud800")).encode(), 400,
+         "validation_type_error"),
+    Case("100,000 stop strings", "controller", C, lambda: worker_body(stop=["x"] * 100_000), 413, 40005),
 ]
 # fmt: on
 
