@@ -76,7 +76,7 @@ async def register_worker(
             status = await fetch_worker_status(ctrl.client, req.worker_name)
         except (httpx.HTTPError, ValidationError, ValueError) as exc:
             raise WorkerUnavailable(f"cannot get the status of worker {req.worker_name}: {exc}") from exc
-    ctrl.registry.register(req.worker_name, status, req.check_heart_beat)
+    ctrl.registry.register(req.worker_name, status, req.check_heart_beat, req.multimodal)
     logger.info("registered worker %s: models=%s speed=%s", req.worker_name, status.model_names, status.speed)
     return RegisterWorkerResponse(heart_beat_interval=ctrl.config.heart_beat_interval)
 
@@ -106,7 +106,7 @@ async def refresh_all_workers(ctrl: ControllerState = Depends(get_state)) -> dic
         if info is None:
             continue
         if isinstance(result, WorkerStatus):
-            ctrl.registry.register(name, result, info.check_heart_beat)
+            ctrl.registry.register(name, result, info.check_heart_beat, info.multimodal)
         else:
             ctrl.registry.unregister(name)
             removed.append(name)
@@ -117,6 +117,21 @@ async def refresh_all_workers(ctrl: ControllerState = Depends(get_state)) -> dic
 @router.post("/list_models")
 async def list_models(ctrl: ControllerState = Depends(get_state)) -> ListModelsResponse:
     return ListModelsResponse(models=ctrl.registry.model_names())
+
+
+@router.post("/list_multimodal_models")
+async def list_multimodal_models(ctrl: ControllerState = Depends(get_state)) -> ListModelsResponse:
+    return ListModelsResponse(models=ctrl.registry.model_names_of(multimodal=True))
+
+
+@router.post("/list_language_models")
+async def list_language_models(ctrl: ControllerState = Depends(get_state)) -> ListModelsResponse:
+    return ListModelsResponse(models=ctrl.registry.model_names_of(multimodal=False))
+
+
+@router.get("/test_connection")
+async def test_connection() -> str:
+    return "success"  # FastChat's answer, which its clients check
 
 
 @router.post("/get_worker_address")

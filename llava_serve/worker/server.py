@@ -68,6 +68,7 @@ def serve(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> None:
             app.state.service.status,
             interval=config.heart_beat_interval,
             secret=config.registration_secret,
+            multimodal=lm.is_multimodal,
         )
 
     uv_config = uvicorn.Config(
