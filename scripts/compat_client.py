@@ -1,4 +1,4 @@
-"""The `openai` SDK against an OpenAI-compatible server: one text chat, one image chat (a data: URL).
+"""The `openai` SDK against an OpenAI-compatible server: a text chat, an image chat (a data: URL), streamed too.
 
 Run by scripts/compat.sh in a throwaway venv that has only `openai`; exits 1 on an empty answer.
 Usage: python scripts/compat_client.py BASE_URL MODEL
@@ -41,7 +41,15 @@ def main(base_url: str, model: str) -> int:
     image = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": content}], max_tokens=32, temperature=0
     )
-    answers = {"text chat": text.choices[0].message.content, "image chat": image.choices[0].message.content}
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": content}], max_tokens=32, temperature=0, stream=True
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    answers = {
+        "text chat": text.choices[0].message.content,
+        "image chat": image.choices[0].message.content,
+        "image chat, streamed": streamed,
+    }
     for name, answer in answers.items():
         print(f"{name}: {answer!r}")
     print(f"image chat usage: {image.usage}")

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import struct
+from typing import Any
 
+import httpx
 import pytest
 import torch
 
 from llava_serve.protocol.frames import iter_frames_sync
+from llava_serve.worker.app import create_app as create_worker
+from llava_serve.worker.config import WorkerConfig
 from tests.compat import fixtures
 from tests.compat.conftest import WORKER, Stack
 from tests.fakes.images import data_url
@@ -104,3 +109,15 @@ def test_controller_lists_models_by_the_workers_multimodal_flag(stack: Stack) ->
         stack.post(stack.controller, "/unregister_worker", {"worker_name": "http://text-worker"})
     stack.post(stack.controller, "/refresh_all_workers")  # re-registers: the flag is kept
     assert stack.post(stack.controller, "/list_multimodal_models").json() == {"models": [MODEL]}
+
+
+def test_a_template_without_a_fastchat_form_is_refused_in_words(stack: Stack) -> None:
+    def gemma(messages: Any, add_generation_prompt: bool) -> str:
+        turns = "".join(f"<start_of_turn>{m['role']}\n{m['content']}<end_of_turn>\n" for m in messages)
+        return turns + ("<start_of_turn>model\n" if add_generation_prompt else "")
+
+    lm = dataclasses.replace(stack.lm, prompt_builder=gemma, template_name="hf-chat-template")
+    app = create_worker(WorkerConfig(no_register=True), lm, stack.engine)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=WORKER)
+    resp = stack.post(client, "/worker_get_conv_template", {"model": MODEL})
+    assert resp.status_code == 501 and "no FastChat Conversation form" in resp.json()["text"]
