@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
 # Run LLaVA's and FastChat's real clients against a controller + worker on the bundled model
-# (docs/compatibility.md). Installs FastChat 0.2.36 and the openai SDK into throwaway venvs under
+# (docs/compatibility.md). Installs FastChat 0.2.36, the openai SDK and LLaVA into throwaway venvs under
 # WORK; needs PyPI. Not part of CI.
 #
 #   scripts/compat.sh [WORK]        WORK defaults to a fresh temp folder
 #   PYTHON=...     the project's python (torch, transformers): default .venv/bin/python, else python3
-#   LLAVA_SRC=...  a checkout of haotian-liu/LLaVA: its test_message.py and conversation.py run
-#                  unchanged; without it the request they send is replayed with curl instead
 #   PORT_BASE=...  controller PORT_BASE+1, worker +2, FastChat API +3 (default 31000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +39,11 @@ if [ ! -x "$WORK/fastchat/bin/python" ]; then
     # test_message imports fastchat.model (torch, transformers): run it with the project's python
     "$WORK/fastchat/bin/pip" install -q --no-deps --target "$WORK/fschat-nodeps" "fschat==0.2.36"
 fi
+if [ ! -d "$WORK/llava-nodeps" ]; then
+    # LLaVA's own release (llava-torch on PyPI). llava/__init__.py imports its model classes (torch,
+    # transformers), so like FastChat's test_message it runs with the project's python
+    "$WORK/fastchat/bin/pip" install -q --no-deps --target "$WORK/llava-nodeps" "llava-torch==1.2.2.post1"
+fi
 "$WORK/fastchat/bin/pip" list 2>/dev/null | grep -iE '^(fschat|openai|pydantic|fastapi) '
 
 step "controller, worker (bundled model), FastChat openai_api_server"
@@ -48,8 +51,9 @@ start controller "$PYTHON" -m llava_serve.controller --port $((BASE + 1))
 start worker "$PYTHON" -m llava_serve.model_worker --port $((BASE + 2)) --worker-address "$WORKER" \
     --controller-address "$CTRL"
 wait_for "$CTRL/list_models" "$MODEL"
-start fastchat-api "$WORK/fastchat/bin/python" -m fastchat.serve.openai_api_server \
-    --controller-address "$CTRL" --port $((BASE + 3))
+# run from WORK: it writes its own log file into the current folder
+start fastchat-api bash -c 'cd "$0" && exec "$1" -m fastchat.serve.openai_api_server --controller-address "$2" --port "$3"' \
+    "$WORK" "$WORK/fastchat/bin/python" "$CTRL" $((BASE + 3))
 for _ in $(seq 60); do curl -sf "$API/v1/models" >/dev/null && break; sleep 1; done
 
 step "openai SDK -> FastChat openai_api_server -> our controller and worker"
@@ -64,22 +68,10 @@ curl -s -X POST "$CTRL/list_multimodal_models"; echo
 curl -s -X POST "$CTRL/list_language_models"; echo
 curl -s "$CTRL/test_connection"; echo
 
-step "LLaVA: llava.serve.test_message"
-if [ -n "${LLAVA_SRC:-}" ]; then
-    # its two files, unchanged, in a package without llava/__init__.py's model imports
-    mkdir -p "$WORK/llava-shim/llava/serve"
-    : >"$WORK/llava-shim/llava/__init__.py"; : >"$WORK/llava-shim/llava/serve/__init__.py"
-    cp "$LLAVA_SRC/llava/conversation.py" "$WORK/llava-shim/llava/"
-    cp "$LLAVA_SRC/llava/serve/test_message.py" "$WORK/llava-shim/llava/serve/"
-    PYTHONPATH="$WORK/llava-shim" "$WORK/fastchat/bin/python" -m llava.serve.test_message \
-        --controller-address "$CTRL" --model-name "$MODEL"
-else
-    echo "(no LLAVA_SRC: replaying its request, tests/compat/fixtures.py llava_test_message)"
-    SYSTEM="A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions."
-    curl -s -H "User-Agent: LLaVA Client" -H "Content-Type: application/json" "$WORKER/worker_generate_stream" \
-        -d "{\"model\": \"$MODEL\", \"prompt\": \"$SYSTEM USER: Tell me a story with more than 1000 words. \", \"max_new_tokens\": 32, \"temperature\": 0.7, \"stop\": \" \"}" \
-        | tr '\0' '\n' | tail -n 2
-fi
+step "LLaVA: python -m llava.serve.test_message (llava-torch 1.2.2.post1, LLaVA's release on PyPI)"
+# it prints the prompt with its separator " " as newlines, then each frame's last word with \r
+PYTHONPATH="$WORK/llava-nodeps" "$PYTHON" -m llava.serve.test_message --controller-address "$CTRL" \
+    --model-name "$MODEL" | tr '\r' '\n' | grep -v '^$' | sed -n '1,2p;$p' 
 
 step "README's curl example, as written"
 IMG=$("$PYTHON" -c "from llava_serve.models.images import encode_image_base64; from PIL import Image, ImageDraw

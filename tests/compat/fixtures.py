@@ -1,8 +1,8 @@
 """Requests exactly as LLaVA's and FastChat's clients send them, recorded from their source.
 
 Each shape names the file it comes from. FastChat's were recorded from fschat 0.2.36 run against
-llava-serve on the bundled model (docs/compatibility.md); LLaVA's from haotian-liu/LLaVA's source,
-LLaVA not being on PyPI.
+llava-serve on the bundled model (docs/compatibility.md); LLaVA's from haotian-liu/LLaVA's source
+(the same files as its PyPI release llava-torch 1.2.2.post1).
 """
 
 from __future__ import annotations
