@@ -26,6 +26,7 @@ class WorkerInfo:
     check_heart_beat: bool
     last_heart_beat: float
     healthy: bool = True
+    multimodal: bool = False  # as the worker said at registration (FastChat's flag)
 
     @property
     def load(self) -> float:
@@ -56,7 +57,9 @@ class Registry:
     def workers(self) -> list[WorkerInfo]:
         return list(self._workers.values())
 
-    def register(self, name: str, status: WorkerStatus, check_heart_beat: bool = True) -> None:
+    def register(
+        self, name: str, status: WorkerStatus, check_heart_beat: bool = True, multimodal: bool = False
+    ) -> None:
         """Add or update `name`; RegistryFull when it is new and max_workers are registered."""
         if name not in self._workers and len(self._workers) >= self.max_workers:
             raise RegistryFull(
@@ -70,6 +73,7 @@ class Registry:
             queue_length=status.queue_length,
             check_heart_beat=check_heart_beat,
             last_heart_beat=self._clock(),
+            multimodal=multimodal,
         )
 
     def heart_beat(self, name: str, queue_length: int) -> bool:
@@ -121,6 +125,10 @@ class Registry:
         can tell "no worker right now" (503) from "no such model" (404).
         """
         return sorted({m for w in self._workers.values() for m in w.model_names})
+
+    def model_names_of(self, multimodal: bool) -> list[str]:
+        """FastChat's /list_multimodal_models and /list_language_models: by the workers' flag."""
+        return sorted({m for w in self._workers.values() if w.multimodal == multimodal for m in w.model_names})
 
     def aggregate_status(self) -> WorkerStatus:
         healthy = [w for w in self._workers.values() if w.healthy]

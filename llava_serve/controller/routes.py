@@ -78,7 +78,7 @@ async def register_worker(
 ) -> RegisterWorkerResponse:
     # What the address says about itself, not what the request claims (req.worker_status is ignored).
     status = await verified_status(ctrl.probe, req.worker_name, ctrl.config.registration_secret)
-    ctrl.registry.register(req.worker_name, status, req.check_heart_beat)
+    ctrl.registry.register(req.worker_name, status, req.check_heart_beat, req.multimodal)
     logger.info("registered worker %s: models=%s speed=%s", req.worker_name, status.model_names, status.speed)
     return RegisterWorkerResponse(heart_beat_interval=ctrl.config.heart_beat_interval)
 
@@ -108,7 +108,7 @@ async def refresh_all_workers(ctrl: ControllerState = Depends(get_state)) -> dic
         if info is None:
             continue
         if isinstance(result, WorkerStatus):
-            ctrl.registry.register(name, result, info.check_heart_beat)
+            ctrl.registry.register(name, result, info.check_heart_beat, info.multimodal)
         else:
             ctrl.registry.unregister(name)
             removed.append(name)
@@ -119,6 +119,21 @@ async def refresh_all_workers(ctrl: ControllerState = Depends(get_state)) -> dic
 @router.post("/list_models")
 async def list_models(ctrl: ControllerState = Depends(get_state)) -> ListModelsResponse:
     return ListModelsResponse(models=ctrl.registry.model_names())
+
+
+@router.post("/list_multimodal_models")
+async def list_multimodal_models(ctrl: ControllerState = Depends(get_state)) -> ListModelsResponse:
+    return ListModelsResponse(models=ctrl.registry.model_names_of(multimodal=True))
+
+
+@router.post("/list_language_models")
+async def list_language_models(ctrl: ControllerState = Depends(get_state)) -> ListModelsResponse:
+    return ListModelsResponse(models=ctrl.registry.model_names_of(multimodal=False))
+
+
+@router.get("/test_connection")
+async def test_connection() -> str:
+    return "success"  # FastChat's answer, which its clients check
 
 
 @router.post("/get_worker_address")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 from llava_serve.engine.request import Request, RequestOutput, Status, TokenLogprobs
 from llava_serve.engine.text import TextAssembler
@@ -26,6 +30,7 @@ class EngineBase:
     """Subclasses implement _start_thread/_wake and call _emit/_finish from their model thread."""
 
     name = "base"
+    calls_in_loop = False  # True: the engine's loop runs _run_calls between steps
 
     def __init__(self, lm: LoadedModel, max_running: int, max_waiting: int) -> None:
         self.lm = lm
@@ -39,6 +44,7 @@ class EngineBase:
         self.finished_requests = 0
         self.last_step = time.monotonic()
         self.busy_since: float | None = None
+        self._calls: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
 
     # -- called from any thread ------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -69,6 +75,18 @@ class EngineBase:
             req.cancel()
         self._wake()
         return len(accepted)
+
+    def run_on_engine_thread(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the thread that owns the model, between steps. A forward pass on any other
+        thread starts a second OpenMP team and slows every later step (docs/benchmark.md)."""
+        future: Future = Future()
+        self._calls.put((fn, future))
+        if not self.calls_in_loop:  # a thread per call, as such an engine has a thread per request
+            threading.Thread(target=self._run_calls, name="llava-serve-call", daemon=True).start()
+        self._wake()
+        if self.dead is not None or self._stopping.is_set():  # no loop will run it
+            self._fail_calls(EngineDead("the engine is not running"))
+        return future
 
     def queue_length(self) -> int:
         with self._lock:
@@ -111,6 +129,28 @@ class EngineBase:
         pass
 
     # -- called from the model thread --------------------------------------------------------
+    def _run_calls(self) -> None:
+        """Run the calls queued by run_on_engine_thread (the loop calls this between steps)."""
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # the caller gets it; the engine goes on
+                    future.set_exception(exc)
+
+    def _fail_calls(self, error: BaseException) -> None:
+        while True:
+            try:
+                _, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+
     def _emit(self, req: Request) -> None:
         assembler: TextAssembler = req.state
         before = assembler.emitted

@@ -26,6 +26,7 @@ MAX_FAILED_STEPS = 3
 
 class BatchEngine(EngineBase):
     name = "batch"
+    calls_in_loop = True
 
     def __init__(
         self,
@@ -78,6 +79,7 @@ class BatchEngine(EngineBase):
             while not self._stopping.is_set():
                 self._drain(block=not self.scheduler.has_work())
                 self._drop_cancelled()
+                self._run_calls()
                 if self.scheduler.has_work():
                     self.busy_since = self.busy_since or time.monotonic()
                     self._guarded_step()
@@ -89,6 +91,7 @@ class BatchEngine(EngineBase):
             self.dead = exc
         finally:
             self._fail_all(EngineDead("the engine stopped before this request finished"))
+            self._fail_calls(EngineDead("the engine stopped"))
 
     def _guarded_step(self) -> None:
         """A step that raises something unexpected (a model bug hit by one input, say) fails the

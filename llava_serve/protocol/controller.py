@@ -30,6 +30,7 @@ class WorkerName(_Lenient):
 class RegisterWorkerRequest(WorkerName):
     check_heart_beat: bool = True
     worker_status: WorkerStatus | None = None
+    multimodal: bool = False  # FastChat's flag: /list_multimodal_models vs /list_language_models
 
 
 class RegisterWorkerResponse(BaseModel):

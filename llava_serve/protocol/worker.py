@@ -62,6 +62,10 @@ class SamplingFields(BaseModel):
         return list(self.stop)
 
 
+# FastChat's API server writes an image of a user turn as this, before the turn's text
+FASTCHAT_IMAGE = "$$<image>$$"
+
+
 class GenerateRequest(SamplingFields):
     """Body of /worker_generate_stream and /worker_generate: a prompt built by the client. With
     `n` > 1 (an extension; the OpenAI API's completions use it) frames carry `index`."""
@@ -70,6 +74,11 @@ class GenerateRequest(SamplingFields):
     images: list[str] | None = None
     echo: bool = True
     n: int = Field(default=1, ge=1, le=16)
+
+    @field_validator("prompt")
+    @classmethod
+    def _fastchat_images(cls, v: str) -> str:
+        return v.replace(FASTCHAT_IMAGE, "<image>\n")  # where LLaVA's templates put an image
 
 
 class ChatPart(BaseModel):
@@ -123,6 +132,45 @@ class BuildPromptRequest(BaseModel):
 
 class BuildPromptResponse(BaseModel):
     prompt: str
+    error_code: int = 0
+
+
+class FastChatConversation(BaseModel):
+    """FastChat's `Conversation` as its workers serialise it (fastchat/conversation.py, 0.2.36);
+    `sep_style` is the number of FastChat's `SeparatorStyle`."""
+
+    name: str
+    system_template: str
+    system_message: str
+    roles: list[str]
+    messages: list[list[str]] = Field(default_factory=list)
+    offset: int = 0
+    sep_style: int
+    sep: str
+    sep2: str | None = None
+    stop_str: str | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+
+
+class ConvTemplateResponse(BaseModel):
+    conv: FastChatConversation
+
+
+class EmbeddingsRequest(BaseModel):
+    """Body of /worker_get_embeddings, as FastChat's API server sends it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] | None = None
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input
+
+
+class EmbeddingsResponse(BaseModel):
+    embedding: list[list[float]] | list[str]  # base64 of float32 when encoding_format is base64
+    token_num: int
     error_code: int = 0
 
 

@@ -33,6 +33,7 @@ from llava_serve.protocol.worker import (
 )
 from llava_serve.worker.attest import add_attest_route
 from llava_serve.worker.config import WorkerConfig
+from llava_serve.worker.fastchat import add_fastchat_routes
 from llava_serve.worker.metrics import WorkerMetrics
 from llava_serve.worker.service import Accepted, WorkerService
 
@@ -105,6 +106,8 @@ def create_app(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> Fas
             model_name=lm.name,
             template=lm.template_name,
         )
+
+    add_fastchat_routes(app, service)
 
     @app.post("/worker_build_prompt")
     async def build_prompt(body: BuildPromptRequest) -> BuildPromptResponse:

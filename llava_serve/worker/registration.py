@@ -29,6 +29,7 @@ class Registrar:
         interval: float = 15.0,
         secret: str | None = None,
         timeout: float = 5.0,
+        multimodal: bool = False,
     ) -> None:
         self.controller = controller.rstrip("/")
         self.worker_address = worker_address
@@ -36,6 +37,7 @@ class Registrar:
         self.interval = interval
         self.headers = {"X-Registration-Secret": secret} if secret else {}
         self.timeout = timeout
+        self.multimodal = multimodal  # FastChat's controller lists multimodal and language models apart
         self.registered = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -65,7 +67,9 @@ class Registrar:
                 pass
 
     async def _register(self) -> bool:
-        body = RegisterWorkerRequest(worker_name=self.worker_address, worker_status=self.status())
+        body = RegisterWorkerRequest(
+            worker_name=self.worker_address, worker_status=self.status(), multimodal=self.multimodal
+        )
         answer = await self._post("/register_worker", body)
         if answer is None:
             self.registered.clear()

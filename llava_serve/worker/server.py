@@ -69,6 +69,7 @@ def serve(config: WorkerConfig, lm: LoadedModel, engine: EngineBase) -> None:
             app.state.service.status,
             interval=config.heart_beat_interval,
             secret=config.registration_secret,
+            multimodal=lm.is_multimodal,
         )
 
     uv_config = uvicorn_config(app, config.host, config.port, config.log_level, config.connections)

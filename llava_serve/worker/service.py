@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import TemplateError
+from PIL import Image
 
 from llava_serve.common.aio import merge
 from llava_serve.common.text import check_unicode
@@ -24,8 +26,9 @@ from llava_serve.errors import (
     InvalidRequest,
     ShuttingDown,
 )
-from llava_serve.models.base import EncodedPrompt, LoadedModel
-from llava_serve.models.images import ImageLimits, decode_request_images
+from llava_serve.models.base import IMAGE_PLACEHOLDER, EncodedPrompt, LoadedModel
+from llava_serve.models.embeddings import pooled_embeddings
+from llava_serve.models.images import ImageLimits, decode_request_images, encode_image_base64
 from llava_serve.protocol.frames import FinishReason, Frame, TokenLogprob, TopLogprob, Usage
 from llava_serve.protocol.worker import ChatRequest, ChatTurn, GenerateRequest, SamplingFields, WorkerStatus
 from llava_serve.worker.messages import TextGuard, checked_messages, special_tokens_of
@@ -95,9 +98,34 @@ class WorkerService:
         return await self._off_loop(self.render, messages)
 
     async def count_tokens(self, body: GenerateRequest) -> int:
-        """The prompt's length in tokens, image tokens included (the same checks as a generation)."""
-        encoded = await self._off_loop(self.encode, body.prompt, body.images or [])
+        """The prompt's length in tokens, image tokens included (the same checks as a generation).
+        FastChat's API server sends the prompt alone: each `<image>` then counts as a blank image of
+        the vision tower's size (an anyres model may count a real image of another shape otherwise)."""
+        images = body.images or []
+        if not images and self.lm.is_multimodal:
+            images = [blank_image(self.lm)] * body.prompt.count(IMAGE_PLACEHOLDER)
+        encoded = await self._off_loop(self.encode, body.prompt, images)
         return len(encoded.input_ids)
+
+    async def embeddings(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """FastChat's embeddings of `texts` and their token count; the forward pass runs on the
+        engine's thread, between steps."""
+        self._check_open()
+        ids = await self._off_loop(self._tokenize, texts)
+        future = self.engine.run_on_engine_thread(lambda: pooled_embeddings(self.lm, ids))
+        return await asyncio.wrap_future(future), sum(len(i) for i in ids)
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        ids = []
+        for i, text in enumerate(texts):
+            if len(text) > self.lm.context_length * MAX_CHARS_PER_TOKEN or not text:
+                raise InvalidRequest(f"input {i} is empty or too long for the context", param="input")
+            ids.append(list(self.lm.tokenizer(text).input_ids))
+            if len(ids[-1]) > self.lm.context_length:
+                raise ContextOverflow(
+                    f"input {i} is {len(ids[-1])} tokens; the context is {self.lm.context_length}", param="input"
+                )
+        return ids
 
     def render(self, messages: list[ChatTurn]) -> str:
         """The model's own template over the messages; user text cannot become special tokens."""
@@ -214,6 +242,18 @@ class WorkerService:
         self.engine.submit(request)
         self.metrics.accepted()
         return Accepted(request, channel, echo, index)
+
+
+@functools.cache
+def _blank(width: int, height: int) -> str:
+    return encode_image_base64(Image.new("RGB", (width, height)))
+
+
+def blank_image(lm: LoadedModel) -> str:
+    """A black image (base64) of the vision tower's input size."""
+    size = getattr(getattr(lm.model.config, "vision_config", None), "image_size", 336)
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return _blank(int(width), int(height))
 
 
 def sampling_params(body: SamplingFields, seed_offset: int = 0) -> SamplingParams:
