@@ -109,7 +109,7 @@ def start(args: argparse.Namespace, model: Path) -> list[LlamaServer]:
             why = missing_converter(args.llama_cpp_dir)
             if why:
                 raise SystemExit(f"{why} (GGUF files for {variant} not in {out_dir} yet)")
-            convert(model, out_dir, variant, args.llama_cpp_dir, args.peer_python)
+            convert(model, out_dir, variant, args.llama_cpp_dir, args.export_python)
         text, mmproj = gguf_paths(out_dir, variant)
         servers.append(LlamaServer(variant, text, mmproj, args))
     return servers

@@ -56,6 +56,7 @@ def convert(model: Path, out_dir: Path, variant: str, llama_cpp_dir: Path, pytho
     steps = [(p, f) for p, f in ((text, _convert_text), (mmproj, _convert_vision)) if not p.is_file()]
     out_dir.mkdir(parents=True, exist_ok=True)
     if steps:
+        print(f"converting the checkpoint to GGUF ({variant}, once) with llama.cpp's converters: {out_dir}", flush=True)
         model = classic_copy(model, out_dir.parent / "classic-checkpoint")
     with tqdm(total=len(steps), desc=f"llama.cpp GGUF {variant}", unit="file", disable=None) as bar:
         for path, step in steps:

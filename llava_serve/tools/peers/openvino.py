@@ -61,10 +61,12 @@ def export(model: Path, out: Path, variant: str, python: str) -> None:
     if (out / "openvino_language_model.xml").is_file():
         return
     source = classic_copy(model, out.parent.parent / "classic-checkpoint")
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
     argv = [python, "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model", str(source)]
     argv += ["--task", "image-text-to-text", "--weight-format", VARIANTS[variant], str(tmp)]
     log = out.with_name(f"export-{variant}.log")
+    print(f"exporting the checkpoint to OpenVINO IR ({variant}, once; a few minutes): {log}", flush=True)
     with log.open("wb") as sink, tqdm(desc=f"OpenVINO export {variant}", unit=" lines", disable=None) as bar:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert proc.stdout is not None
