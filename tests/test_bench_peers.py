@@ -33,6 +33,7 @@ def test_peer_names_and_variants_are_split(capsys: pytest.CaptureFixture[str]) -
     args = parse_args(["--peer", "openvino, llama.cpp", "--llama-variants", "q8_0", "--engines", "none"])
     assert args.peer_list == ["openvino", "llama.cpp"] and args.llama_variants == ["q8_0"]
     assert args.openvino_variants == ["f32", "int8"] and args.engine_list == []
+    assert peers.split_variant("f32@1", 2) == ("f32", 1) and peers.split_variant("q8_0", 2) == ("q8_0", 2)
     with pytest.raises(SystemExit):
         parse_args(["--peer", "vllm"])
     assert "unknown vllm" in capsys.readouterr().err

@@ -43,12 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--peer", default="", help=f"comma-separated: {', '.join(PEERS)}")
     g.add_argument("--peer-dir", type=Path, default=DEFAULT_PEER_DIR, help="where exported/converted models are kept")
     g.add_argument("--peer-threads", type=int, default=2, help="threads each peer computes with")
-    g.add_argument("--openvino-variants", default="f32,int8", help="f32 and/or int8 (weight-only) IR")
+    g.add_argument(
+        "--openvino-variants", default="f32,int8", help="f32 and/or int8 (weight-only) IR; VARIANT@N: N threads"
+    )
     g.add_argument("--openvino-python", default=sys.executable, help="interpreter with openvino-genai")
     g.add_argument("--export-python", default=sys.executable, help="interpreter with optimum-intel / llama.cpp's needs")
     g.add_argument("--llama-server", type=Path, help="a llama-server binary (llama.cpp)")
     g.add_argument("--llama-cpp-dir", type=Path, help="llama.cpp source tree: its GGUF converters")
-    g.add_argument("--llama-variants", default="f32,q8_0", help="f32 and/or q8_0 GGUF weights")
+    g.add_argument("--llama-variants", default="f32,q8_0", help="f32 and/or q8_0 GGUF weights; VARIANT@N: N threads")
 
 
 def parse(args: argparse.Namespace, error) -> None:
@@ -59,6 +61,12 @@ def parse(args: argparse.Namespace, error) -> None:
         error(f"--peer: unknown {', '.join(unknown)} (known: {', '.join(PEERS)})")
     args.openvino_variants = [s.strip() for s in str(args.openvino_variants).split(",") if s.strip()]
     args.llama_variants = [s.strip() for s in str(args.llama_variants).split(",") if s.strip()]
+
+
+def split_variant(spec: str, threads: int) -> tuple[str, int]:
+    """`f32@1` -> ("f32", 1): a variant with its own thread count, as `generate@1` is for the workers."""
+    variant, _, n = spec.partition("@")
+    return variant, int(n) if n else threads
 
 
 def missing(args: argparse.Namespace) -> list[str]:

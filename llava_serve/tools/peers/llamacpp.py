@@ -21,6 +21,7 @@ from tqdm import tqdm
 from llava_serve.tools.bench_child import Child, free_port
 from llava_serve.tools.bench_client import LevelSummary, summarize
 from llava_serve.tools.bench_workload import make_requests
+from llava_serve.tools.peers import split_variant
 from llava_serve.tools.peers.openai_stream import drive_chat
 
 VARIANTS = ("f32", "q8_0")
@@ -28,12 +29,13 @@ SLOT_CONTEXT = 1024  # tokens per slot: a bench prompt (~100 text + 64 image) pl
 
 
 class LlamaServer(Child):
-    def __init__(self, variant: str, text: Path, mmproj: Path, args: argparse.Namespace) -> None:
-        self.engine = f"llama.cpp-{variant}"
+    def __init__(self, spec: str, text: Path, mmproj: Path, args: argparse.Namespace) -> None:
+        self.engine = f"llama.cpp-{spec}"
+        variant, n_threads = split_variant(spec, args.peer_threads)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         slots = max(args.levels)
-        threads = str(args.peer_threads)
+        threads = str(n_threads)
         self.variant, self.slots, self.threads = variant, slots, threads
         self.version = server_version(args.llama_server)
         argv = ["-m", str(text), "--mmproj", str(mmproj), "--host", "127.0.0.1", "--port", str(self.port)]
@@ -102,7 +104,8 @@ def start(args: argparse.Namespace, model: Path) -> list[LlamaServer]:
 
     servers = []
     out_dir = args.peer_dir / "gguf"
-    for variant in args.llama_variants:
+    for spec in args.llama_variants:
+        variant, _ = split_variant(spec, args.peer_threads)
         if variant not in VARIANTS:
             raise SystemExit(f"--llama-variants: {variant!r} is not one of {', '.join(VARIANTS)}")
         if not all(p.is_file() for p in gguf_paths(out_dir, variant)):
@@ -111,5 +114,5 @@ def start(args: argparse.Namespace, model: Path) -> list[LlamaServer]:
                 raise SystemExit(f"{why} (GGUF files for {variant} not in {out_dir} yet)")
             convert(model, out_dir, variant, args.llama_cpp_dir, args.export_python)
         text, mmproj = gguf_paths(out_dir, variant)
-        servers.append(LlamaServer(variant, text, mmproj, args))
+        servers.append(LlamaServer(spec, text, mmproj, args))
     return servers

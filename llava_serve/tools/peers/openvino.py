@@ -20,6 +20,7 @@ from tqdm import tqdm
 import llava_serve
 from llava_serve.tools.bench_child import LineChild
 from llava_serve.tools.bench_client import LevelSummary, Sampler, StreamResult, summarize
+from llava_serve.tools.peers import split_variant
 
 VARIANTS = {"f32": "fp32", "int8": "int8"}  # our name -> optimum-cli --weight-format
 MARK = "BENCH-OPENVINO "
@@ -41,7 +42,8 @@ def missing(args: argparse.Namespace) -> str | None:
             f"openvino-genai is not installed for {args.openvino_python}: `pip install -e .[peers]`, "
             "or point --openvino-python at a venv that has it"
         )
-    exported = all((ir_dir(args, v) / "openvino_language_model.xml").is_file() for v in args.openvino_variants)
+    variants = [split_variant(spec, 0)[0] for spec in args.openvino_variants]
+    exported = all((ir_dir(args, v) / "openvino_language_model.xml").is_file() for v in variants)
     if not exported and not has_module(args.export_python, "optimum.intel"):
         return (
             f"optimum-intel is not installed for {args.export_python} (needed once, to export the IR): "
@@ -79,11 +81,11 @@ def export(model: Path, out: Path, variant: str, python: str) -> None:
 
 
 class OpenVinoRunner(LineChild):
-    def __init__(self, variant: str, args: argparse.Namespace) -> None:
-        self.engine = f"openvino-{variant}"
-        self.variant, self.threads = variant, args.peer_threads
-        argv = ["llava_serve.tools.peers.openvino_runner", "--model-dir", str(ir_dir(args, variant))]
-        argv += ["--threads", str(args.peer_threads), "--max-seqs", str(max(32, *args.levels))]
+    def __init__(self, spec: str, args: argparse.Namespace) -> None:
+        self.engine = f"openvino-{spec}"
+        self.variant, self.threads = split_variant(spec, args.peer_threads)
+        argv = ["llava_serve.tools.peers.openvino_runner", "--model-dir", str(ir_dir(args, self.variant))]
+        argv += ["--threads", str(self.threads), "--max-seqs", str(max(32, *args.levels))]
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
         log = args.out / f"peer-{self.engine}.log"
         super().__init__(self.engine, argv, log, mark=MARK, env=env, program=[args.openvino_python, "-m"])
@@ -128,9 +130,10 @@ def as_stream_result(stream: dict, max_new_tokens: int) -> StreamResult:
 
 def start(args: argparse.Namespace, model: Path) -> list[OpenVinoRunner]:
     runners = []
-    for variant in args.openvino_variants:
+    for spec in args.openvino_variants:
+        variant, _ = split_variant(spec, args.peer_threads)
         if variant not in VARIANTS:
             raise SystemExit(f"--openvino-variants: {variant!r} is not one of {', '.join(VARIANTS)}")
         export(model, ir_dir(args, variant), variant, args.export_python)
-        runners.append(OpenVinoRunner(variant, args))
+        runners.append(OpenVinoRunner(spec, args))
     return runners
