@@ -27,6 +27,8 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from llava_serve.tools import peers
+from llava_serve.tools.bench_child import Child, LineChild, free_port
 from llava_serve.tools.bench_client import LevelSummary, Sampler, drive, summarize
 from llava_serve.tools.bench_report import ratio_table, target_lines, write_all
 from llava_serve.tools.bench_static import MARK
@@ -48,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--engines",
         default="batch,generate",
-        help="workers to start: batch, generate; ENGINE@N runs that engine with OMP_NUM_THREADS=N",
+        help="workers to start: batch, generate (none: peers only); ENGINE@N runs it with OMP_NUM_THREADS=N",
     )
     p.add_argument("--no-static", action="store_true", help="skip the static model.generate batch")
     p.add_argument("--limit-model-concurrency", type=int, default=32, help="passed to every worker alike")
@@ -56,9 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeat", type=int, default=1, help="rounds per level; tables show the median")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds one round may take")
+    peers.add_arguments(p)
     args = p.parse_args(argv)
+    peers.parse(args, p.error)
     args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    args.engine_list = [e.strip() for e in args.engines.split(",") if e.strip()]
+    args.engine_list = [e.strip() for e in args.engines.split(",") if e.strip() and e.strip() != "none"]
     if max(args.levels) > args.limit_model_concurrency + args.max_queue:
         p.error("more clients than a worker admits: raise --limit-model-concurrency or --max-queue")
     return args
@@ -78,46 +82,11 @@ def ensure_model(args: argparse.Namespace) -> Path:
     return path
 
 
-class Child:
-    """A subprocess of the benchmark, logged to a file, stopped by its own pid."""
-
-    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None, **popen) -> None:
-        self.name = name
-        self.log_path = log
-        self._log = log.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        stderr = popen.pop("stderr", self._log)
-        self.popen = subprocess.Popen([sys.executable, "-m", *argv], stderr=stderr, env=env, **popen)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def check_alive(self) -> None:
-        if self.popen.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{self.name} exited with {self.popen.returncode}; log tail:\n{tail}")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
-        self._log.close()
-
-
 class Worker(Child):
     """`engine` is batch or generate, or e.g. generate@1: that engine with OMP_NUM_THREADS=1."""
 
     def __init__(self, spec: str, model: Path, args: argparse.Namespace) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         engine, _, threads = spec.partition("@")
         self.engine = spec
         self.url = f"http://127.0.0.1:{self.port}"
@@ -136,36 +105,13 @@ class Worker(Child):
             return False
 
 
-class StaticRunner(Child):
+class StaticRunner(LineChild):
     def __init__(self, model: Path, args: argparse.Namespace) -> None:
         argv = ["llava_serve.tools.bench_static", "--model-path", str(model), "--device", args.device]
-        super().__init__("static batch", argv, args.out / "static.log", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.loaded = False
-
-    def _answer(self) -> dict:
-        import json
-
-        assert self.popen.stdout is not None
-        for raw in self.popen.stdout:
-            line = raw.decode(errors="replace")
-            if line.startswith(MARK):
-                return json.loads(line[len(MARK) :])
-        self.check_alive()
-        raise RuntimeError("the static batch runner closed its output")
-
-    def wait_loaded(self) -> None:
-        if not self.loaded:
-            self._answer()
-            self.loaded = True
+        super().__init__("static batch", argv, args.out / "static.log", mark=MARK)
 
     def run(self, n: int, max_new_tokens: int, round_id: int = 0) -> dict:
-        import json
-
-        assert self.popen.stdin is not None
-        command = {"n": n, "max_new_tokens": max_new_tokens, "round": round_id}
-        self.popen.stdin.write((json.dumps(command) + "\n").encode())
-        self.popen.stdin.flush()
-        return self._answer()
+        return self.ask({"n": n, "max_new_tokens": max_new_tokens, "round": round_id})
 
 
 def wait_ready(workers: list[Worker], static: StaticRunner | None, timeout: float = 600.0) -> None:
@@ -247,7 +193,17 @@ def describe(row: LevelSummary) -> str:
 
 def machine() -> str:
     threads = os.environ.get("OMP_NUM_THREADS", "default")
-    return f"{platform.machine()} {os.cpu_count()} CPUs ({platform.processor() or 'cpu'}), OMP_NUM_THREADS={threads}"
+    return f"{platform.machine()} {os.cpu_count()} CPUs ({cpu_model()}), OMP_NUM_THREADS={threads}"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def git_commit() -> str:
@@ -264,11 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     commit, started = git_commit(), datetime.datetime.now().isoformat(timespec="seconds")  # what the workers run
     model = ensure_model(args)
+    if unavailable := peers.missing(args):
+        print("\n".join(unavailable), file=sys.stderr)
+        return 2
+    peer_list = peers.start(args, model)  # exports/conversions first: they would disturb the workers' rounds
     workers = [Worker(engine, model, args) for engine in args.engine_list]
     static = None if args.no_static else StaticRunner(model, args)
     rows: list[LevelSummary] = []
     try:
         wait_ready(workers, static)
+        for peer in peer_list:
+            peer.wait_ready()
+            peer.warm_up()
         warm_up(workers, static, args)
         for n in args.levels:
             for repeat in range(args.repeat):  # engines back to back, each round with fresh images
@@ -278,9 +241,13 @@ def main(argv: list[str] | None = None) -> int:
                 if static is not None:
                     rows.append(run_static_level(static, n, args, repeat))
                     print(describe(rows[-1]), flush=True)
+                for peer in peer_list:
+                    rows.append(peer.run_level(n, args, repeat))
+                    print(describe(rows[-1]), flush=True)
     finally:
         for child in [*workers, *([static] if static else [])]:
             child.stop()
+        peers.stop_all(peer_list)
     meta = {
         "command": "llava-serve bench " + shlex.join(sys.argv[1:] if argv is None else argv),
         "model": f"random LLaVA '{args.size}' ({model})" if not args.model_path else str(model),
@@ -291,10 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         "max_new_tokens": args.max_new_tokens,
         "repeat": args.repeat,
         "title": f"{model.name}: {args.max_new_tokens} new tokens per client, {os.cpu_count()} CPUs",
+        "peers": peers.describe(args, peer_list),
     }
     paths = write_all(rows, meta, args.out)
     print("\n" + ratio_table(rows) + "\n\n" + "\n".join(target_lines(rows)))
     print(f"\nwrote {paths['markdown']}, {paths['json']} and {paths['plot']}")
+    if not peer_list:
+        print("\n" + peers.HOW_TO_ADD)
     return 0
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from llava_serve.tools.bench_client import LevelSummary
 
+PEER_PREFIXES = ("openvino-", "llama.cpp-")  # the engine names of peers/ rows
+
 # issue 3's targets, measured in the same run
 TARGETS = {
     "batch/generate at 16 clients": (16, "generate", 4.0),
@@ -51,32 +53,43 @@ def throughput(rows: Sequence[LevelSummary]) -> dict[int, dict[str, float]]:
     }
 
 
+def is_peer(engine: str) -> bool:
+    return engine.startswith(PEER_PREFIXES)
+
+
 def ratios(rows: Sequence[LevelSummary]) -> list[dict]:
+    """Per level: every engine's tokens/s and batch over each of the others (generate, static, peers)."""
     out = []
     for level, tps in sorted(throughput(rows).items()):
         batch = tps.get("batch", float("nan"))
+        others = {"generate", "static", *(e for e in tps if e != "batch")}
         out.append(
             {
                 "concurrency": level,
                 **{f"{k}_tokens_per_s": v for k, v in sorted(tps.items())},
-                "batch_over_generate": batch / tps["generate"] if tps.get("generate") else float("nan"),
-                "batch_over_static": batch / tps["static"] if tps.get("static") else float("nan"),
+                **{f"batch_over_{e}": batch / tps[e] if tps.get(e) else float("nan") for e in sorted(others)},
             }
         )
     return out
 
 
 def ratio_table(rows: Sequence[LevelSummary]) -> str:
-    lines = [
-        "| clients | batch tok/s | generate tok/s | static tok/s | batch / generate | batch / static |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
+    """llava-serve's engines, then each peer beside them: its tokens/s and batch / peer."""
+    peers = sorted({r.engine for r in rows if is_peer(r.engine)})
+    head = "| clients | batch tok/s | generate tok/s | static tok/s | batch / generate | batch / static |"
+    head += "".join(f" {p} tok/s | batch / {p} |" for p in peers)
+    lines = [head, "|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(peers)]
+    nan = float("nan")
     for r in ratios(rows):
-        lines.append(
-            f"| {r['concurrency']} | {_f(r.get('batch_tokens_per_s', float('nan')))} "
-            f"| {_f(r.get('generate_tokens_per_s', float('nan')))} | {_f(r.get('static_tokens_per_s', float('nan')))} "
+        line = (
+            f"| {r['concurrency']} | {_f(r.get('batch_tokens_per_s', nan))} "
+            f"| {_f(r.get('generate_tokens_per_s', nan))} | {_f(r.get('static_tokens_per_s', nan))} "
             f"| {_f(r['batch_over_generate'], 2)} | {_f(r['batch_over_static'], 2)} |"
         )
+        line += "".join(
+            f" {_f(r.get(f'{p}_tokens_per_s', nan))} | {_f(r.get(f'batch_over_{p}', nan), 2)} |" for p in peers
+        )
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -106,6 +119,9 @@ def markdown(rows: Sequence[LevelSummary], meta: dict) -> str:
         f"one request of {meta['max_new_tokens']} new tokens (greedy, EOS ignored). Ratios use the median of "
         f"{meta.get('repeat', 1)} round(s) per engine and level.",
         "",
+        *(["Peers, run back to back with the workers on the same requests:", ""] if meta.get("peers") else []),
+        *[f"- {line}" for line in meta.get("peers", [])],
+        *([""] if meta.get("peers") else []),
         ratio_table(rows),
         "",
         *target_lines(rows),

@@ -41,6 +41,7 @@ RGB = {
 class BenchRequest:
     prompt: str
     image_png: bytes
+    question: str = ""  # the user's text alone, for peers that build the prompt from chat messages
 
     def image(self) -> Image.Image:
         return Image.open(io.BytesIO(self.image_png)).convert("RGB")
@@ -89,5 +90,5 @@ def make_requests(n: int, round_id: int = 0) -> list[BenchRequest]:
         draw_image(rng).save(buf, format="PNG")
         question = QUESTIONS[i % len(QUESTIONS)]
         prompt = f"{SYSTEM} USER: <image>\n{question} ASSISTANT:"
-        requests.append(BenchRequest(prompt, buf.getvalue()))
+        requests.append(BenchRequest(prompt, buf.getvalue(), question))
     return requests
