@@ -1,7 +1,7 @@
 """Issue 13's attacks while another client is served (acceptance: its latency within 2x of idle,
 the worker's peak RSS growth under 300 MiB, every attack refused).
 
-On the reliability cluster: a victim streams 64-token answers straight from worker w0 while an
+On the reliability cluster: a victim streams 128-token answers straight from worker w0 while an
 attacker, in a process of its own (another client, not a thread sharing the victim's GIL), sends
 in a loop one of the requests that used to cost the most: 100,000 stop strings, a 1x16384 PNG, two
 6000x6000 PNGs, 20 MB of empty chat messages (to the worker's prompt builder, to the API), a rogue
@@ -23,29 +23,24 @@ import httpx
 import pytest
 
 from tests.reliability.clients import worker_body
-from tests.reliability.helpers import proc_figures, record
+from tests.reliability.helpers import FULL, proc_figures, record
 from tests.reliability.stack import Stack
 from tests.reliability.test_hostile_input import b64, empty_messages
 
 W = "/worker_generate_stream"
-ATTACKS = [
-    "100,000 stop strings",
-    "1x16384 PNG",
-    "two 6000x6000 PNGs",
-    "20 MB of empty messages (worker)",
-    "20 MB of empty messages (API)",
-    "rogue registration",
-    "slowloris",
-]
+# About 20 s each on a loaded 2-core machine: three in CI, all with RELIABILITY_FULL=1.
+CI = ["100,000 stop strings", "1x16384 PNG", "20 MB of empty messages (API)"]
+MORE = ["two 6000x6000 PNGs", "20 MB of empty messages (worker)", "rogue registration", "slowloris"]
+ATTACKS = CI + MORE if FULL else CI
 
 
 def _victim_times(stack: Stack, n: int) -> list[float]:
-    """Wall times of n 64-token streams from w0 (greedy, ignore_eos: the same work each time)."""
+    """Wall times of n 128-token streams from w0 (greedy, ignore_eos: the same work each time)."""
     times = []
     with httpx.Client(base_url=stack.url("w0"), headers=stack.headers("w0"), timeout=60) as client:
         for i in range(n):
             t0 = time.monotonic()
-            resp = client.post(W, json=worker_body(i, max_new_tokens=64, echo=False))
+            resp = client.post(W, json=worker_body(i, max_new_tokens=128, echo=False))
             assert resp.status_code == 200 and b'"finish_reason": "length"' in resp.content, resp.text[-300:]
             times.append(time.monotonic() - t0)
     return times
@@ -125,11 +120,11 @@ def test_an_attack_is_refused_and_others_still_served(stack: Stack, attack: str)
     assert ready.wait(60), "the attacker did not start"
     before = proc_figures(pid)
     idle, during = [], []
-    for _ in range(2):
-        idle += _victim_times(stack, 4)
+    for _ in range(3):
+        idle += _victim_times(stack, 3)
         go.set()
         time.sleep(0.5)  # under way
-        during += _victim_times(stack, 4)
+        during += _victim_times(stack, 3)
         go.clear()
         time.sleep(0.3)
     stop.set()
