@@ -15,6 +15,8 @@ from PIL import Image
 
 from llava_serve.errors import ImageTooLarge
 
+MAX_IMAGES = 8  # a worker's default --max-images
+
 
 @dataclass
 class Turn:
@@ -60,8 +62,10 @@ class Conversation:
             return True
         return False
 
-    def model_request(self) -> ModelRequest:
-        """The answered exchanges, then the question now being answered (the last turn)."""
+    def model_request(self, max_images: int = MAX_IMAGES) -> ModelRequest:
+        """The answered exchanges, then the question now being answered (the last turn). Only the
+        newest `max_images` pictures are sent (a worker takes 8 by default): older turns keep their
+        text, so a long chat with many pictures goes on working."""
         kept: list[Turn] = []
         for i, turn in enumerate(self.turns):
             following = self.turns[i + 1] if i + 1 < len(self.turns) else None
@@ -70,7 +74,10 @@ class Conversation:
                     kept.append(turn)
             elif following is None or following.answered:
                 kept.append(turn)
-        return ModelRequest([_message(t) for t in kept], [t.image_path for t in kept if t.image_path])
+        with_image = [t for t in kept if t.image_path]
+        sent = {id(t) for t in with_image[len(with_image) - max_images :]} if max_images > 0 else set()
+        messages = [_message(t, id(t) in sent) for t in kept]
+        return ModelRequest(messages, [t.image_path for t in kept if id(t) in sent and t.image_path])
 
     def chatbot_messages(self) -> list[dict[str, Any]]:
         """The turns in gr.Chatbot's messages format (an answer not begun yet is not shown)."""
@@ -83,8 +90,8 @@ class Conversation:
         return shown
 
 
-def _message(turn: Turn) -> dict[str, Any]:
-    parts: list[dict[str, str]] = [{"type": "image"}] if turn.image_path else []
+def _message(turn: Turn, with_image: bool) -> dict[str, Any]:
+    parts: list[dict[str, str]] = [{"type": "image"}] if turn.image_path and with_image else []
     parts.append({"type": "text", "text": turn.text})
     return {"role": turn.role, "content": parts}
 

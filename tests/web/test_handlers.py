@@ -163,3 +163,17 @@ def test_encode_image_scales_down_and_converts(tmp_path: Path) -> None:
     Image.new("RGBA", (3000, 1000), (0, 0, 255, 128)).save(path)
     with Image.open(io.BytesIO(base64.b64decode(encode_image(str(path), 1344)))) as img:
         assert img.mode == "RGB" and img.size == (1344, 448)
+
+
+def test_a_long_chat_sends_only_the_newest_pictures() -> None:
+    """More pictures than a worker takes (8) used to fail every later turn; older turns keep their text."""
+    conv = Conversation()
+    for i in range(10):
+        conv.add_question(f"picture {i}?", f"/tmp/p{i}.png")
+        conv.start_answer().text = f"answer {i}"
+    conv.add_question("and now?", None)
+    request = conv.model_request(max_images=8)
+    assert request.image_paths == [f"/tmp/p{i}.png" for i in range(2, 10)]
+    parts = [m["content"] for m in request.messages if m["role"] == "user"]
+    assert [p[0]["type"] for p in parts[:10]] == ["text", "text"] + ["image"] * 8
+    assert parts[0][-1]["text"] == "picture 0?" and len(request.messages) == 21
