@@ -16,9 +16,9 @@ from collections import defaultdict
 
 import torch
 
+from llava_serve.engine.engine import BatchEngine
 from llava_serve.engine.params import SamplingParams
 from llava_serve.engine.request import Request
-from llava_serve.engine.engine import BatchEngine
 from llava_serve.models.loader import LoadOptions, load_model
 from llava_serve.tools.bench_workload import make_requests
 

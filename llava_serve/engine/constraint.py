@@ -16,6 +16,7 @@ import torch
 
 from llava_serve.errors import InvalidParameter
 
+_BITS = torch.arange(32, dtype=torch.int32)
 _tokenizers: dict[int, Any] = {}
 _lock = threading.Lock()
 
@@ -72,10 +73,12 @@ class Constraint:
     def mask(self, row: torch.Tensor) -> torch.Tensor:
         """Logits of one row ([vocab] float) with every token the grammar forbids at -inf."""
         self._torch.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
-        row = row.clone()
-        self._torch.apply_token_bitmask_inplace(row[: self.vocab].unsqueeze(0), self.bitmask)
-        row[self.vocab :] = float("-inf")  # embedding rows past the tokenizer's vocabulary
-        return row
+        # the bitmask's 32-bit words unpacked here: llguidance's own apply is a TorchScript function
+        # that took 0.2-30 ms a call on CPU, this takes tens of microseconds
+        allowed = ((self.bitmask[0].unsqueeze(-1) >> _BITS) & 1).bool().flatten()[: self.vocab]
+        masked = torch.full_like(row, float("-inf"))  # rows past the tokenizer's vocabulary stay -inf
+        masked[: self.vocab] = row[: self.vocab].masked_fill(~allowed.to(row.device), float("-inf"))
+        return masked
 
     def consume(self, token: int) -> None:
         if not self.matcher.is_stopped():
