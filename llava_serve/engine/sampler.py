@@ -23,7 +23,8 @@ def sample(logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:
         if p.greedy:
             tokens.append(int(row.argmax()))
         else:
-            tokens.append(sample_row(row, p.temperature, p.top_k, p.top_p, generator_of(req)))
+            assert req.generator is not None, "a sampling request has its generator from bind()"
+            tokens.append(sample_row(row, p.temperature, p.top_k, p.top_p, req.generator))
     return tokens
 
 
@@ -48,12 +49,3 @@ def sample_row(row: torch.Tensor, temperature: float, top_k: int, top_p: float, 
         row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = row.softmax(-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
-
-
-def generator_of(req: Request) -> torch.Generator:
-    gen = getattr(req, "_generator", None)
-    if gen is None:
-        gen = torch.Generator()
-        gen.manual_seed(req.params.seed) if req.params.seed is not None else gen.seed()
-        req._generator = gen  # type: ignore[attr-defined]
-    return gen

@@ -58,11 +58,12 @@ def test_remove_moves_the_last_row_and_empty_frees_storage() -> None:
     a, b, c = prefill(6, 1), prefill(6, 2), prefill(6, 3)
     for p in (a, b, c):
         cache.add_row(p, 6)
-    assert cache.remove_row(0) == 2  # c moves into row 0
+    cache.move_row(2, 0)  # a leaves: c moves into row 0 (the scheduler's order)
+    cache.use_rows(2)
     assert torch.equal(row_contents(cache, 0, 6), expected(c))
     assert torch.equal(row_contents(cache, 1, 6), expected(b))
-    cache.remove_row(1)
-    cache.remove_row(0)
+    cache.use_rows(1)
+    cache.use_rows(0)
     assert cache.batch == 0 and cache.mask is None and cache.capacity == 0
     assert all(layer.kbuf is None for layer in cache.slot_layers)
     cache.add_row(a, 6)  # and it comes back
