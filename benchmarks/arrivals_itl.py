@@ -3,7 +3,8 @@
     python benchmarks/arrivals_itl.py --model-path M --step-tokens 0,32,64 --seconds 12
 
 For each setting of the engine's `step_tokens` (0 = never chunk: a newcomer's whole prompt in one
-step, what the engine did before), in-process: 8 streams decode alone for a while (idle ITL), then
+step, what the engine did before), in-process: 8 streams decode alone for `--idle-seconds` once
+all their prompts are read (idle ITL), then
 a new request with a fresh image arrives every second for `--seconds` (it generates 16 tokens
 and leaves) while the 8 keep decoding. Prints the 8 streams' ITL p50/p95 in both phases and the
 ratio p95(arrivals) / p95(idle); issue 12 asks for <= 2.
@@ -55,6 +56,9 @@ def one_setting(lm, step_tokens: int, seconds: float, idle_seconds: float, round
     streams = [Stream() for _ in range(8)]
     for stream, req in zip(streams, engine_requests(lm, 8, 100_000, round_id)):
         eng.submit(with_sink(req, stream.sink))
+    while not all(s.last is not None and s.last[1] >= 2 for s in streams):  # all 8 prompts read
+        time.sleep(0.05)
+    idle_start = time.perf_counter()
     time.sleep(idle_seconds)
     phase = time.perf_counter()
     arrivals = engine_requests(lm, int(seconds), 16, round_id + 1000)
@@ -64,8 +68,7 @@ def one_setting(lm, step_tokens: int, seconds: float, idle_seconds: float, round
     end = time.perf_counter()
     eng.abort_all()
     eng.shutdown()
-    warm = phase - idle_seconds / 2  # skip the 8 streams' own prefills
-    idle = [g for s in streams for t, g in s.gaps if warm <= t < phase]
+    idle = [g for s in streams for t, g in s.gaps if idle_start <= t < phase]
     busy = [g for s in streams for t, g in s.gaps if phase <= t < end]
     return {
         "idle_p50": statistics.median(idle) * 1000,

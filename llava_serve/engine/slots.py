@@ -37,7 +37,7 @@ class KVSlots:
             return
         new_rows = min(self.max_rows + 1, max(rows, 2 * self.rows, 1))  # +1: the row being prefilled
         new_cols = min(self.max_len, max(cols, 2 * self.cols, 64))
-        self._resize(max(new_rows, self.rows), max(new_cols, self.cols))
+        self._resize(max(new_rows, self.rows), max(new_cols, self.cols), live=min(rows, self.rows))
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of row `src` into row `dst` (a request changed rows)."""
@@ -60,16 +60,18 @@ class KVSlots:
             kbuf[row, :, :length] = k[:, :length]
             vbuf[row, :, :length] = v[:, :length]
 
-    def _resize(self, rows: int, cols: int) -> None:
+    def _resize(self, rows: int, cols: int, live: int) -> None:
+        """New storage with rows [0, live) copied over (the rows a caller of `ensure` uses are all
+        of its rows; the ones above hold nothing anyone reads)."""
         shape = (rows, self.kv_heads, cols, self.head_dim)
-        old_rows, old_cols = self.rows, self.cols
+        old_cols = self.cols
         new_keys, new_values = [], []
         for i in range(self.num_layers):
             k = torch.zeros(shape, dtype=self.dtype, device=self.device)
             v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            if old_rows:
-                k[:old_rows, :, :old_cols] = self.keys[i]
-                v[:old_rows, :, :old_cols] = self.values[i]
+            if live:
+                k[:live, :, :old_cols] = self.keys[i][:live]
+                v[:live, :, :old_cols] = self.values[i][:live]
             new_keys.append(k)
             new_values.append(v)
         self.keys, self.values = new_keys, new_values
