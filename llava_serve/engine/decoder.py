@@ -62,7 +62,7 @@ class DecoderForward:
             x = torch.cat([x[: step.rows], x[-1:]])
         elif chunk is not None:
             x = x[-1:]
-        x = F.rms_norm(x, (x.shape[-1],), self.w.norm, self.w.eps)
+        x = rms_norm(x, self.w.norm, self.w.eps)
         return self.w.lm_head(x)
 
     def _inputs(self, tokens: list[int], positions: list[int], chunk: PromptChunk | None) -> StepInputs:
@@ -103,8 +103,7 @@ class DecoderForward:
     def _layer(
         self, layer: LayerWeights, keys: torch.Tensor, values: torch.Tensor, x: torch.Tensor, step: StepInputs
     ) -> torch.Tensor:
-        hidden = x.shape[-1]
-        h = F.rms_norm(x, (hidden,), layer.input_norm, self.w.eps)
+        h = rms_norm(x, layer.input_norm, self.w.eps)
         qkv = layer.qkv(h)
         n, d = qkv.shape[0], self.w.head_dim
         qk = qkv[:, : self.q_width + self.kv_width].view(n, -1, d)
@@ -114,7 +113,7 @@ class DecoderForward:
         v = qkv[:, self.q_width + self.kv_width :].view(n, self.w.kv_heads, d)
         attn = self._attention(q, k, v, keys, values, step)
         x = x + layer.o(attn)
-        h = F.rms_norm(x, (hidden,), layer.post_norm, self.w.eps)
+        h = rms_norm(x, layer.post_norm, self.w.eps)
         gate, up = layer.gate_up(h).chunk(2, dim=-1)
         return x + layer.down(F.silu(gate) * up)
 
@@ -153,6 +152,15 @@ class DecoderForward:
             enable_gqa=self.gqa,
         )
         return out[0].transpose(0, 1).reshape(c, self.q_width)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: torch's fused kernel gives the same bits in float32 (checked), not in
+    half precision, where the variance is taken in float32 and the result rounded before the weight."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
