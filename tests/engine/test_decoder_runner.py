@@ -160,3 +160,16 @@ def test_the_transformers_path_can_be_forced(tokenizer, monkeypatch):
         full = {id(r): lm.model(torch.tensor([r.prompt.input_ids + r.output_ids])).logits[0] for r in reqs}
     for req, pos, logits in seen:
         torch.testing.assert_close(logits, full[id(req)][pos], atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_prompt_logits_match_transformers(tokenizer):
+    lm = tiny_lm(tokenizer, "llama")
+    lm.model.to(torch.bfloat16)
+    eng = BatchEngine(lm, max_running=2, max_waiting=2, adapt_threads=False)
+    assert isinstance(eng.runner, DecoderRunner)
+    req = request(prompts(1, base=20)[0], 3)
+    seen = drive(eng, {0: [req]})
+    with torch.inference_mode():
+        full = lm.model(torch.tensor([req.prompt.input_ids + req.output_ids])).logits[0]
+    for _req, pos, logits in seen:
+        torch.testing.assert_close(logits, full[pos], atol=2e-2, rtol=2e-2)
