@@ -1,10 +1,11 @@
 """Where a BatchEngine decode step spends its time, next to a plain `model.generate` step.
 
-    python benchmarks/profile_engine.py --model-path M --rows 1,16 --tokens 32
+    python benchmarks/profile_engine.py --model-path M --rows 1,16 --tokens 32 [--runner transformers]
 
 Runs the engine synchronously in this thread (no HTTP, no worker), so cProfile and
 torch.profiler see everything; prints per-phase wall times (median over steps), the torch ops of
 one decode step, and the same for HF generate with the same rows as one static batch.
+`--runner` picks the engine's runner (`decoder`, the fast path; `transformers`, the old one).
 """
 
 from __future__ import annotations
@@ -46,31 +47,32 @@ class PhaseTimer:
             try:
                 return fn(*a, **k)
             finally:
-                self.times[label].append(time.perf_counter() - t)
+                # a step that reads a prompt is timed apart from decode-only steps
+                mixed = bool(a) and getattr(a[0], "prefill", None) is not None
+                self.times[label + (" (with a prompt)" if mixed else "")].append(time.perf_counter() - t)
 
         setattr(obj, name, timed)
 
 
-def run_engine(lm, n: int, tokens: int, round_id: int, profile_steps: int, max_running: int = 0) -> None:
-    eng = BatchEngine(lm, max_running=max_running or max(n, 1), max_waiting=64)
+def run_engine(lm, n: int, tokens: int, round_id: int, profile_steps: int, runner: str, max_running: int = 0) -> None:
+    eng = BatchEngine(lm, max_running=max_running or max(n, 1), max_waiting=64, runner=runner, prefix_cache_bytes=0)
     timer = PhaseTimer()
     for obj, name, label in [
-        (eng.runner, "decode", "decode forward"),
-        (eng.runner, "prefill", "prefill (one request)"),
+        (eng.runner, "run", "forward"),
         (eng.runner, "encode_images", "vision"),
         (eng, "_postprocess", "postprocess (text, emit)"),
-        (eng.runner.kv, "begin_step", "kv begin_step (mask)"),
-        (eng.runner.kv, "end_step", "kv end_step"),
     ]:
         timer.wrap(obj, name, label)
     for req in engine_requests(lm, n, tokens, round_id):
         eng.submit(req)
     eng._drain(block=False)
     steps: list[float] = []
+    full_steps = 0  # decode-only steps with every row running; the profile looks at one of those
     with torch.inference_mode():
         while eng.scheduler.has_work():
+            full_steps += len(eng.scheduler.running) == n and eng.scheduler.prefilling is None
             t = time.perf_counter()
-            if len(steps) == tokens // 2 and profile_steps:
+            if full_steps == 3 and profile_steps:
                 with torch.profiler.profile() as prof:
                     for _ in range(profile_steps):
                         eng.step()
@@ -80,7 +82,8 @@ def run_engine(lm, n: int, tokens: int, round_id: int, profile_steps: int, max_r
             steps.append(time.perf_counter() - t)
     total = sum(steps)
     print(
-        f"\nBatchEngine {n} rows x {tokens} tokens: {n * tokens / total:.1f} tok/s, step median "
+        f"\nBatchEngine ({eng.runner.name} runner) {n} rows x {tokens} tokens: {n * tokens / total:.1f} tok/s, "
+        f"step median "
         f"{1000 * statistics.median(steps[1:]):.1f} ms, first step {1000 * steps[0]:.0f} ms"
     )
     for label, values in timer.times.items():
@@ -119,15 +122,16 @@ def main() -> None:
     p.add_argument("--profile-steps", type=int, default=0)
     p.add_argument("--static", action="store_true", help="also time the static model.generate batch")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--runner", default="auto", choices=["auto", "decoder", "transformers"])
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load_model(LoadOptions(model_path=args.model_path, device="cpu"))
     rows = [int(x) for x in args.rows.split(",")]
     # warm-up; prepacking happens once per model, sized for the largest batch, as in the worker
-    run_engine(lm, 2, 4, -1, 0, max_running=max(rows))
+    run_engine(lm, 2, 4, -1, 0, args.runner, max_running=max(rows))
     for i, n in enumerate(rows):
-        run_engine(lm, n, args.tokens, i, args.profile_steps)
+        run_engine(lm, n, args.tokens, i, args.profile_steps, args.runner, max_running=max(rows))
         if args.static:
             run_static(lm, n, args.tokens, i, args.profile_steps)
 

@@ -26,7 +26,8 @@ def data_url(colour: tuple[int, int, int]) -> str:
 def stack(tiny_llava):
     cport, wport, aport = free_port(), free_port(), free_port()
     with ProcGroup() as group:
-        group.start(["llava_serve.controller", "--port", str(cport), "--registration-secret", "s3"], cport)
+        group.start(["llava_serve.controller", "--port", str(cport), "--registration-secret", "s3",
+                     "--heart-beat-interval", "1", "--heart-beat-expiration", "10"], cport)  # fmt: skip
         group.start(
             [
                 "llava_serve.model_worker",
@@ -42,6 +43,8 @@ def stack(tiny_llava):
                 f"http://localhost:{wport}",
                 "--registration-secret",
                 "s3",
+                "--heart-beat-interval",
+                "2",
                 "--model-name",
                 "tiny-llava",
             ],

@@ -10,8 +10,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from llava_serve.engine.request import Request, RequestOutput, Status, TokenLogprobs
-from llava_serve.engine.text import TextAssembler
+from llava_serve.engine.request import FinishReason, Request, RequestOutput, Status, TokenLogprobs
 from llava_serve.errors import EngineDead, Overloaded, ServeError
 from llava_serve.models.base import LoadedModel
 
@@ -51,9 +50,7 @@ class EngineBase:
         """Accept a request or raise Overloaded / EngineDead; an accepted request always finishes."""
         if self.dead is not None or self._stopping.is_set():
             raise EngineDead(f"the engine is not running ({self.dead or 'shutting down'})")
-        ctx = self.lm.context_length
-        req.max_new_tokens = max(0, min(req.params.max_new_tokens, ctx - req.prompt_len))
-        req.state = TextAssembler(self.lm.tokenizer, req.params.stop)
+        req.bind(self.lm.tokenizer, self.lm.context_length, self.lm.eos_token_ids)
         with self._lock:
             if len(self._accepted) >= self.max_running + self.max_waiting:
                 raise Overloaded(
@@ -152,9 +149,9 @@ class EngineBase:
                 future.set_exception(error)
 
     def _emit(self, req: Request) -> None:
-        assembler: TextAssembler = req.state
-        before = assembler.emitted
-        text = assembler.visible()
+        assert req.detokenizer is not None
+        before = req.detokenizer.emitted
+        text = req.detokenizer.visible()
         if text == before and req.output_ids[:-1]:
             return  # nothing new to show (a partial character or a possible stop string)
         req.sink(
@@ -163,18 +160,18 @@ class EngineBase:
             )
         )
 
-    def _finish(self, req: Request, reason: str, error: ServeError | None = None) -> None:
+    def _finish(self, req: Request, reason: FinishReason, error: ServeError | None = None) -> None:
         """The one place an accepted request leaves: its final output, then its slot is free."""
-        assembler: TextAssembler = req.state
         req.status = Status.FINISHED
         with self._lock:
             if req not in self._accepted:
                 return
             self._accepted.discard(req)
             self.finished_requests += 1
+        req.finish_reason = reason
         out = RequestOutput(
             req.request_id,
-            assembler.visible(final=True) if assembler else "",
+            req.detokenizer.visible(final=True) if req.detokenizer else "",
             len(req.output_ids),
             req.prompt_len,
             finished=True,

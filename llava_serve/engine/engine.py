@@ -10,18 +10,19 @@ import time
 import torch
 
 from llava_serve.engine.base import EngineBase
-from llava_serve.engine.prepack import prepack_linears
-from llava_serve.engine.request import Request
-from llava_serve.engine.runner import ModelRunner
+from llava_serve.engine.request import FinishReason, Request
+from llava_serve.engine.runners import build_runner
 from llava_serve.engine.sampler import sample
-from llava_serve.engine.scheduler import Scheduler
-from llava_serve.engine.text import TextAssembler
+from llava_serve.engine.scheduler import Batch, Scheduler
 from llava_serve.engine.threads import ThreadTuner
 from llava_serve.errors import EngineDead, OutOfMemory, ServeError
 from llava_serve.models.base import LoadedModel
 
 log = logging.getLogger(__name__)
 MAX_FAILED_STEPS = 3
+# tokens one step handles while streams are decoding (decode rows + a prompt chunk); see
+# docs/benchmark.md for how it was chosen on CPU
+STEP_TOKENS = 32
 
 
 class BatchEngine(EngineBase):
@@ -33,18 +34,18 @@ class BatchEngine(EngineBase):
         lm: LoadedModel,
         max_running: int = 5,
         max_waiting: int = 64,
-        prefill_token_budget: int = 8192,
+        step_tokens: int = STEP_TOKENS,
         feature_cache_size: int = 64,
         adapt_threads: bool = True,
         prepack: bool = True,
+        prefix_cache_bytes: int = 256 << 20,
+        runner: str = "auto",
     ) -> None:
         super().__init__(lm, max_running, max_waiting)
-        if prepack and max_running > 1:  # CPU float32 only; see prepack.py
-            prepack_linears(lm.model, rows_hint=max_running)
         self.inbox: queue.Queue[Request | None] = queue.Queue()
-        self.scheduler = Scheduler(max_running, prefill_token_budget)
-        self.runner = ModelRunner(lm, max_running, feature_cache_size)
-        self.eos = set(lm.eos_token_ids)
+        self.runner = build_runner(lm, max_running, feature_cache_size, prepack, prefix_cache_bytes, runner)
+        chunk_budget = step_tokens if self.runner.chunked else None
+        self.scheduler = Scheduler(max_running, self.runner, chunk_budget)
         on_cpu = adapt_threads and lm.device.type == "cpu"
         self.tuner = ThreadTuner(torch.get_num_threads() if on_cpu else 1)
         self.failed_steps = 0
@@ -95,9 +96,9 @@ class BatchEngine(EngineBase):
 
     def _guarded_step(self) -> None:
         """A step that raises something unexpected (a model bug hit by one input, say) fails the
-        requests in the running batch with a clear error and frees their slots; the waiting ones and
-        later requests are served. Only after MAX_FAILED_STEPS such failures with no good decode
-        step between them does the engine give up (it is then dead, /ready says so, and every
+        requests in its batch with a clear error and frees their slots; the waiting ones and
+        later requests are served. Only after MAX_FAILED_STEPS such failures with no good step
+        between them does the engine give up (it is then dead, /ready says so, and every
         request gets ENGINE_DEAD)."""
         try:
             self.step()
@@ -107,9 +108,7 @@ class BatchEngine(EngineBase):
             if self.failed_steps >= MAX_FAILED_STEPS:
                 raise
             error = ServeError(f"internal error while generating ({type(exc).__name__}); retry")
-            self._fail(list(self.scheduler.running), error)
-            for req in list(self.runner.rows):  # a row the scheduler no longer knows (should not happen)
-                self.runner.release(req)
+            self._fail(self._in_batch(), error)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -117,7 +116,7 @@ class BatchEngine(EngineBase):
             while True:
                 if item is None:
                     pass
-                elif item.max_new_tokens == 0:
+                elif item.max_tokens == 0:
                     self._finish(item, "length")
                 else:
                     self.scheduler.add(item)
@@ -129,94 +128,83 @@ class BatchEngine(EngineBase):
         for req in self.scheduler.cancelled():
             self._leave(req, "abort")
 
+    # -- one step ----------------------------------------------------------------------------
     def step(self) -> None:
-        """Decode the rows in the batch and send their tokens, then prefill the newcomers."""
-        plan = self.scheduler.schedule()
-        rows = list(self.runner.rows)
-        if rows:
-            try:
-                tokens = sample(self._decode(), rows)
-                self.failed_steps = 0
-            except torch.OutOfMemoryError:
-                log.exception("out of memory in a decode step")
-                self._fail(rows + plan.prefill, OutOfMemory("out of memory while generating; retry with less"))
-                return
-            self._postprocess(rows, tokens)
-        if plan.prefill:
-            self._admit(plan.prefill)
-
-    def _admit(self, newcomers: list[Request]) -> None:
-        """Prefill each newcomer; its first token goes out as soon as its own prefill is done, and a
-        request that fails (a bad image, too little memory) takes no other request with it."""
+        batch = self.scheduler.schedule()
+        if batch.prefill is not None and not self._prepare(batch):
+            batch.prefill = None
+        if not batch.decode and batch.prefill is None:
+            return
         try:
-            features = self.runner.encode_images(newcomers)
+            logits = self._run(batch)
         except torch.OutOfMemoryError:
-            log.exception("out of memory encoding images")
-            self._fail(newcomers, OutOfMemory("out of memory encoding the images; retry with fewer or smaller"))
+            log.exception("out of memory in a step")
+            self._fail(self._in_batch(), OutOfMemory("out of memory while generating; retry with less"))
             return
+        self.failed_steps = 0
+        self._postprocess(batch, logits)
+
+    def _prepare(self, batch: Batch) -> bool:
+        """A newcomer's images and embeddings; a request that fails here takes no other with it."""
+        req = batch.prefill
+        assert req is not None
+        if req.prompt_embeds is not None or req.num_computed:
+            return True
+        # with nothing decoding, the next newcomers' images go in the same vision batch
+        upcoming = [] if batch.decode else list(self.scheduler.waiting)[: self.max_running - 1]
+        try:
+            self.runner.begin_prefill(req, len(batch.decode), upcoming)
+        except torch.OutOfMemoryError:
+            log.exception("out of memory encoding a prompt")
+            self._leave(req, "error", OutOfMemory("out of memory encoding the images; retry with fewer or smaller"))
+            return False
         except ServeError as exc:
-            self._fail(newcomers, exc)
+            self._leave(req, "error", exc)
+            return False
+        return True
+
+    # the tuner probes thread counts on decode-only steps (short: a bad count costs one step);
+    # steps that read a prompt run at the count it chose
+    def _run(self, batch: Batch) -> torch.Tensor:
+        if batch.prefill is None:
+            with self.tuner.timed(("decode", len(batch.decode))):
+                return self.runner.run(batch)
+        with self.tuner.timed(("prefill",), units=batch.chunk + len(batch.decode), probe=False):
+            return self.runner.run(batch)
+
+    def _postprocess(self, batch: Batch, logits: torch.Tensor) -> None:
+        rows = list(batch.decode)
+        if batch.prefill is not None and batch.prefill.prefilled:
+            self.scheduler.promote(batch.prefill)
+            rows.append(batch.prefill)
+        if not rows:
             return
-        for i, req in enumerate(newcomers):
-            try:
-                logits = self._prefill(req, features)
-            except torch.OutOfMemoryError:
-                log.exception("out of memory in a prefill")
-                self._fail(newcomers[i:], OutOfMemory("out of memory while reading the prompt; retry with less"))
-                return
-            except ServeError as exc:
-                self._fail([req], exc)
-                continue
-            self._postprocess([req], sample(logits.unsqueeze(0), [req]))
-
-    def _fail(self, requests: list[Request], error: ServeError) -> None:
-        for req in requests:
-            self._leave(req, "error", error)
-
-    # the tuner probes thread counts on decode steps (short: a bad count costs one step) and
-    # runs prefills, which take seconds under contention, at the count it chose
-    def _decode(self) -> torch.Tensor:
-        with self.tuner.timed(("decode", len(self.runner.rows))):
-            return self.runner.decode()
-
-    def _prefill(self, req: Request, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        with self.tuner.timed(("prefill",), units=req.prompt_len, probe=False):
-            return self.runner.prefill(req, features)
-
-    def _postprocess(self, requests: list[Request], tokens: list[int]) -> None:
-        now = time.monotonic()
-        for req, token in zip(requests, tokens):
-            if req.first_token_at is None:
-                req.first_token_at = now
-            reason = self._append(req, token)
+        for req, token in zip(rows, sample(logits, rows), strict=True):
+            reason = req.check_stop(token)
             self.generated_tokens += 1
             if reason:
                 self._leave(req, reason)
             else:
                 self._emit(req)
 
-    def _append(self, req: Request, token: int) -> str | None:
-        req.output_ids.append(token)
-        params = req.params
-        if token in params.stop_token_ids or (token in self.eos and not params.ignore_eos):
-            return "stop"
-        assembler: TextAssembler = req.state
-        if assembler.append(token):
-            return "stop"
-        if len(req.output_ids) >= req.max_new_tokens:
-            return "length"
-        return None
-
-    def _leave(self, req: Request, reason: str, error: ServeError | None = None) -> None:
-        if req in self.runner.rows:
-            self.runner.release(req)
+    # -- leaving -----------------------------------------------------------------------------
+    def _leave(self, req: Request, reason: FinishReason, error: ServeError | None = None) -> None:
+        if reason != "error" and req in self.scheduler.running:
+            self.runner.retain(req, self.scheduler.running.index(req))
         self.scheduler.finish(req)
         self._finish(req, reason, error)
 
+    def _in_batch(self) -> list[Request]:
+        pending = [self.scheduler.prefilling] if self.scheduler.prefilling is not None else []
+        return [*self.scheduler.running, *pending]
+
+    def _fail(self, requests: list[Request], error: ServeError) -> None:
+        for req in requests:
+            self._leave(req, "error", error)
+
     def _fail_all(self, error: ServeError) -> None:
         self._drain(block=False)
-        for req in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self._leave(req, "error", error)
+        self._fail(self.scheduler.all_requests(), error)
         with self._lock:
             stranded = list(self._accepted)
         for req in stranded:

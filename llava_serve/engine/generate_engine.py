@@ -30,9 +30,8 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from llava_serve.engine.base import EngineBase
-from llava_serve.engine.request import Request, Status
-from llava_serve.engine.sampler import apply_repetition_penalty, generator_of, sample_row
-from llava_serve.engine.text import TextAssembler
+from llava_serve.engine.request import FinishReason, Request, Status
+from llava_serve.engine.sampler import apply_repetition_penalty, sample_row
 from llava_serve.errors import EngineDead, InvalidParameter, OutOfMemory, ServeError
 from llava_serve.models.base import LoadedModel
 
@@ -85,7 +84,7 @@ class GenerateEngine(EngineBase):
 
     # -- admission: a thread per request, at most max_running at once ---------------------------
     def _enqueue(self, req: Request) -> None:
-        if req.max_new_tokens == 0:
+        if req.max_tokens == 0:
             self._finish(req, "length")
             return
         with self._slots:
@@ -118,7 +117,7 @@ class GenerateEngine(EngineBase):
             self._finish(req, "error", EngineDead("the engine stopped before this request finished"))
 
     def _serve(self, req: Request) -> None:
-        reason: str = "error"
+        reason: FinishReason = "error"
         error: ServeError | None = ServeError("generation thread ended unexpectedly")
         try:
             reason, error = self._generate(req)
@@ -139,7 +138,7 @@ class GenerateEngine(EngineBase):
             self._start_waiting()
 
     # -- one request -------------------------------------------------------------------------------
-    def _generate(self, req: Request) -> tuple[str, ServeError | None]:
+    def _generate(self, req: Request) -> tuple[FinishReason, ServeError | None]:
         streamer = _RequestStreamer(self, req)
         if req.cancelled:
             return "abort", None
@@ -161,35 +160,25 @@ class GenerateEngine(EngineBase):
         return streamer.reason or "length", None
 
     def _generation_config(self, req: Request) -> GenerationConfig:
-        p = req.params
-        stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos)
+        stop_ids = sorted(req.stop_ids)
         pad = self.lm.tokenizer.pad_token_id
         return GenerationConfig(
-            max_new_tokens=req.max_new_tokens,
+            max_new_tokens=req.max_tokens,
             do_sample=False,  # sampling, when asked for, happens in _RequestSampler
             eos_token_id=stop_ids,  # [] = never stop on a token
             pad_token_id=pad if pad is not None else (self.eos or [0])[0],
         )
 
     # -- called from request threads ----------------------------------------------------------------
-    def _on_token(self, req: Request, token: int) -> str | None:
-        """BatchEngine's rules: record the token, decide whether the request ends, else emit."""
-        if req.first_token_at is None:
-            req.first_token_at = time.monotonic()
-        req.output_ids.append(token)
+    def _on_token(self, req: Request, token: int) -> FinishReason | None:
+        """BatchEngine's rule (`Request.check_stop`): record the token, end the request or emit."""
+        reason = req.check_stop(token)
         with self._lock:
             self.generated_tokens += 1
         self.last_step = time.monotonic()
-        p = req.params
-        assembler: TextAssembler = req.state
-        if token in p.stop_token_ids or (token in self.eos and not p.ignore_eos):
-            return "stop"
-        if assembler.append(token):
-            return "stop"
-        if len(req.output_ids) >= req.max_new_tokens:
-            return "length"
-        self._emit(req)
-        return None
+        if reason is None:
+            self._emit(req)
+        return reason
 
 
 class _RequestStreamer(BaseStreamer):
@@ -198,7 +187,7 @@ class _RequestStreamer(BaseStreamer):
     def __init__(self, engine: GenerateEngine, req: Request) -> None:
         self.engine = engine
         self.req = req
-        self.reason: str | None = None
+        self.reason: FinishReason | None = None
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -246,7 +235,8 @@ class _RequestSampler(LogitsProcessor):
             row = apply_repetition_penalty(row, seen, p.repetition_penalty)
         if p.greedy:
             return row.unsqueeze(0)  # type: ignore[return-value]
-        token = sample_row(row, p.temperature, p.top_k, p.top_p, generator_of(self.req))
+        assert self.req.generator is not None, "a sampling request has its generator from bind()"
+        token = sample_row(row, p.temperature, p.top_k, p.top_p, self.req.generator)
         out = torch.full_like(row, float("-inf"))
         out[token] = 0.0
         return out.unsqueeze(0)  # type: ignore[return-value]

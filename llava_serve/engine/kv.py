@@ -4,7 +4,7 @@ Rows are left-padded to a shared length T, so one decode step appends one column
 Storage grows by doubling, in columns and in rows (up to max_rows), so a step writes one column in
 place instead of concatenating the whole cache (what DynamicCache does), and a lone request does
 not pay for (allocate, zero, copy on growth) the rows of a full batch. A row that leaves is
-replaced by the last row (one row copy); leading columns that are padding for every row are
+replaced by the last row (one row copy, ordered by the scheduler); leading columns that are padding for every row are
 trimmed; when the last row leaves, the storage is freed.
 """
 
@@ -87,25 +87,27 @@ class SlotCache(Cache):
         self._refresh()
         return row
 
-    def remove_row(self, row: int) -> int | None:
-        """Drop a row; the last row moves into its place. Returns the moved row's old index."""
-        last = self.batch - 1
-        moved = None
-        if row != last:
-            for layer in self.slot_layers:
-                assert layer.kbuf is not None and layer.vbuf is not None
-                layer.kbuf[row, :, : self.length] = layer.kbuf[last, :, : self.length]
-                layer.vbuf[row, :, : self.length] = layer.vbuf[last, :, : self.length]
-            assert self.mask is not None
-            self.mask[row, : self.length] = self.mask[last, : self.length]
-            moved = last
-        self.batch -= 1
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` over row `dst` (the scheduler moved a request); rows not added yet are skipped."""
+        if src == dst or src >= self.batch or dst >= self.batch:
+            return
+        for layer in self.slot_layers:
+            assert layer.kbuf is not None and layer.vbuf is not None
+            layer.kbuf[dst, :, : self.length] = layer.kbuf[src, :, : self.length]
+            layer.vbuf[dst, :, : self.length] = layer.vbuf[src, :, : self.length]
+        assert self.mask is not None
+        self.mask[dst, : self.length] = self.mask[src, : self.length]
+
+    def use_rows(self, rows: int) -> None:
+        """Keep rows [0, rows); the storage is freed when none is left."""
+        if rows >= self.batch:
+            return
+        self.batch = rows
         if self.batch == 0:
             self._free()
-            return moved
+            return
         self._trim()
         self._refresh()
-        return moved
 
     def begin_step(self) -> torch.Tensor:
         """Make room for one column; returns the attention mask for the step ([batch, length + 1])."""

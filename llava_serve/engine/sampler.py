@@ -30,7 +30,11 @@ def _sample_one(raw: torch.Tensor, req: Request) -> int:
         row = apply_openai_penalties(row, req.output_ids, p.presence_penalty, p.frequency_penalty)
     if req.constraint is not None:
         row = req.constraint.mask(row)
-    token = int(row.argmax()) if p.greedy else sample_row(row, p.temperature, p.top_k, p.top_p, generator_of(req))
+    if p.greedy:
+        token = int(row.argmax())
+    else:
+        assert req.generator is not None, "a sampling request has its generator from bind()"
+        token = sample_row(row, p.temperature, p.top_k, p.top_p, req.generator)
     if req.constraint is not None:
         req.constraint.consume(token)
     if p.logprobs is not None:
@@ -78,12 +82,3 @@ def sample_row(row: torch.Tensor, temperature: float, top_k: int, top_p: float, 
         row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = row.softmax(-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
-
-
-def generator_of(req: Request) -> torch.Generator:
-    gen = getattr(req, "_generator", None)
-    if gen is None:
-        gen = torch.Generator()
-        gen.manual_seed(req.params.seed) if req.params.seed is not None else gen.seed()
-        req._generator = gen  # type: ignore[attr-defined]
-    return gen

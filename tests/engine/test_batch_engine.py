@@ -114,15 +114,15 @@ def test_a_failing_step_fails_its_batch_and_the_engine_serves_on(lm, monkeypatch
     eng = BatchEngine(lm, max_running=2, max_waiting=4).start()
     try:
         cases = make_cases(lm, 3)
-        real_decode, calls = eng.runner.decode, {"n": 0}
+        real_run, calls = eng.runner.run, {"n": 0}
 
-        def decode_failing_once():
+        def run_failing_once(batch):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("a model bug")
-            return real_decode()
+            return real_run(batch)
 
-        monkeypatch.setattr(eng.runner, "decode", decode_failing_once)
+        monkeypatch.setattr(eng.runner, "run", run_failing_once)
         running = [Collector(lm, c, greedy(20)) for c in cases[:2]]
         waiting = Collector(lm, cases[2], greedy(5))
         for col in (*running, waiting):
@@ -133,7 +133,7 @@ def test_a_failing_step_fails_its_batch_and_the_engine_serves_on(lm, monkeypatch
             assert final.error.code == 50001 and "internal error" in final.error.message
         assert waiting.wait().finish_reason == "length"  # admitted after the failure, served normally
         assert eng.is_alive() and eng.queue_length() == 0
-        monkeypatch.setattr(eng.runner, "decode", lambda: (_ for _ in ()).throw(RuntimeError("broken for good")))
+        monkeypatch.setattr(eng.runner, "run", lambda batch: (_ for _ in ()).throw(RuntimeError("broken for good")))
         for _ in range(3):  # three failed steps in a row: the engine gives up, and says so
             col = Collector(lm, cases[0], greedy(5))
             eng.submit(col.request)

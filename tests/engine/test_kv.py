@@ -58,12 +58,35 @@ def test_remove_moves_the_last_row_and_empty_frees_storage() -> None:
     a, b, c = prefill(6, 1), prefill(6, 2), prefill(6, 3)
     for p in (a, b, c):
         cache.add_row(p, 6)
-    assert cache.remove_row(0) == 2  # c moves into row 0
+    cache.move_row(2, 0)  # a leaves: c moves into row 0 (the scheduler's order)
+    cache.use_rows(2)
     assert torch.equal(row_contents(cache, 0, 6), expected(c))
     assert torch.equal(row_contents(cache, 1, 6), expected(b))
-    cache.remove_row(1)
-    cache.remove_row(0)
+    cache.use_rows(1)
+    cache.use_rows(0)
     assert cache.batch == 0 and cache.mask is None and cache.capacity == 0
     assert all(layer.kbuf is None for layer in cache.slot_layers)
     cache.add_row(a, 6)  # and it comes back
     assert torch.equal(row_contents(cache, 0, 6), expected(a))
+
+
+def test_slots_grow_keep_the_live_rows_and_move_rows() -> None:
+    from llava_serve.engine.slots import KVSlots
+
+    slots = KVSlots(num_layers=2, kv_heads=HEADS, head_dim=DIM, max_rows=8, max_len=512)
+    slots.ensure(2, 10)
+    assert (slots.rows, slots.cols) == (2, 64)
+    for layer in slots.keys:
+        layer[0, :, :10] = 1.0
+        layer[1, :, :10] = 2.0
+    slots.ensure(3, 100)  # both dimensions grow; rows 0-1 are live
+    assert (slots.rows, slots.cols) == (4, 128)
+    assert all(float(k[0, :, :10].min()) == 1.0 and float(k[1, :, :10].min()) == 2.0 for k in slots.keys)
+    assert all(float(k[:, :, 10:].abs().max()) == 0.0 for k in slots.keys)
+    slots.move_row(1, 0, 10)
+    assert all(float(k[0, :, :10].min()) == 2.0 for k in slots.keys)
+    saved = slots.read_row(0, 10)
+    slots.write_row(2, saved, 10)
+    assert all(torch.equal(k[2, :, :10], k[0, :, :10]) for k in slots.keys)
+    slots.free()
+    assert slots.rows == 0 and slots.keys == []

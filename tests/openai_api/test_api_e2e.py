@@ -98,13 +98,27 @@ def test_several_images_in_one_message_and_multi_turn(stack: Stack) -> None:
     assert sent["echo"] is False
 
 
+def unknown_model_is_503_then_404(client: openai.OpenAI, msgs: list) -> None:  # type: ignore[type-arg]
+    """A model nobody serves: 503 (retry) while workers may still be re-registering after the
+    controller's start (1.5 heartbeat intervals, 1.5 s here), then 404 model_not_found."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.chat.completions.create(model="gpt-4", messages=msgs)
+        except openai.InternalServerError as err:
+            assert err.status_code == 503 and "retry" in str(err) and time.monotonic() < deadline, err
+            time.sleep(0.2)
+        except openai.NotFoundError as err:
+            assert "model 'gpt-4' does not exist" in str(err)
+            return
+
+
 def test_client_errors(stack: Stack) -> None:
     msgs = [image_msg("hi", data_url())]
     bad_key = openai.OpenAI(base_url=stack.api.url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad_key.chat.completions.create(model="fake", messages=msgs)  # type: ignore[arg-type]
-    with pytest.raises(openai.NotFoundError, match="model 'gpt-4' does not exist"):
-        stack.client.chat.completions.create(model="gpt-4", messages=msgs)  # type: ignore[arg-type]
+    unknown_model_is_503_then_404(stack.client, msgs)
     with pytest.raises(openai.BadRequestError, match="image is missing") as info:
         stack.client.chat.completions.create(model="fake", messages=[image_msg("hi", "")])  # type: ignore[arg-type]
     assert info.value.body["param"] == "messages[0].content[1].image_url"  # type: ignore[index]

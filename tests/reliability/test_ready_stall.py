@@ -1,7 +1,7 @@
 """/ready goes false while the engine is stuck, and true again once it steps.
 
 SIGSTOP freezes the whole process, /ready included, so the stuck engine is simulated in-process: the
-runner's decode blocks on an Event while the app is driven through httpx's ASGI transport.
+runner's step blocks on an Event while the app is driven through httpx's ASGI transport.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ def stuck_worker(tiny_llava) -> Iterator[tuple[httpx.AsyncClient, threading.Even
     lm = load_model(LoadOptions(model_path=str(tiny_llava), device="cpu"))
     engine = BatchEngine(lm, max_running=2, max_waiting=2)
     release, entered = threading.Event(), threading.Event()
-    decode = engine.runner.decode
+    run = engine.runner.run
 
-    def stuck_decode():  # type: ignore[no-untyped-def]
+    def stuck_run(batch):  # type: ignore[no-untyped-def]
         entered.set()
         assert release.wait(30), "the test never released the engine"
-        return decode()
+        return run(batch)
 
-    engine.runner.decode = stuck_decode  # type: ignore[method-assign]
+    engine.runner.run = stuck_run  # type: ignore[method-assign]
     engine.start()
     app = create_app(WorkerConfig(no_register=True, ready_stall_seconds=STALL), lm, engine)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker", timeout=30)
@@ -54,7 +54,7 @@ def test_ready_is_503_while_the_engine_is_stuck_and_200_after(stuck_worker) -> N
     async def run() -> dict[str, float]:
         assert (await client.get("/ready")).status_code == 200  # idle: ready
         job = asyncio.create_task(client.post("/worker_generate", json=worker_body(0, 4)))
-        await asyncio.to_thread(engine.entered.wait, 10)  # prefill done, the first decode blocks
+        await asyncio.to_thread(engine.entered.wait, 10)  # the first step (its prefill) blocks
         t0 = time.monotonic()
         while (resp := await client.get("/ready")).status_code == 200:
             assert time.monotonic() - t0 < STALL + 2, "still ready long after the stall limit"

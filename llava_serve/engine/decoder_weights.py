@@ -1,0 +1,173 @@
+"""The decoder's weights in serving shape: fused QKV and gate-up matrices, built from a loaded model.
+
+`DecoderRunner` runs Llama, Mistral and Qwen2 decoders (what LLaVA, LLaVA-NeXT, original LLaVA
+and InternVL -hf checkpoints end up as in transformers) from these tensors instead of through
+transformers' modules. `unsupported_reason` says why a config is left to the transformers path.
+
+The fused matrices are built once, at load, and the transformers modules' parameters are then
+pointed at row slices of them (views, same values), so the model keeps working (`generate`, the
+fallback path) and the weights are not held twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+FAMILIES = {"llama", "mistral", "qwen2"}
+# rope types whose frequencies do not depend on the sequence length (dynamic/longrope do)
+STATIC_ROPE = {"default", "linear", "llama3"}
+
+
+@dataclass
+class Linear:
+    """A weight (and bias), with an optional oneDNN-prepacked copy for calls of two rows or more.
+
+    oneDNN's packed kernel skips the per-call repacking that `F.linear` does (at 16 rows on the
+    2-core test machine that was about half the time of a matmul), but at one row it is slower,
+    so one row keeps `F.linear` (see prepack.py for the figures)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    packed: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None or x.shape[0] <= 1:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def pack(self, rows_hint: int) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows_hint)
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: Linear
+    o: Linear
+    post_norm: torch.Tensor
+    gate_up: Linear
+    down: Linear
+
+
+@dataclass
+class DecoderWeights:
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    lm_head: Linear
+    embed: torch.Tensor  # [vocab, hidden]
+    inv_freq: torch.Tensor  # the model's own rotary frequencies
+    rope_scaling: float  # transformers' `attention_scaling` (1.0 except for some rope types)
+    eps: float
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def text_parts(model: Any) -> tuple[Any, Any, Any]:
+    """(text config, decoder with .layers/.norm/.rotary_emb, lm_head) of a CausalLM or a VLM."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    decoder = getattr(decoder, "language_model", decoder)  # some VLMs' get_decoder is the outer model
+    head = model.get_output_embeddings()
+    return getattr(decoder, "config", None), decoder, head
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """None when DecoderRunner runs this model exactly; else why it stays on transformers."""
+    config, decoder, head = text_parts(model)
+    if config is None or decoder is None or head is None:
+        return "no text decoder found"
+    if config.model_type not in FAMILIES:
+        return f"decoder family {config.model_type!r} (handled: {sorted(FAMILIES)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") not in STATIC_ROPE:
+        return f"rope type {rope.get('rope_type')!r}"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < config.max_position_embeddings:
+        return f"sliding window {window} shorter than the context"
+    linears = [m for layer in decoder.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    if any(type(m) is not torch.nn.Linear for m in [*linears, head]):
+        return "quantized or adapted linear layers"
+    if head.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"weights in {head.weight.dtype}"
+    return None
+
+
+def build_decoder_weights(model: Any, prepack_rows: int = 0) -> DecoderWeights:
+    """Fuse the decoder's weights (call `unsupported_reason` first); prepack for `prepack_rows` > 1."""
+    config, decoder, head = text_parts(model)
+    with torch.no_grad():
+        layers = [_fuse_layer(layer) for layer in decoder.layers]
+    attn = decoder.layers[0].self_attn
+    weights = DecoderWeights(
+        layers=layers,
+        norm=decoder.norm.weight.detach(),
+        lm_head=Linear(head.weight.detach(), _detached(head.bias)),
+        embed=decoder.embed_tokens.weight.detach(),
+        inv_freq=decoder.rotary_emb.inv_freq.detach().float(),
+        rope_scaling=float(decoder.rotary_emb.attention_scaling),
+        eps=float(config.rms_norm_eps),
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=attn.head_dim,
+        intermediate=config.intermediate_size,
+    )
+    if prepack_rows > 1 and _can_prepack(head.weight):
+        for lin in _linears(weights):
+            lin.pack(prepack_rows)
+        log.info("prepacked the decoder's linear weights for batches of %d rows", prepack_rows)
+    return weights
+
+
+def _fuse_layer(layer: Any) -> LayerWeights:
+    attn, mlp = layer.self_attn, layer.mlp
+    return LayerWeights(
+        input_norm=layer.input_layernorm.weight.detach(),
+        qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj]),
+        o=Linear(attn.o_proj.weight.detach(), _detached(attn.o_proj.bias)),
+        post_norm=layer.post_attention_layernorm.weight.detach(),
+        gate_up=_fuse([mlp.gate_proj, mlp.up_proj]),
+        down=Linear(mlp.down_proj.weight.detach(), _detached(mlp.down_proj.bias)),
+    )
+
+
+def _fuse(parts: list[torch.nn.Linear]) -> Linear:
+    """One matrix for several linears of the same input; the linears become views of it."""
+    weight = torch.cat([p.weight.detach() for p in parts])
+    has_bias = [p.bias is not None for p in parts]
+    bias = None
+    if any(has_bias):
+        bias = torch.cat([p.bias.detach() if p.bias is not None else p.weight.new_zeros(p.out_features) for p in parts])
+    start = 0
+    for p in parts:
+        end = start + p.out_features
+        p.weight = torch.nn.Parameter(weight[start:end], requires_grad=False)
+        if p.bias is not None and bias is not None:
+            p.bias = torch.nn.Parameter(bias[start:end], requires_grad=False)
+        start = end
+    return Linear(weight, bias)
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _linears(w: DecoderWeights) -> list[Linear]:
+    return [w.lm_head] + [lin for layer in w.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+
+
+def _can_prepack(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
