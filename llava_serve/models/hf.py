@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from llava_serve.errors import ModelLoadError
+from llava_serve.errors import InvalidRequest, ModelLoadError
 from llava_serve.models.base import IMAGE_PLACEHOLDER, EncodedPrompt, LoadedModel, Message, PreparedImage
 from llava_serve.models.options import LoadOptions
 from llava_serve.models.quant import detach_from_checkpoint, quantization_config
@@ -72,7 +72,20 @@ def load_processor(path: Path, config: Any, trust: bool) -> Any:
         if image_only is not None:
             log.info("%s: torchvision is not installed; loading the processor without its video processor", path)
             return image_only.from_pretrained(path)
-    return AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+    except ImportError as exc:
+        if "torchvision" not in str(exc).lower():
+            raise
+        raise ModelLoadError(f"{path}: {missing_torchvision(config)}") from None
+
+
+def missing_torchvision(config: Any) -> str:
+    return (
+        f"the {getattr(config, 'model_type', '?')} processor needs torchvision, which is not installed; "
+        "install the torchvision build that matches your torch (`pip install 'llava-serve[vision]'`, "
+        "see docs/models.md)"
+    )
 
 
 def without_video_processor(processor_class: Any) -> Any | None:
@@ -160,7 +173,10 @@ def _text_encoder(tokenizer: Any):
 def _processor_encoder(processor: Any, image_token: str | None, per_image: bool):
     def encode(prompt: str, images: Sequence[Image.Image], keys: Sequence[str]) -> EncodedPrompt:
         text = prompt.replace(IMAGE_PLACEHOLDER, image_token) if image_token else prompt
-        out = processor(text=text, images=list(images) or None, return_tensors="pt")
+        try:
+            out = processor(text=text, images=list(images) or None, return_tensors="pt")
+        except ValueError as exc:  # the processor's own checks (PaliGemma needs an image, say): the request's fault
+            raise InvalidRequest(f"the model's processor refused this prompt: {exc}") from None
         input_ids = out["input_ids"][0].tolist()
         pixels = {k: v for k, v in out.items() if k not in NON_PIXEL_KEYS and isinstance(v, torch.Tensor)}
         if not images:
@@ -179,6 +195,7 @@ def _processor_encoder(processor: Any, image_token: str | None, per_image: bool)
 
 def _chat_template_builder(template_owner: Any, tokenizer: Any, image_token: str | None):
     has_template = bool(getattr(template_owner, "chat_template", None))
+    adds_bos = tokenizer_adds_bos(tokenizer)
 
     def build(messages: Sequence[Message], add_generation_prompt: bool) -> str:
         if not has_template:
@@ -188,13 +205,19 @@ def _chat_template_builder(template_owner: Any, tokenizer: Any, image_token: str
             normalized, add_generation_prompt=add_generation_prompt, tokenize=False
         )
         bos = tokenizer.bos_token
-        if bos and text.startswith(bos) and getattr(tokenizer, "add_bos_token", True):
-            text = text[len(bos) :]  # the tokenizer adds BOS itself
+        if bos and text.startswith(bos) and adds_bos:
+            text = text[len(bos) :]  # encode() lets the tokenizer add it, as transformers' processor does
         if image_token and image_token != IMAGE_PLACEHOLDER:
             text = text.replace(image_token, IMAGE_PLACEHOLDER)
         return text
 
     return build
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether tokenizing adds BOS: asked, since transformers 5 ignores `add_bos_token` beside a tokenizer.json."""
+    bos_id = tokenizer.bos_token_id
+    return bos_id is not None and list(tokenizer("a").input_ids[:1]) == [bos_id]
 
 
 def _normalize(message: Message) -> Message:
