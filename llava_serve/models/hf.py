@@ -50,19 +50,28 @@ def load_hf(options: LoadOptions, path: Path, raw_config: dict, device: torch.de
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    processor = load_processor(path, config, trust) if multimodal else None  # first: it may need torchvision
     model = model_class(config).from_pretrained(path, **kwargs)
     if quant is None:
         model.to(device)
     else:
         detach_from_checkpoint(model)
     model.eval()
-    processor = load_processor(path, config, trust) if multimodal else None
     tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(path)
     return wrap_hf_model(model, tokenizer, processor, options.name)
 
 
 def load_processor(path: Path, config: Any, trust: bool) -> Any:
     """AutoProcessor, or the same processor without its video processor where torchvision is missing."""
+    try:
+        return _auto_processor(path, config, trust)
+    except ImportError as exc:
+        if "torchvision" not in str(exc).lower():
+            raise
+        raise ModelLoadError(f"{path}: {missing_torchvision(config)}") from None
+
+
+def _auto_processor(path: Path, config: Any, trust: bool) -> Any:
     from transformers import AutoProcessor
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
     from transformers.utils import is_torchvision_available
@@ -72,17 +81,17 @@ def load_processor(path: Path, config: Any, trust: bool) -> Any:
         if image_only is not None:
             log.info("%s: torchvision is not installed; loading the processor without its video processor", path)
             return image_only.from_pretrained(path)
-    try:
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust)
-    except ImportError as exc:
-        if "torchvision" not in str(exc).lower():
-            raise
-        raise ModelLoadError(f"{path}: {missing_torchvision(config)}") from None
+    return AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+
+
+def _kind(config: Any) -> str:
+    vision = getattr(getattr(config, "vision_config", None), "model_type", None)
+    return f"{config.model_type} ({vision} vision)" if vision else config.model_type
 
 
 def missing_torchvision(config: Any) -> str:
     return (
-        f"the {getattr(config, 'model_type', '?')} processor needs torchvision, which is not installed; "
+        f"the processor of this {_kind(config)} checkpoint needs torchvision, which is not installed; "
         "install the torchvision build that matches your torch (`pip install 'llava-serve[vision]'`, "
         "see docs/models.md)"
     )
@@ -174,7 +183,9 @@ def _processor_encoder(processor: Any, image_token: str | None, per_image: bool)
     def encode(prompt: str, images: Sequence[Image.Image], keys: Sequence[str]) -> EncodedPrompt:
         text = prompt.replace(IMAGE_PLACEHOLDER, image_token) if image_token else prompt
         try:
-            out = processor(text=text, images=list(images) or None, return_tensors="pt")
+            # one sample's images nested, as apply_chat_template passes them: LLaVA-OneVision tiles an image
+            # only when it is alone in its sample
+            out = processor(text=text, images=[list(images)] if images else None, return_tensors="pt")
         except ValueError as exc:  # the processor's own checks (PaliGemma needs an image, say): the request's fault
             raise InvalidRequest(f"the model's processor refused this prompt: {exc}") from None
         input_ids = out["input_ids"][0].tolist()
