@@ -3,8 +3,8 @@
     python scripts/models_matrix.py            # runs tests/models/coverage, rewrites the matrix
     python scripts/models_matrix.py --junit X  # from an earlier run's `pytest --junitxml X`
 
-Each cell is what the suite found: `✓` passed, `✗` failed, `refused` (at load, reason below the table),
-`skip` (not run here). Nothing is filled in by hand.
+Each cell is what the suite found, one mark per chat shape (one image, two images, no image, three turns):
+`✓` passed, `✗` failed, `skip` not run; `refused` at load (reason below the table). Nothing is filled in by hand.
 """
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "models.md"
 START, END = "<!-- coverage-matrix:start -->", "<!-- coverage-matrix:end -->"
 FEATURES = ["one-image", "multi-image", "no-image", "multi-turn"]
+# (column, test name pattern per feature); a cell shows one mark per feature, in FEATURES' order
 COLUMNS = [
-    *(f"test_prompt_tokens[{{a}}-{f}]" for f in FEATURES),
-    *(f"test_prefill_logits[{{a}}-{f}]" for f in FEATURES),
-    *(f"test_alone[{{a}}-{f}-batch]" for f in FEATURES),
-    "test_concurrent_shapes[{a}]",
-    *(f"test_alone[{{a}}-{f}-generate]" for f in FEATURES),
+    ("tokens = processor's", "test_prompt_tokens[{a}-{f}]"),
+    ("prefill logits (1e-4)", "test_prefill_logits[{a}-{f}]"),
+    ("batch engine, alone", "test_alone[{a}-{f}-batch]"),
+    ("batch engine, 4 concurrent shapes", "test_concurrent_shapes[{a}]"),
+    ("generate engine, alone", "test_alone[{a}-{f}-generate]"),
 ]
-HEADER = ["tokens = processor"] * 4 + ["prefill logits"] * 4 + ["batch engine"] * 4 + ["batch, 4 concurrent"]
-HEADER += ["generate engine"] * 4
 
 
 def run_suite(junit: Path) -> None:
@@ -60,23 +59,29 @@ def architectures(found: dict[str, str]) -> tuple[list[str], list[str]]:
     return served, refused
 
 
+def cell(found: dict[str, str], pattern: str, arch: str) -> str:
+    names = [pattern.format(a=arch, f=f) for f in FEATURES] if "{f}" in pattern else [pattern.format(a=arch)]
+    return " ".join(found.get(name, "skip") for name in names)
+
+
 def table(found: dict[str, str]) -> str:
     from llava_serve.models.support import REFUSED
 
     served, refused = architectures(found)
-    head = "| architecture | " + " | ".join(f"{h}: {c}" for h, c in zip(HEADER, [*FEATURES * 3, "shapes", *FEATURES]))
-    lines = [head + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines = ["| architecture | " + " | ".join(name for name, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for arch in served:
-        lines.append(f"| {arch} | " + " | ".join(found.get(c.format(a=arch), "skip") for c in COLUMNS) + " |")
+        cells = [cell(found, pattern, arch) for _, pattern in COLUMNS]
+        lines.append(f"| {arch} | " + " | ".join(cells) + " |")
     notes = []
     for arch in refused:
         results = [v for n, v in found.items() if re.match(rf"test_refused_\w+\[{arch}\b", n)]
-        cell = "refused" if results and all(v == "✓" for v in results) else f"refusal test: {', '.join(results)}"
-        lines.append(f"| {arch} | " + " | ".join([cell] * len(COLUMNS)) + " |")
+        mark = "refused" if results and all(v == "✓" for v in results) else f"refusal test: {', '.join(results)}"
+        lines.append(f"| {arch} | " + " | ".join([mark] * len(COLUMNS)) + " |")
         reasons = REFUSED.get(arch, {})
         why = reasons.get("batch") or "its processor needs torchvision, which is not installed here"
         notes.append(f"- **{arch}**: {why}.")
-    return "\n".join([*lines, "", "Refused at load:", "", *notes])
+    legend = "Marks per cell: one image, two images, no image, three turns (the concurrent column: one run)."
+    return "\n".join([*lines, "", legend, "", "Refused at load:", "", *notes])
 
 
 def write(doc: Path, text: str) -> None:

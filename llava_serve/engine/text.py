@@ -14,7 +14,8 @@ that would rewrite text already shown: SentencePiece's byte fallback turns every
 is not valid UTF-8 into U+FFFD, earlier (shown) ones too. Then only the new tokens are decoded,
 behind an anchor piece that keeps their leading space. A run that is still invalid after
 MAX_PENDING tokens (a UTF-8 character has at most 4 bytes) is shown as it decodes, so the text
-keeps growing.
+keeps growing. (Byte-level BPE decodes stray bytes one by one and never rewrites: there the text
+waits for the character, and so always equals decoding the whole output.)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class TextAssembler:
         self._shown: list[int] = []
         self._window = 0  # index in _shown where the decode window starts
         self._done = 0  # tokens of _shown whose text is in self.text
+        self._byte_fallback = _has_byte_fallback(tokenizer)
 
     def append(self, token_id: int) -> bool:
         """Add one token; True when a stop string has been found (the text is cut before it)."""
@@ -49,7 +51,8 @@ class TextAssembler:
             return False
         self._shown.append(token_id)
         window = self._decode(self._shown[self._window :])
-        if window.endswith("\ufffd") and len(self._shown) - self._done < MAX_PENDING:
+        pending = len(self._shown) - self._done
+        if window.endswith("\ufffd") and (pending < MAX_PENDING or not self._byte_fallback):
             return False  # an incomplete multi-byte character: wait for the next token
         self._commit(window)
         return self._find_stop()
@@ -117,3 +120,12 @@ def _skipped(tokenizer: Any, token_id: int) -> bool:
         dropped = tokenizer.decode([token_id], skip_special_tokens=True) == ""
         found = known[token_id] = dropped and bool(tokenizer.decode([token_id], skip_special_tokens=False))
     return found
+
+
+def _has_byte_fallback(tokenizer: Any) -> bool:
+    """Whether the vocabulary spells bytes as SentencePiece's `<0xNN>` pieces (Llama-2, Mistral, Gemma)."""
+    try:
+        found = tokenizer.convert_tokens_to_ids("<0x00>")
+    except (KeyError, ValueError, AttributeError):
+        return False
+    return isinstance(found, int) and found != getattr(tokenizer, "unk_token_id", None)
