@@ -9,13 +9,21 @@ rows, under the GIL). The window starts where the text was last extended, so it 
 character boundary, and both decodes (with and without the new tokens) start at the same token,
 so a tokenizer's start-of-text quirks (SentencePiece dropping the first piece's space) cancel out;
 the new text is their difference (the scheme of TGI and vLLM). Where the two decodes disagree
-(a tokenizer whose clean-up reaches further back), the whole output is decoded instead.
+(a tokenizer whose clean-up reaches further back), the whole output is decoded instead, unless
+that would rewrite text already shown: SentencePiece's byte fallback turns every byte of a run that
+is not valid UTF-8 into U+FFFD, earlier (shown) ones too. Then only the new tokens are decoded,
+behind an anchor piece that keeps their leading space. A run that is still invalid after
+MAX_PENDING tokens (a UTF-8 character has at most 4 bytes) is shown as it decodes, so the text
+keeps growing. (Byte-level BPE decodes stray bytes one by one and never rewrites: there the text
+waits for the character, and so always equals decoding the whole output.)
 """
 
 from __future__ import annotations
 
 import weakref
 from typing import Any
+
+MAX_PENDING = 4  # tokens to wait for a character to complete (UTF-8: at most 4 bytes, at least 1 a token)
 
 
 class TextAssembler:
@@ -34,6 +42,7 @@ class TextAssembler:
         self._shown: list[int] = []
         self._window = 0  # index in _shown where the decode window starts
         self._done = 0  # tokens of _shown whose text is in self.text
+        self._byte_fallback = _has_byte_fallback(tokenizer)
 
     def append(self, token_id: int) -> bool:
         """Add one token; True when a stop string has been found (the text is cut before it)."""
@@ -42,15 +51,27 @@ class TextAssembler:
             return False
         self._shown.append(token_id)
         window = self._decode(self._shown[self._window :])
-        if window.endswith("\ufffd"):
+        pending = len(self._shown) - self._done
+        if window.endswith("\ufffd") and (pending < MAX_PENDING or not self._byte_fallback):
             return False  # an incomplete multi-byte character: wait for the next token
+        self._commit(window)
+        return self._find_stop()
+
+    def _commit(self, window: str) -> None:
+        """Extend the text with the pending tokens, given the decode of the window that ends with them."""
         before = self._decode(self._shown[self._window : self._done]) if self._done > self._window else ""
         if window.startswith(before):
             self.text += window[len(before) :]
         else:
-            self.text = self._decode(self.ids)
+            full = self._decode(self.ids)
+            self.text = full if full.startswith(self.emitted) else self.text + self._tail(self._shown[self._done :])
         self._window, self._done = self._done, len(self._shown)
-        return self._find_stop()
+
+    def _tail(self, ids: list[int]) -> str:
+        """The text of `ids` as it reads after earlier text: decoded behind an anchor piece, the anchor cut off."""
+        anchor = self.tokenizer.encode("a", add_special_tokens=False)[-1:]
+        base, full = self._decode(anchor), self._decode(anchor + ids)
+        return full[len(base) :] if full.startswith(base) else self._decode(ids)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -69,8 +90,8 @@ class TextAssembler:
 
     def visible(self, final: bool = False) -> str:
         """The text safe to show now; with final, everything (a trailing partial character too)."""
-        if final and not self.stopped:
-            self.text = self._decode(self.ids)
+        if final and not self.stopped and self._done < len(self._shown):
+            self._commit(self._decode(self._shown[self._window :]))
         candidate = self.text if final else self.text[: len(self.text) - self._held_back()]
         if candidate.startswith(self.emitted) and len(candidate) >= len(self.emitted):
             self.emitted = candidate
@@ -99,3 +120,12 @@ def _skipped(tokenizer: Any, token_id: int) -> bool:
         dropped = tokenizer.decode([token_id], skip_special_tokens=True) == ""
         found = known[token_id] = dropped and bool(tokenizer.decode([token_id], skip_special_tokens=False))
     return found
+
+
+def _has_byte_fallback(tokenizer: Any) -> bool:
+    """Whether the vocabulary spells bytes as SentencePiece's `<0xNN>` pieces (Llama-2, Mistral, Gemma)."""
+    try:
+        found = tokenizer.convert_tokens_to_ids("<0x00>")
+    except (KeyError, ValueError, AttributeError):
+        return False
+    return isinstance(found, int) and found != getattr(tokenizer, "unk_token_id", None)

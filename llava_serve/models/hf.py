@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from llava_serve.errors import ModelLoadError
+from llava_serve.errors import InvalidRequest, ModelLoadError
 from llava_serve.models.base import IMAGE_PLACEHOLDER, EncodedPrompt, LoadedModel, Message, PreparedImage
 from llava_serve.models.options import LoadOptions
 from llava_serve.models.quant import detach_from_checkpoint, quantization_config
@@ -50,19 +50,28 @@ def load_hf(options: LoadOptions, path: Path, raw_config: dict, device: torch.de
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    processor = load_processor(path, config, trust) if multimodal else None  # first: it may need torchvision
     model = model_class(config).from_pretrained(path, **kwargs)
     if quant is None:
         model.to(device)
     else:
         detach_from_checkpoint(model)
     model.eval()
-    processor = load_processor(path, config, trust) if multimodal else None
     tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(path)
     return wrap_hf_model(model, tokenizer, processor, options.name)
 
 
 def load_processor(path: Path, config: Any, trust: bool) -> Any:
     """AutoProcessor, or the same processor without its video processor where torchvision is missing."""
+    try:
+        return _auto_processor(path, config, trust)
+    except ImportError as exc:
+        if "torchvision" not in str(exc).lower():
+            raise
+        raise ModelLoadError(f"{path}: {missing_torchvision(config)}") from None
+
+
+def _auto_processor(path: Path, config: Any, trust: bool) -> Any:
     from transformers import AutoProcessor
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
     from transformers.utils import is_torchvision_available
@@ -73,6 +82,19 @@ def load_processor(path: Path, config: Any, trust: bool) -> Any:
             log.info("%s: torchvision is not installed; loading the processor without its video processor", path)
             return image_only.from_pretrained(path)
     return AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+
+
+def _kind(config: Any) -> str:
+    vision = getattr(getattr(config, "vision_config", None), "model_type", None)
+    return f"{config.model_type} ({vision} vision)" if vision else config.model_type
+
+
+def missing_torchvision(config: Any) -> str:
+    return (
+        f"the processor of this {_kind(config)} checkpoint needs torchvision, which is not installed; "
+        "install the torchvision build that matches your torch (`pip install 'llava-serve[vision]'`, "
+        "see docs/models.md)"
+    )
 
 
 def without_video_processor(processor_class: Any) -> Any | None:
@@ -160,7 +182,12 @@ def _text_encoder(tokenizer: Any):
 def _processor_encoder(processor: Any, image_token: str | None, per_image: bool):
     def encode(prompt: str, images: Sequence[Image.Image], keys: Sequence[str]) -> EncodedPrompt:
         text = prompt.replace(IMAGE_PLACEHOLDER, image_token) if image_token else prompt
-        out = processor(text=text, images=list(images) or None, return_tensors="pt")
+        try:
+            # one sample's images nested, as apply_chat_template passes them: LLaVA-OneVision tiles an image
+            # only when it is alone in its sample
+            out = processor(text=text, images=[list(images)] if images else None, return_tensors="pt")
+        except ValueError as exc:  # the processor's own checks (PaliGemma needs an image, say): the request's fault
+            raise InvalidRequest(f"the model's processor refused this prompt: {exc}") from None
         input_ids = out["input_ids"][0].tolist()
         pixels = {k: v for k, v in out.items() if k not in NON_PIXEL_KEYS and isinstance(v, torch.Tensor)}
         if not images:
@@ -179,6 +206,7 @@ def _processor_encoder(processor: Any, image_token: str | None, per_image: bool)
 
 def _chat_template_builder(template_owner: Any, tokenizer: Any, image_token: str | None):
     has_template = bool(getattr(template_owner, "chat_template", None))
+    adds_bos = tokenizer_adds_bos(tokenizer)
 
     def build(messages: Sequence[Message], add_generation_prompt: bool) -> str:
         if not has_template:
@@ -188,13 +216,19 @@ def _chat_template_builder(template_owner: Any, tokenizer: Any, image_token: str
             normalized, add_generation_prompt=add_generation_prompt, tokenize=False
         )
         bos = tokenizer.bos_token
-        if bos and text.startswith(bos) and getattr(tokenizer, "add_bos_token", True):
-            text = text[len(bos) :]  # the tokenizer adds BOS itself
+        if bos and text.startswith(bos) and adds_bos:
+            text = text[len(bos) :]  # encode() lets the tokenizer add it, as transformers' processor does
         if image_token and image_token != IMAGE_PLACEHOLDER:
             text = text.replace(image_token, IMAGE_PLACEHOLDER)
         return text
 
     return build
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether tokenizing adds BOS: asked, since transformers 5 ignores `add_bos_token` beside a tokenizer.json."""
+    bos_id = tokenizer.bos_token_id
+    return bos_id is not None and list(tokenizer("a").input_ids[:1]) == [bos_id]
 
 
 def _normalize(message: Message) -> Message:

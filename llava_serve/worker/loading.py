@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llava_serve.errors import ModelLoadError
@@ -28,9 +29,15 @@ def load_model_and_engine(config: WorkerConfig) -> tuple[LoadedModel, EngineBase
     """The model and a built (not started) engine for it; ModelLoadError says what to fix."""
     from llava_serve.engine.threads import run_in_fresh_thread
     from llava_serve.models.loader import load_model
+    from llava_serve.models.options import read_config
+    from llava_serve.models.support import check_engine_support
 
     def load() -> tuple[LoadedModel, EngineBase]:
-        lm = load_model(config.load_options(resolve_model_path(config.model_path)))
+        path = resolve_model_path(config.model_path)
+        folder = Path(path).expanduser()
+        if (folder / "config.json").is_file():  # else load_model says what is wrong with the folder
+            check_engine_support(read_config(folder), config.engine, path)
+        lm = load_model(config.load_options(path))
         return lm, build_engine(config, lm)
 
     return run_in_fresh_thread(load)
@@ -74,5 +81,3 @@ def build_engine(config: WorkerConfig, lm: LoadedModel) -> EngineBase:
         prepack=not config.no_prepack,
         adapt_threads=not config.threads,
     )
-
-
