@@ -8,6 +8,7 @@ import io
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -50,23 +51,28 @@ def test_a_large_image_reaches_the_processor_shrunk() -> None:
 
 
 PEAK_SCRIPT = """
-import base64, resource, sys
+import resource, sys
+from pathlib import Path
 from llava_serve.models.images import ImageLimits, decode_request_images
-from tests.reliability.test_hostile_input import png
-raw = base64.b64encode(png(6000, 6000)).decode()
+raw = Path(sys.argv[2]).read_text()  # made by the test: making it here would set the high-water mark
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 decode_request_images([raw], ImageLimits(prep_side=int(sys.argv[1])))
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 """
 
 
-def test_peak_memory_of_a_large_image_is_bounded() -> None:
+def test_peak_memory_of_a_large_image_is_bounded(tmp_path: Path) -> None:
     """6000x6000 RGBA (137 MiB decoded), in a fresh process (the peak is a high-water mark): decoding,
     shrinking and RGB conversion measured 175 MiB; without the shrink (prep_side 16384) the RGB copies
     of the full image came on top: 550 MiB (and the processor's float copies of it after that)."""
+    from tests.reliability.test_hostile_input import png
+
+    image = tmp_path / "big.b64"
+    image.write_text(base64.b64encode(png(6000, 6000)).decode())
     growth = {}
     for side in (2048, 16384):
-        run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(side)], capture_output=True, text=True, check=True)
+        argv = [sys.executable, "-c", PEAK_SCRIPT, str(side), str(image)]
+        run = subprocess.run(argv, capture_output=True, text=True, check=True)
         growth[side] = float(run.stdout.split()[-1])
     assert growth[2048] < 250 and growth[2048] < growth[16384] / 2, growth
 
