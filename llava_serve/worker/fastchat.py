@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import struct
 
 from fastapi import FastAPI
@@ -23,10 +24,13 @@ class NoFastChatForm(ServeError):
 
 
 def add_fastchat_routes(app: FastAPI, service: WorkerService) -> None:
-    conv = conversation_of(service.lm)  # once: the template does not change while the worker runs
+    # worked out at the first call (rendering probe conversations), then kept: the template does not
+    # change while the worker runs
+    conversation = functools.cache(lambda: conversation_of(service.lm))
 
     @app.post("/worker_get_conv_template")
     async def get_conv_template() -> ConvTemplateResponse:
+        conv = conversation()
         if conv is None:
             raise NoFastChatForm(
                 f"the chat template of {service.lm.name} has no FastChat Conversation form "

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from llava_serve.protocol.frames import FinishReason, iter_frames_sync
 from tests.reliability.clients import worker_body
 from tests.reliability.helpers import FULL, proc_figures, record
 from tests.reliability.stack import Stack
@@ -41,7 +42,8 @@ def _victim_times(stack: Stack, n: int) -> list[float]:
         for i in range(n):
             t0 = time.monotonic()
             resp = client.post(W, json=worker_body(i, max_new_tokens=128, echo=False))
-            assert resp.status_code == 200 and b'"finish_reason": "length"' in resp.content, resp.text[-300:]
+            last = list(iter_frames_sync([resp.content]))[-1] if resp.status_code == 200 else None
+            assert last is not None and last.finish_reason == FinishReason.LENGTH, resp.text[-300:]
             times.append(time.monotonic() - t0)
     return times
 

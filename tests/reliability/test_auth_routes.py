@@ -68,7 +68,7 @@ def service_routes(stack: Stack, name: str) -> list[tuple[str, str]]:
         app = worker_app(worker_config(argv), SimpleNamespace(tokenizer=None), engine)  # type: ignore[arg-type]
         app.state.service.close()
     found = sorted(set(endpoints(app.routes)))
-    documented = {(m.upper(), p) for p, ops in app.openapi()["paths"].items() for m in ops}
+    documented = {(m.upper(), _filled(p)) for p, ops in app.openapi()["paths"].items() for m in ops}
     assert documented <= set(found), documented - set(found)  # the enumeration misses nothing
     return [*found, ("GET", "/no/such/route")]
 

@@ -104,7 +104,9 @@ def fuzz(app: Any, budget: int, prepare: Callable[[Any], None]) -> Counter[tuple
     operations = [result.ok() for result in schema.get_all_operations()]
     seen: Counter[tuple[str, str, int]] = Counter()
     with_input = [op for op in operations if op.body or op.query or op.path_parameters]
-    per_op = math.ceil(budget / max(1, 2 * len(with_input)))
+    # a string path parameter alone (/v1/models/{model}) has positive cases only: no schema to violate
+    path_only = [op for op in with_input if not (op.body or op.query)]
+    per_op = math.ceil(budget / max(1, 2 * len(with_input) - len(path_only)))
     with asgi.get_client(app) as client:
         for op in operations:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
