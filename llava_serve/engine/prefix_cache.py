@@ -4,7 +4,7 @@ A chat's second turn repeats the first turn (system prompt, image, question, ans
 new question: with the first turn's KV kept here, turn 2 prefills only what is new. Entries are
 keyed by token ids and by the content keys of their images (image tokens share one id, so the ids
 alone would match any two images): a match may cover image tokens only when the entry's images
-are the request's first images. Bounded by bytes; least recently used entries go first.
+are the request's first images. Bounded by bytes and by count; least recently used entries go first.
 """
 
 from __future__ import annotations
@@ -29,8 +29,13 @@ class PrefixEntry:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int, image_token_id: int | None) -> None:
+    # lookups compare the prompt with every entry on the engine thread, and a small model's entries
+    # are small: bytes alone would let thousands pile up (a soak saw the worker grow with them)
+    MAX_ENTRIES = 32
+
+    def __init__(self, max_bytes: int, image_token_id: int | None, max_entries: int = MAX_ENTRIES) -> None:
         self.max_bytes = max_bytes
+        self.max_entries = max_entries
         self.image_token_id = image_token_id
         self.entries: list[PrefixEntry] = []  # most recently used last
         self.hits = 0
@@ -61,7 +66,7 @@ class PrefixCache:
         # an entry this one extends says nothing more
         self.entries = [e for e in self.entries if not _extends(entry, e)]
         self.entries.append(entry)
-        while sum(e.nbytes for e in self.entries) > self.max_bytes:
+        while len(self.entries) > self.max_entries or sum(e.nbytes for e in self.entries) > self.max_bytes:
             self.entries.pop(0)
 
     def _reusable(self, entry: PrefixEntry, tokens: Sequence[int], image_keys: Sequence[str]) -> int:

@@ -50,14 +50,19 @@ def test_a_large_image_reaches_the_processor_shrunk() -> None:
     assert small.image.size == (300, 200)  # smaller images are untouched
 
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent at fork, so under a big pytest
+# process the child's figure starts at the parent's peak and a decode shows no growth at all
 PEAK_SCRIPT = """
-import resource, sys
+import sys
 from pathlib import Path
 from llava_serve.models.images import ImageLimits, decode_request_images
+def hwm():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+    return int(line.split()[1])
 raw = Path(sys.argv[2]).read_text()  # made by the test: making it here would set the high-water mark
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = hwm()
 decode_request_images([raw], ImageLimits(prep_side=int(sys.argv[1])))
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+print((hwm() - before) / 1024)
 """
 
 
