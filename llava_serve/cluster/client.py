@@ -19,13 +19,11 @@ from llava_serve.common.aio import aclose_shielded
 from llava_serve.common.auth import bearer_headers
 from llava_serve.errors import (
     ControllerUnavailable,
-    NoWorker,
     ServeError,
-    UnknownModel,
     WorkerUnavailable,
     error_from_frame,
 )
-from llava_serve.protocol.controller import GetWorkerAddressResponse, ListModelsResponse
+from llava_serve.protocol.controller import ListModelsResponse
 from llava_serve.protocol.frames import Frame, decode_frame, iter_frames, iter_frames_sync
 from llava_serve.protocol.worker import ChatRequest, GenerateRequest
 
@@ -86,15 +84,6 @@ class ClusterClient:
 
     async def list_models(self) -> list[str]:
         return ListModelsResponse.model_validate(await self._call("/list_models", {})).models
-
-    async def worker_address(self, model: str) -> str:
-        """A worker's address for `model` (a lookup: the controller counts no dispatch)."""
-        answer = GetWorkerAddressResponse.model_validate(await self._call("/get_worker_address", {"model": model}))
-        if answer.address:
-            return answer.address.rstrip("/")
-        if model not in await self.list_models():
-            raise UnknownModel(f"model {model!r} does not exist; available models: {await self.list_models()}")
-        raise NoWorker(f"no worker for model {model!r} is available right now; retry later")
 
     async def chat(self, request: ChatRequest) -> FrameStream:
         """Open a chat generation: one dispatch, the worker renders its own template."""
