@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import httpx
@@ -60,6 +60,8 @@ class LevelSummary:
 
 
 Progress = Callable[[int], None]
+BodyOf = Callable[[BenchRequest, int], dict]
+StreamOne = Callable[[httpx.AsyncClient, str, dict, Progress], Awaitable["StreamResult"]]
 
 
 def _no_progress(tokens: int) -> None:
@@ -169,14 +171,18 @@ async def drive(
     pid: int,
     timeout: float,
     progress: Progress = _no_progress,
+    body: BodyOf = BenchRequest.body,
+    stream: StreamOne | None = None,
 ) -> tuple[list[StreamResult], float, Sampler]:
-    """All requests at once; returns the results, the wall time and what the sampler saw."""
+    """All requests at once; returns the results, the wall time and what the sampler saw. `body` and
+    `stream` say how to ask and read one request: the worker's protocol unless a peer passes its own."""
+    read = stream or stream_one
     limits = httpx.Limits(max_connections=len(requests) + 4, max_keepalive_connections=len(requests) + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=30.0), limits=limits) as client:
-        bodies = [r.body(max_new_tokens) for r in requests]
+        bodies = [body(r, max_new_tokens) for r in requests]
         with Sampler(pid) as sampler:
             start = time.perf_counter()
-            results = await asyncio.gather(*(stream_one(client, url, b, progress) for b in bodies))
+            results = await asyncio.gather(*(read(client, url, b, progress) for b in bodies))
             wall = time.perf_counter() - start
     return list(results), wall, sampler
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import httpx
 
-from llava_serve.tools.bench_client import Progress, Sampler, StreamResult, _no_progress
+from llava_serve.tools.bench_client import Progress, Sampler, StreamResult, _no_progress, drive
 from llava_serve.tools.bench_workload import SYSTEM, BenchRequest
 
 
@@ -101,14 +101,5 @@ async def drive_chat(
     timeout: float,
     progress: Progress = _no_progress,
 ) -> tuple[list[StreamResult], float, Sampler]:
-    """All requests at once, as bench_client.drive does for the worker."""
-    import asyncio
-
-    limits = httpx.Limits(max_connections=len(requests) + 4, max_keepalive_connections=len(requests) + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=30.0), limits=limits) as client:
-        bodies = [chat_body(r, max_new_tokens) for r in requests]
-        with Sampler(pid) as sampler:
-            start = time.perf_counter()
-            results = await asyncio.gather(*(stream_chat(client, url, b, progress) for b in bodies))
-            wall = time.perf_counter() - start
-    return list(results), wall, sampler
+    """All requests at once, as bench_client.drive does for the worker, over /v1/chat/completions."""
+    return await drive(url, requests, max_new_tokens, pid, timeout, progress, body=chat_body, stream=stream_chat)
