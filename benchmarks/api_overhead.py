@@ -3,8 +3,8 @@
     python benchmarks/api_overhead.py [--rounds 40] [--model-path P]
 
 Starts a controller, one worker and the API (real processes on free ports), then alternates the same
-chat request (one picture, greedy, 8 tokens) between the two paths: the worker's /worker_chat_stream
-and the API's streaming /v1/chat/completions (API -> controller -> worker). TTFT is the time to the
+chat request (one picture, greedy, 8 tokens) between three paths: the worker's /worker_chat_stream,
+the controller's (controller -> worker) and the API's streaming /v1/chat/completions (API -> controller -> worker). TTFT is the time to the
 first frame/chunk that carries answer text. Prints the medians and their ratio; the paths alternate
 so machine noise hits both alike.
 """
@@ -45,8 +45,10 @@ def circle_png() -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def ttft_worker(http: httpx.Client, url: str, image: str) -> float:
+def ttft_worker(http: httpx.Client, url: str, image: str, model: str | None = None) -> float:
+    """TTFT of /worker_chat_stream at `url`: the worker itself, or the controller when `model` is given."""
     body = {
+        **({"model": model} if model else {}),
         "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
         "images": [image],
         "temperature": 0,
@@ -88,14 +90,15 @@ def ttft_api(http: httpx.Client, url: str, model: str, image: str) -> float:
     raise RuntimeError("the API sent no text")
 
 
-def stack(model_path: str | None, log_dir: Path) -> tuple[list[Service], dict[str, str]]:
+def stack(model_path: str | None, log_dir: Path, worker_threads: int = 0) -> tuple[list[Service], dict[str, str]]:
     ports = {name: free_port() for name in ("controller", "worker", "api")}
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     model = ["--model-path", model_path] if model_path else []
     argvs = {
         "controller": ["llava_serve.controller", "--host", "127.0.0.1", "--port", str(ports["controller"])],
         "worker": ["llava_serve.model_worker", "--host", "127.0.0.1", "--port", str(ports["worker"]),
-                   "--worker-address", url["worker"], "--controller-address", url["controller"], *model],
+                   "--worker-address", url["worker"], "--controller-address", url["controller"], *model,
+                   "--threads", str(worker_threads)],
         "api": ["llava_serve.openai_api", "--host", "127.0.0.1", "--port", str(ports["api"]),
                 "--controller-address", url["controller"]],
     }  # fmt: skip
@@ -111,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--model-path", default=None)
+    p.add_argument("--worker-threads", type=int, default=0,
+                   help="the worker's --threads (default 0: its tuner picks; 1 leaves a core to the controller and API)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="llava-serve-bench-") as tmp:
-        services, url = stack(args.model_path, Path(tmp))
+        services, url = stack(args.model_path, Path(tmp), args.worker_threads)
         try:
             with httpx.Client(timeout=120) as http:
                 deadline = time.monotonic() + 60
@@ -121,17 +126,21 @@ def main(argv: list[str] | None = None) -> int:
                     assert time.monotonic() < deadline, "the worker never registered"
                     time.sleep(0.2)
                 image = circle_png()
-                direct, api = [], []
-                for _ in range(3):  # warm both paths
+                direct, ctrl, api = [], [], []
+                for _ in range(3):  # warm every path
                     ttft_worker(http, url["worker"], image)
+                    ttft_worker(http, url["controller"], image, models[0])
                     ttft_api(http, url["api"], models[0], image)
                 for _ in tqdm(range(args.rounds), desc="rounds"):
                     direct.append(ttft_worker(http, url["worker"], image))
+                    ctrl.append(ttft_worker(http, url["controller"], image, models[0]))
                     api.append(ttft_api(http, url["api"], models[0], image))
         finally:
             stop_all(services)
-    d, a = statistics.median(direct), statistics.median(api)
-    print(f"TTFT median over {args.rounds} rounds: worker direct {d * 1000:.1f} ms, through the API {a * 1000:.1f} ms")
+    d, c, a = statistics.median(direct), statistics.median(ctrl), statistics.median(api)
+    print(f"TTFT median over {args.rounds} rounds: worker direct {d * 1000:.1f} ms, through the controller "
+          f"{c * 1000:.1f} ms, through the API {a * 1000:.1f} ms")  # fmt: skip
+    print(f"controller / direct: {c / d:.3f}")
     print(f"API / direct: {a / d:.3f}  (p90 {statistics.quantiles(api, n=10)[-1] * 1000:.1f} ms vs "
           f"{statistics.quantiles(direct, n=10)[-1] * 1000:.1f} ms)")  # fmt: skip
     return 0

@@ -52,13 +52,13 @@ class ControllerState:
     probe: httpx.AsyncClient  # carries nothing: for the status check of an address not yet registered
 
 
-def get_state(request: Request) -> ControllerState:
+async def get_state(request: Request) -> ControllerState:
     return request.app.state.controller
 
 
 async def require_registration_secret(request: Request) -> None:
     """With a secret: the secret. Without one: only processes on this machine may register."""
-    secret = get_state(request).config.registration_secret
+    secret = request.app.state.controller.config.registration_secret
     host = request.client.host if request.client else "?"
     if secret and not secret_matches(request.headers.get("x-registration-secret"), secret):
         logger.warning("refused %s from %s: missing or wrong X-Registration-Secret", request.url.path, host)

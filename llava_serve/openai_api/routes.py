@@ -28,7 +28,7 @@ class ApiState:
     completions: CompletionService
 
 
-def get_state(request: Request) -> ApiState:
+async def get_state(request: Request) -> ApiState:
     return request.app.state.api
 
 
