@@ -4,9 +4,9 @@
 
 Starts a controller, one worker and the API (real processes on free ports), then alternates the same
 chat request (one picture, greedy, 8 tokens) between three paths: the worker's /worker_chat_stream,
-the controller's (controller -> worker) and the API's streaming /v1/chat/completions (API -> controller -> worker). TTFT is the time to the
-first frame/chunk that carries answer text. Prints the medians and their ratio; the paths alternate
-so machine noise hits both alike.
+the controller's (controller -> worker) and the API's streaming /v1/chat/completions
+(API -> controller -> worker). TTFT is the time to the first frame/chunk that carries answer text.
+Prints the medians and their ratios; the paths alternate so machine noise hits them alike.
 """
 
 from __future__ import annotations
@@ -114,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--model-path", default=None)
-    p.add_argument("--worker-threads", type=int, default=0,
-                   help="the worker's --threads (default 0: its tuner picks; 1 leaves a core to the controller and API)")
+    p.add_argument(
+        "--worker-threads", type=int, default=0,
+        help="the worker's --threads (0: its tuner picks; 1 leaves a core to the controller and the API)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="llava-serve-bench-") as tmp:
         services, url = stack(args.model_path, Path(tmp), args.worker_threads)
