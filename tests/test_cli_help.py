@@ -12,8 +12,6 @@ import pytest
 from llava_serve.cli import COMMANDS
 
 HEAVY = ("torch", "transformers", "gradio")
-# bench drives its workers from a module that also runs the static torch baseline (a tool, not served)
-SLOW_HELP_ALLOWED = {"bench"}
 
 PROBE = """
 import json, sys
@@ -34,8 +32,7 @@ def test_help_names_the_command_and_loads_nothing_heavy(command: str) -> None:
     assert ran.returncode == 0, ran.stderr
     usage, loaded = ran.stdout.split("\n", 1)[0], json.loads(ran.stdout.strip().splitlines()[-1])
     assert usage.startswith(f"usage: llava-serve {command}"), usage
-    if command not in SLOW_HELP_ALLOWED:
-        assert loaded == [], f"{command} --help imported {loaded}"
+    assert loaded == [], f"{command} --help imported {loaded}"
 
 
 def test_build_model_sizes_match_the_builder() -> None:

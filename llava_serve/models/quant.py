@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -13,6 +14,27 @@ from llava_serve.errors import ModelLoadError
 # "vision_tower" would miss "model.vision_tower.…": allow any parent path in front.
 _FULL_PRECISION = ["vision_tower", "multi_modal_projector", "lm_head", "image_newline", "vision_model", "mlp1"]
 SKIP_MODULES = [rf"(?:.*\.)?{name}" for name in _FULL_PRECISION]
+# On a CPU with AVX-512 BF16, importing bitsandbytes tries to fetch a faster 4-bit kernel from the
+# Hugging Face Hub through the optional `kernels` package and warns "pip install kernels" when it
+# cannot: bitsandbytes' own CPU kernel is used then, which is what a server without the Hub wants.
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+_KERNELS_HINT = "Failed to load CPU gemm_4bit_forward from kernels-community"
+logger = logging.getLogger(__name__)
+
+
+class _KernelsHintFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith(_KERNELS_HINT):
+            logger.debug("bitsandbytes uses its built-in CPU 4-bit kernel (%s)", record.getMessage())
+            return False
+        return True
+
+
+def quiet_kernels_hint() -> None:
+    """Drop bitsandbytes' "pip install kernels" warning (once per process; idempotent)."""
+    bnb_logger = logging.getLogger(_BNB_CPU_LOGGER)
+    if not any(isinstance(f, _KernelsHintFilter) for f in bnb_logger.filters):
+        bnb_logger.addFilter(_KernelsHintFilter())
 
 
 def quantization_config(load_8bit: bool, load_4bit: bool, device: torch.device, dtype: torch.dtype) -> Any:
@@ -22,6 +44,7 @@ def quantization_config(load_8bit: bool, load_4bit: bool, device: torch.device, 
         raise ModelLoadError(
             "bitsandbytes quantization does not run on MPS; drop --load-8bit/--load-4bit or use --device cpu"
         )
+    quiet_kernels_hint()
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig

@@ -28,10 +28,9 @@ import httpx
 from tqdm import tqdm
 
 from llava_serve.tools import peers
-from llava_serve.tools.bench_child import Child, LineChild, free_port
+from llava_serve.tools.bench_child import STATIC_MARK, Child, LineChild, free_port
 from llava_serve.tools.bench_client import LevelSummary, Sampler, drive, summarize
 from llava_serve.tools.bench_report import ratio_table, target_lines, write_all
-from llava_serve.tools.bench_static import MARK
 from llava_serve.tools.bench_workload import make_requests
 
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "llava-serve" / "bench-llava"
@@ -108,7 +107,7 @@ class Worker(Child):
 class StaticRunner(LineChild):
     def __init__(self, model: Path, args: argparse.Namespace) -> None:
         argv = ["llava_serve.tools.bench_static", "--model-path", str(model), "--device", args.device]
-        super().__init__("static batch", argv, args.out / "static.log", mark=MARK)
+        super().__init__("static batch", argv, args.out / "static.log", mark=STATIC_MARK)
 
     def run(self, n: int, max_new_tokens: int, round_id: int = 0) -> dict:
         return self.ask({"n": n, "max_new_tokens": max_new_tokens, "round": round_id})

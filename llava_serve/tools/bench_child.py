@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+# the prefix of a line child's answers on stdout (LineChild): one per kind of child
+STATIC_MARK = "BENCH-STATIC "
+OPENVINO_MARK = "BENCH-OPENVINO "
+
 
 class Child:
     """`argv` is a module run with this interpreter (`-m`), unless `program` gives the command itself."""

@@ -19,9 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from llava_serve.tools.bench_child import STATIC_MARK as MARK
 from llava_serve.tools.bench_workload import BenchRequest, make_requests
-
-MARK = "BENCH-STATIC "
 
 
 class FirstStep:

@@ -59,3 +59,27 @@ def test_hf_llava_quantized(tiny_llava, images, mode):
 def test_4bit_is_nf4_with_double_quantization(load_original):
     quant = load_original("original", load_4bit=True).model.config.quantization_config
     assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
+
+
+def _stderr_of(code: str) -> str:
+    import subprocess
+    import sys
+
+    setup = "import logging; logging.basicConfig(level=logging.WARNING)\n"
+    done = subprocess.run([sys.executable, "-c", setup + code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def test_4bit_loading_does_not_print_the_kernels_hint():
+    """bitsandbytes warns "pip install kernels" at import on AVX-512 BF16 CPUs (it cannot fetch a Hub
+    kernel); the loader drops that line, since its built-in CPU kernel is used either way."""
+    pytest.importorskip("bitsandbytes")
+    if "pip install kernels" not in _stderr_of("import bitsandbytes"):
+        pytest.skip("bitsandbytes does not print the hint on this CPU")
+    stderr = _stderr_of(
+        "import torch\n"
+        "from llava_serve.models.quant import quantization_config\n"
+        "quantization_config(False, True, torch.device('cpu'), torch.float32)\n"
+    )
+    assert "pip install kernels" not in stderr

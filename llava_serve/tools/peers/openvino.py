@@ -18,12 +18,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 import llava_serve
-from llava_serve.tools.bench_child import LineChild
+from llava_serve.tools.bench_child import OPENVINO_MARK, LineChild
 from llava_serve.tools.bench_client import LevelSummary, Sampler, StreamResult, summarize
 from llava_serve.tools.peers import split_variant
 
 VARIANTS = {"f32": "fp32", "int8": "int8"}  # our name -> optimum-cli --weight-format
-MARK = "BENCH-OPENVINO "
 REPO_ROOT = str(Path(llava_serve.__file__).resolve().parent.parent)
 
 
@@ -88,7 +87,7 @@ class OpenVinoRunner(LineChild):
         argv += ["--threads", str(self.threads), "--max-seqs", str(max(32, *args.levels))]
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
         log = args.out / f"peer-{self.engine}.log"
-        super().__init__(self.engine, argv, log, mark=MARK, env=env, program=[args.openvino_python, "-m"])
+        super().__init__(self.engine, argv, log, mark=OPENVINO_MARK, env=env, program=[args.openvino_python, "-m"])
 
     def wait_ready(self) -> None:
         self.wait_loaded()

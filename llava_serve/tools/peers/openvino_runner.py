@@ -11,7 +11,8 @@ request's new tokens after each step and stamping them, as the server's generati
 before it writes a chunk to the client. Image decoding counts, as it does for the workers.
 
 Runs under the interpreter that has openvino-genai (the `peers` extra, or a venv of its own:
-this module imports nothing of llava-serve but bench_workload, which needs Pillow only).
+this module imports nothing of llava-serve but bench_child (stdlib only) and bench_workload, which needs
+Pillow only).
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ import json
 import sys
 import time
 
+from llava_serve.tools.bench_child import OPENVINO_MARK as MARK
 from llava_serve.tools.bench_workload import BenchRequest, make_requests
-
-MARK = "BENCH-OPENVINO "
 
 
 def load(model_dir: str, threads: int, max_seqs: int, kv_cache_gb: int):
