@@ -1,6 +1,7 @@
 """A/B of the engine's runners on one machine moment: decode steps of each, interleaved.
 
     python benchmarks/ab_step.py --model-path M --rows 1,16 --steps 24
+    python benchmarks/ab_step.py --model-path M --runners decoder --dtypes float32,bfloat16
 
 On a machine shared with other work, runs a minute apart can differ by 2x; here each runner gets
 the same requests and their decode steps alternate (A, B, A, B, ...), so drift hits both alike.
@@ -51,23 +52,27 @@ def main() -> None:
     p.add_argument("--rows", default="1,16")
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--runners", default="transformers,decoder")
+    p.add_argument("--dtypes", default="float32", help="weights' dtypes (each its own model), e.g. float32,bfloat16")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    lm = load_model(LoadOptions(model_path=args.model_path, device="cpu"))
     rows = [int(x) for x in args.rows.split(",")]
-    names = args.runners.split(",")
-    # the decoder runner first: the transformers path swaps the model's linears for prepacked ones,
-    # which the decoder runner then refuses
-    built = {
-        name: BatchEngine(lm, max_running=max(rows), runner=name, adapt_threads=False, prefix_cache_bytes=0)
-        for name in sorted(names, key=lambda n: n != "decoder")
-    }
-    engines = {name: built[name] for name in names}
+    engines: dict[str, BatchEngine] = {}
+    models = {}
+    for dtype in args.dtypes.split(","):
+        lm = models[dtype] = load_model(LoadOptions(model_path=args.model_path, device="cpu", dtype=dtype))
+        # the decoder runner first: the transformers path swaps the model's linears for prepacked ones,
+        # which the decoder runner then refuses
+        for runner in sorted(args.runners.split(","), key=lambda n: n != "decoder"):
+            name = runner if dtype == "float32" else f"{runner}/{dtype}"
+            engines[name] = BatchEngine(
+                lm, max_running=max(rows), runner=runner, adapt_threads=False, prefix_cache_bytes=0
+            )
+    names = list(engines)
     with torch.inference_mode():
         for n in rows:
-            for eng in engines.values():
-                fill(eng, lm, n, args.steps + 64)
+            for name, eng in engines.items():
+                fill(eng, models[name.partition("/")[2] or "float32"], n, args.steps + 64)
             times = measure(engines, args.steps)
             base = statistics.median(times[names[0]][0])
             for name in names:

@@ -48,6 +48,9 @@ class DecoderForward:
         self.q_width = weights.heads * weights.head_dim
         self.kv_width = weights.kv_heads * weights.head_dim
         self.cos, self.sin = rotary_tables(weights, max_len)
+        # torch's CPU flash kernel is ~3.7x slower in bfloat16 than in float32 at one query per row
+        # (8 rows x 16 heads x 400 positions: 16.6 vs 4.4 ms); two batched matmuls are not (4.7 ms)
+        self.manual_decode = weights.embed.device.type == "cpu" and weights.embed.dtype != torch.float32
 
     @torch.inference_mode()
     def __call__(self, tokens: list[int], positions: list[int], chunk: PromptChunk | None) -> torch.Tensor:
@@ -123,14 +126,14 @@ class DecoderForward:
         if b:
             keys[step.row_index, :, step.positions] = k[:b]
             values[step.row_index, :, step.positions] = v[:b]
-            out = F.scaled_dot_product_attention(
-                q[:b].unsqueeze(2),
-                keys[:b, :, : step.decode_len],
-                values[:b, :, : step.decode_len],
-                attn_mask=step.mask,
-                enable_gqa=self.gqa,
-            )
-            outs.append(out.reshape(b, self.q_width))
+            k_rows, v_rows = keys[:b, :, : step.decode_len], values[:b, :, : step.decode_len]
+            if self.manual_decode:
+                outs.append(decode_attention(q[:b], k_rows, v_rows, step.mask))
+            else:
+                out = F.scaled_dot_product_attention(
+                    q[:b].unsqueeze(2), k_rows, v_rows, attn_mask=step.mask, enable_gqa=self.gqa
+                )
+                outs.append(out.reshape(b, self.q_width))
         if step.chunk is not None:
             outs.append(self._chunk_attention(q[b:], k[b:], v[b:], keys, values, b, step.chunk.start))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -152,6 +155,19 @@ class DecoderForward:
             enable_gqa=self.gqa,
         )
         return out[0].transpose(0, 1).reshape(c, self.q_width)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
+    """One query per row [B, heads, d] over [B, kv_heads, L, d] as two batched matmuls (the query
+    heads of a KV head side by side, so grouped-query attention needs no copy), softmax in float32."""
+    b, heads, d = q.shape
+    kv_heads = keys.shape[1]
+    grouped = q.view(b, kv_heads, heads // kv_heads, d)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * d**-0.5  # [B, kv_heads, group, L]
+    if mask is not None:
+        scores = scores + mask.float()  # [B, 1, 1, L]
+    probs = scores.softmax(-1).to(values.dtype)
+    return torch.matmul(probs, values).reshape(b, heads * d)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

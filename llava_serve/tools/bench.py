@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--engines",
         default="batch,generate",
-        help="workers to start: batch, generate (none: peers only); ENGINE@N runs it with OMP_NUM_THREADS=N",
+        help="workers to start: batch, generate (none: peers only); ENGINE@N runs it with OMP_NUM_THREADS=N, "
+        "ENGINE:DTYPE with --dtype DTYPE (e.g. batch,batch:bfloat16)",
     )
     p.add_argument("--no-static", action="store_true", help="skip the static model.generate batch")
     p.add_argument("--limit-model-concurrency", type=int, default=32, help="passed to every worker alike")
@@ -82,18 +83,21 @@ def ensure_model(args: argparse.Namespace) -> Path:
 
 
 class Worker(Child):
-    """`engine` is batch or generate, or e.g. generate@1: that engine with OMP_NUM_THREADS=1."""
+    """`spec` is batch or generate, optionally :DTYPE (the worker's --dtype) and @N (OMP_NUM_THREADS=N),
+    e.g. batch:bfloat16 or generate@1."""
 
     def __init__(self, spec: str, model: Path, args: argparse.Namespace) -> None:
         self.port = free_port()
         engine, _, threads = spec.partition("@")
+        engine, _, dtype = engine.partition(":")
         self.engine = spec
         self.url = f"http://127.0.0.1:{self.port}"
         argv = ["llava_serve.model_worker", "--no-register", "--host", "127.0.0.1", "--port", str(self.port)]
         argv += ["--model-path", str(model), "--engine", engine, "--device", args.device, "--log-level", "warning"]
         argv += ["--limit-model-concurrency", str(args.limit_model_concurrency), "--max-queue", str(args.max_queue)]
+        argv += ["--dtype", dtype] if dtype else []
         env = {"OMP_NUM_THREADS": threads} if threads else None
-        log = args.out / f"worker-{spec}.log"
+        log = args.out / f"worker-{spec.replace(':', '-')}.log"
         super().__init__(f"{spec} worker", argv, log, env=env, stdout=subprocess.DEVNULL)
 
     def ready(self) -> bool:

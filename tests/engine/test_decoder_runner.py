@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from llava_serve.engine.decoder import decode_attention
 from llava_serve.engine.decoder_runner import DecoderRunner
 from llava_serve.engine.engine import BatchEngine
 from llava_serve.engine.params import SamplingParams
@@ -173,3 +174,22 @@ def test_bfloat16_prompt_logits_match_transformers(tokenizer):
         full = lm.model(torch.tensor([req.prompt.input_ids + req.output_ids])).logits[0]
     for _req, pos, logits in seen:
         torch.testing.assert_close(logits, full[pos], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_decode_attention_equals_sdpa(dtype, kv_heads):
+    """The half-precision decode path (two matmuls, float32 softmax) against SDPA in float32, with
+    grouped-query heads and rows of different lengths."""
+    gen = torch.Generator().manual_seed(kv_heads)
+    b, heads, d, length = 3, 8, 16, 29
+    q = torch.randn(b, heads, d, generator=gen).to(dtype)
+    keys, values = (torch.randn(b, kv_heads, length, d, generator=gen).to(dtype) for _ in range(2))
+    mask = torch.zeros(b, 1, 1, length, dtype=dtype)
+    mask[0, ..., 20:] = float("-inf")
+    mask[2, ..., 5:] = float("-inf")
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float().unsqueeze(2), keys.float(), values.float(), attn_mask=mask.float(), enable_gqa=kv_heads != heads
+    ).reshape(b, heads * d)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(decode_attention(q, keys, values, mask).float(), expected, atol=tol, rtol=tol)
