@@ -19,7 +19,7 @@ LAYERS = [
     {"models"},
     {"engine"},
     {"worker", "controller", "cluster"},
-    {"openai_api", "web"},
+    {"openai_api", "web", "ray"},
     {"cli", "up", "chat", "generate", "model_worker", "__main__", "loading"},
     {"tools", "default_model"},
 ]
