@@ -21,9 +21,9 @@ APP_NAME = "llava"
 
 
 def add_up_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="a Serve config file (its llava_serve.ray:app `args:`) or the args alone")
+    p.add_argument("--config", type=Path, help="a Serve config file (llava_serve.ray:app's `args:`) or the args")
     p.add_argument("--host", default="127.0.0.1", help="the HTTP proxy's bind address")
-    p.add_argument("--port", type=int, default=8000, help="the HTTP proxy's port (the OpenAI API and the worker routes)")
+    p.add_argument("--port", type=int, default=8000, help="the HTTP proxy's port (OpenAI API and worker routes)")
     p.add_argument("--address", default=None, help="a running Ray cluster ('auto' or HOST:PORT); default: start one")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all of them)")
     add_model_args(p, several=True)

@@ -105,9 +105,10 @@ class Upstream:
     async def _stream(self, call: HttpCall) -> AsyncGenerator[HttpHead | bytes, None]:
         """The replica's items, each within `item_timeout`; a lost replica is `ReplicaGone`, a full
         queue `Overloaded`. Closing this cancels the call in the replica (its engine request too)."""
-        response = self.handle.remote(call)
+        response = None
         finished = False
         try:
+            response = self.handle.remote(call)  # a full queue may refuse here already
             while True:
                 try:
                     item = await asyncio.wait_for(anext(response), self.item_timeout)
@@ -132,8 +133,8 @@ class Upstream:
                 raise ReplicaGone(_first_line(exc)) from None
             raise WorkerUnavailable(f"a replica of model {self.model!r} failed: {_first_line(exc)}") from None
         finally:
-            if not finished:
-                response.cancel()
+            if response is not None and not finished:
+                cancel(response)
 
 
 async def relay_frames(model: str, answer: Answer) -> AsyncIterator[bytes]:
@@ -149,12 +150,24 @@ async def relay_frames(model: str, answer: Answer) -> AsyncIterator[bytes]:
     try:
         async for frame in iter_raw_frames(chunks()):
             yield frame
-    except (ReplicaGone, WorkerUnavailable) as exc:
+    except ReplicaGone as exc:
         log.warning("stream of %s lost mid-way: %s", model, exc)
-        err = WorkerUnavailable(f"the replica of model {model!r} serving this request died mid-stream ({exc}); retry")
+        died = WorkerUnavailable(f"the replica of model {model!r} serving this request died mid-stream ({exc}); retry")
+        yield encode_frame(died.frame(finish_reason=FinishReason.ERROR))
+    except ServeError as err:  # silence past the deadline, a replica that failed
+        log.warning("stream of %s failed mid-way: %s", model, err.message)
         yield encode_frame(err.frame(finish_reason=FinishReason.ERROR))
     finally:
         await answer.aclose()
+
+
+def cancel(response: Any) -> None:
+    """Cancel a handle call, whatever state it is in: Serve's `cancel()` raises the call's own error
+    again (a full queue, say) when the call failed before a replica took it."""
+    try:
+        response.cancel()
+    except Exception as exc:
+        log.debug("cancelling a call that already failed: %s", _first_line(exc))
 
 
 def _going_away(body: bytes) -> bool:
