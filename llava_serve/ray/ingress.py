@@ -25,6 +25,7 @@ from llava_serve.openai_api.config import ApiConfig
 from llava_serve.protocol.worker import WorkerStatus
 from llava_serve.ray.asgi import HttpCall
 from llava_serve.ray.cluster import JSON, RayCluster
+from llava_serve.ray.replica import REPLICA_HEADER
 from llava_serve.ray.upstream import Upstream, relay_frames
 
 STREAM_ROUTES = ("/worker_generate_stream", "/worker_chat_stream")
@@ -38,7 +39,7 @@ WORKER_ROUTES = (
     "/worker_get_embeddings",
 )
 # Answer headers passed on to the client (the rest are the replica's transport's).
-PASSED_HEADERS = frozenset({"content-type", "retry-after"})
+PASSED_HEADERS = frozenset({"content-type", "retry-after", REPLICA_HEADER})
 
 
 class Ingress:

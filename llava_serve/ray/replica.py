@@ -18,13 +18,18 @@ from llava_serve.ray.asgi import HttpCall, HttpHead, call_app
 from llava_serve.worker.config import WorkerConfig
 
 log = logging.getLogger("llava_serve.ray")
+# Each answer names the replica that gave it (Serve's replica id), for operators and tests.
+REPLICA_HEADER = "x-llava-replica"
 
 
 class ModelReplica:
     def __init__(self, worker: WorkerConfig) -> None:
+        from ray import serve
+
         from llava_serve.worker.app import create_app
         from llava_serve.worker.loading import load_model_and_engine
 
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.config = worker
         lm, self.engine = load_model_and_engine(worker)
         self.engine.start()
@@ -37,6 +42,8 @@ class ModelReplica:
         """The worker app's answer to `call`, streamed (a generator: call with `stream=True`)."""
         self.served += 1
         async for item in call_app(self.app, call):
+            if isinstance(item, HttpHead):
+                item = HttpHead(item.status, (*item.headers, (REPLICA_HEADER, self.replica_id)))
             yield item
 
     def info(self) -> dict[str, Any]:
@@ -45,6 +52,7 @@ class ModelReplica:
 
         return {
             "pid": os.getpid(),
+            "replica_id": self.replica_id,
             "node_id": ray.get_runtime_context().get_node_id(),
             "model": self.model_name,
             "served": self.served,

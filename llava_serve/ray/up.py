@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -93,6 +94,16 @@ def check_paths(args: dict[str, Any]) -> None:
             raise ValueError(f"model_path {path}: no such folder")
 
 
+def port_taken(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="llava-serve ray up", description=__doc__)
     add_up_args(p)
@@ -109,6 +120,8 @@ def main(argv: list[str]) -> int:
             args = args_of(ns)
         check_paths(args)
         config = AppConfig.from_dict(args)
+        if ns.address is None and port_taken(ns.host, ns.port):
+            raise ValueError(f"port {ns.port} is in use (stop what uses it, or pick another with --port)")
     except (ValueError, TypeError, OSError, ModelLoadError) as exc:
         print(f"llava-serve ray up: {exc}", file=sys.stderr)
         return 2

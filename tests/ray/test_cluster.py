@@ -127,14 +127,17 @@ def prompt(tokens: int, image: bool = False) -> dict[str, Any]:
     return body | ({"images": [PICTURE]} if image else {})
 
 
-async def stream(client: httpx.AsyncClient, body: dict[str, Any], first: asyncio.Event | None = None) -> list[Frame]:
-    """LLaVA's stream route as its clients read it: the frames (a non-200 answer: its one frame)."""
+async def stream(
+    client: httpx.AsyncClient, body: dict[str, Any], started: asyncio.Queue[str] | None = None
+) -> list[Frame]:
+    """LLaVA's stream route as its clients read it: the frames (a non-200 answer: its one frame).
+    `started` gets the id of the replica serving it, at its first frame."""
     async with client.stream("POST", "/worker_generate_stream", json=body) as response:
         frames = []
         async for frame in iter_frames(response.aiter_bytes()):
             frames.append(frame)
-            if first is not None:
-                first.set()
+            if started is not None and len(frames) == 1:
+                started.put_nowait(response.headers.get("x-llava-replica", "?"))
         return frames
 
 
@@ -161,6 +164,7 @@ def test_openai_sdk_and_the_llava_routes_answer(deployed: Deployed) -> None:
     frames = [json.loads(part) for part in raw.content.split(b"\0") if part]
     assert raw.status_code == 200 and all(f["error_code"] == 0 for f in frames)
     assert frames[-1]["finish_reason"] == "length" and frames[-1]["usage"]["completion_tokens"] == 8
+    assert raw.headers["x-llava-replica"] in {r["replica_id"] for r in deployed.replicas().values()}
     # a bad request is the worker's own 4xx frame, from the replica
     bad = httpx.post(deployed.url + "/worker_generate_stream", json=prompt(8) | {"images": [PICTURE]}, timeout=60)
     assert bad.status_code == 400 and bad.json()["error_code"] == ErrorCode.IMAGE_COUNT_MISMATCH
@@ -232,8 +236,8 @@ def test_over_capacity_is_429_with_retry_after(deployed: Deployed) -> None:
 
 
 def test_a_killed_replica_loses_no_whole_request_and_ends_streams_clearly(deployed: Deployed) -> None:
-    victim = next(iter(deployed.replicas()))
-    started = asyncio.Event()
+    pids = {r["replica_id"]: pid for pid, r in deployed.replicas().items()}
+    started: asyncio.Queue[str] = asyncio.Queue()
 
     async def whole(client: httpx.AsyncClient, openai_route: bool) -> dict[str, Any]:
         if openai_route:
@@ -248,12 +252,12 @@ def test_a_killed_replica_loses_no_whole_request_and_ends_streams_clearly(deploy
         async with httpx.AsyncClient(base_url=deployed.url, timeout=90) as client:
             wholes = [asyncio.create_task(whole(client, i % 2 == 0)) for i in range(4)]
             streams = [asyncio.create_task(stream(client, prompt(LONG), started)) for _ in range(4)]
-            await asyncio.wait_for(started.wait(), 30)
+            victim = pids[await asyncio.wait_for(started.get(), 30)]  # a replica that serves a stream
             await asyncio.sleep(0.3)
             os.kill(victim, signal.SIGKILL)
-            return await asyncio.wait_for(asyncio.gather(*wholes), 90), await asyncio.gather(*streams)
+            return victim, await asyncio.wait_for(asyncio.gather(*wholes), 90), await asyncio.gather(*streams)
 
-    wholes, streams = asyncio.run(load())
+    victim, wholes, streams = asyncio.run(load())
     assert all(w.get("choices") or w.get("finish_reason") == "length" for w in wholes), wholes
     ended = [s[-1] for s in streams]
     died = [f for f in ended if f.error_code]

@@ -72,3 +72,20 @@ def test_worker_keys_are_worker_config_fields() -> None:
     from llava_serve.ray.config import WORKER_KEYS
 
     assert set(WorkerConfig.__dataclass_fields__) >= WORKER_KEYS
+
+
+def test_ray_up_refuses_a_taken_port_and_a_missing_model_before_starting_ray() -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        argv = [sys.executable, "-m", "llava_serve", "ray", "up", "--port", str(taken)]
+        ran = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 2 and f"port {taken} is in use" in ran.stderr, ran.stderr
+    argv = [sys.executable, "-m", "llava_serve", "ray", "up", "--model-path", "/no/such/model"]
+    ran = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 2 and "/no/such/model: no such folder" in ran.stderr, ran.stderr
