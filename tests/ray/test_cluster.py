@@ -209,15 +209,17 @@ def test_both_replicas_serve_eight_clients(deployed: Deployed) -> None:
 
 
 def test_a_client_that_leaves_frees_its_engine_slot(deployed: Deployed) -> None:
-    async def leave() -> None:
+    async def leave() -> int:
         async with (
             httpx.AsyncClient(base_url=deployed.url, timeout=60) as client,
             client.stream("POST", "/worker_generate_stream", json=prompt(LONG)) as response,
         ):
             async for _ in response.aiter_bytes():
                 break  # one chunk, then leave
+            replicas = await asyncio.to_thread(deployed.replicas, 10)
+            return sum(r["queue_length"] for r in replicas.values())
 
-    asyncio.run(leave())
+    assert asyncio.run(leave()) == 1  # it was generating when its client left
     wait_until(lambda: all(r["queue_length"] == 0 for r in deployed.replicas(10).values()), 20, "request aborted")
 
 
