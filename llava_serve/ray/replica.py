@@ -57,7 +57,12 @@ class ModelReplica:
             "model": self.model_name,
             "served": self.served,
             "queue_length": self.engine.queue_length(),
+            "aborted": self._count("abort"),
         }
+
+    def _count(self, outcome: str) -> int:
+        metrics = self.app.state.metrics
+        return int(metrics.registry.get_sample_value("llava_worker_requests_total", {"outcome": outcome}) or 0)
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose engine stopped stepping is replaced."""

@@ -209,18 +209,23 @@ def test_both_replicas_serve_eight_clients(deployed: Deployed) -> None:
 
 
 def test_a_client_that_leaves_frees_its_engine_slot(deployed: Deployed) -> None:
-    async def leave() -> int:
+    def idle() -> dict[int, dict[str, Any]]:  # both replicas, once neither has work (routing is even then)
+        replicas = deployed.replicas(20)
+        return replicas if len(replicas) == 2 and all(r["queue_length"] == 0 for r in replicas.values()) else {}
+
+    wait_until(lambda: bool(idle()), 20, "idle replicas")
+    aborted = sum(r["aborted"] for r in idle().values())
+
+    async def leave() -> None:
         async with (
             httpx.AsyncClient(base_url=deployed.url, timeout=60) as client,
-            client.stream("POST", "/worker_generate_stream", json=prompt(LONG)) as response,
+            client.stream("POST", "/worker_generate_stream", json=prompt(900)) as response,
         ):
             async for _ in response.aiter_bytes():
                 break  # one chunk, then leave
-            replicas = await asyncio.to_thread(deployed.replicas, 10)
-            return sum(r["queue_length"] for r in replicas.values())
 
-    assert asyncio.run(leave()) == 1  # it was generating when its client left
-    wait_until(lambda: all(r["queue_length"] == 0 for r in deployed.replicas(10).values()), 20, "request aborted")
+    asyncio.run(leave())
+    wait_until(lambda: sum(r["aborted"] for r in idle().values()) == aborted + 1, 20, "the request aborted")
 
 
 def test_over_capacity_is_429_with_retry_after(deployed: Deployed) -> None:
