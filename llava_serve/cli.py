@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "api": ("llava_serve.openai_api.__main__", "the OpenAI-compatible API, routed through the controller"),
     "web": ("llava_serve.web.__main__", "the Gradio web demo"),
     "up": ("llava_serve.up", "the whole stack on one machine, default model included"),
+    "ray": ("llava_serve.ray.cli", "on Ray Serve: the same APIs, replicas placed, restarted and autoscaled (ray up)"),
     "chat": ("llava_serve.chat", "chat with a model in the terminal"),
     "generate": ("llava_serve.generate", "one generation from the command line"),
     "bench": ("llava_serve.tools.bench", "throughput/latency benchmark of the engines"),

@@ -1,5 +1,5 @@
 """`llava-serve <command> --help`: the right program name, and no heavy library loaded to print it
-(torch, transformers and gradio take seconds to import; help must not wait for them)."""
+(torch, transformers, gradio and ray take seconds to import; help must not wait for them)."""
 
 from __future__ import annotations
 
@@ -11,20 +11,21 @@ import pytest
 
 from llava_serve.cli import COMMANDS
 
-HEAVY = ("torch", "transformers", "gradio")
+HEAVY = ("torch", "transformers", "gradio", "ray")
 
 PROBE = """
 import json, sys
 from llava_serve.cli import main
 try:
-    main([sys.argv[1], "--help"])
+    main([*sys.argv[1].split(), "--help"])
 except SystemExit:
     pass
 print(json.dumps([m for m in {heavy!r} if m in sys.modules]))
 """
+SUBCOMMANDS = ["ray up"]
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("command", sorted(COMMANDS) + SUBCOMMANDS)
 def test_help_names_the_command_and_loads_nothing_heavy(command: str) -> None:
     ran = subprocess.run(
         [sys.executable, "-c", PROBE.format(heavy=HEAVY), command], capture_output=True, text=True, timeout=120

@@ -1,7 +1,7 @@
 """The package's import graph: no cycles, and imports flow down the layers only.
 
 Layers, lowest first: protocol/errors/common -> models -> engine -> worker/controller ->
-openai_api/web -> the commands (cli, up, chat, generate, model_worker) -> tools (bench, soak, the
+openai_api/web/ray -> the commands (cli, up, chat, generate, model_worker) -> tools (bench, soak, the
 checkpoint builders, and the default model's training and evaluation). `llava_serve.default_model`
 itself (the bundled checkpoint's folder) sits with models. Every import counts, also the ones inside
 functions, so a lazy import cannot hide a cycle.
@@ -19,7 +19,7 @@ LAYERS = [
     {"models"},
     {"engine"},
     {"worker", "controller", "cluster"},
-    {"openai_api", "web"},
+    {"openai_api", "web", "ray"},
     {"cli", "up", "chat", "generate", "model_worker", "__main__", "loading"},
     {"tools", "default_model"},
 ]
@@ -113,3 +113,44 @@ def test_the_checker_sees_a_cycle_and_an_upward_import() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert layer_of("llava_serve.tools.bench") > layer_of("llava_serve.engine.engine")
+
+
+# The single-machine stack: what `llava-serve up` and its services import. Ray is an optional extra.
+SINGLE_MACHINE = [
+    "llava_serve.cli",
+    "llava_serve.up",
+    "llava_serve.worker.main",
+    "llava_serve.worker.server",
+    "llava_serve.controller.app",
+    "llava_serve.openai_api.app",
+    "llava_serve.web.app",
+    "llava_serve.chat",
+]
+
+
+def test_only_the_ray_package_imports_ray() -> None:
+    """No module outside llava_serve/ray names ray (lazy imports included)."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if "_dev" in path.parts or path.relative_to(PACKAGE).parts[0] == "ray":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if any(n == "ray" or n.startswith(("ray.", "llava_serve.ray")) for n in names):
+                offenders.append(str(path.relative_to(PACKAGE.parent)))
+    assert not offenders, f"the single-machine stack imports ray: {sorted(set(offenders))}"
+
+
+def test_the_single_machine_stack_runs_without_ray() -> None:
+    """Importing its services loads no ray module, whether or not ray is installed."""
+    import subprocess
+    import sys
+
+    probe = f"import importlib, sys; [importlib.import_module(m) for m in {SINGLE_MACHINE!r}]; " + (
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'llava_serve.ray'))))"
+    )
+    ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "[]", ran.stdout

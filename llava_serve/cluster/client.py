@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from pydantic import BaseModel
@@ -29,6 +29,33 @@ from llava_serve.protocol.worker import ChatRequest, GenerateRequest
 
 CHAT_STREAM = "/worker_chat_stream"
 GENERATE_STREAM = "/worker_generate_stream"
+
+
+class FrameSource(Protocol):
+    """An open generation as its clients read it: frames (an error frame raised as its typed error),
+    and `aclose()`, which stops the generation."""
+
+    def __aiter__(self) -> AsyncIterator[Frame]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Cluster(Protocol):
+    """What the OpenAI API needs of the serving cluster. `ClusterClient` (the controller, over HTTP)
+    is one; `llava_serve.ray.cluster.RayCluster` (Ray Serve deployment handles) is the other.
+
+    `whole=True` says the caller reads the stream to its end before answering anyone (a
+    non-streaming completion): a backend may then run the generation again elsewhere if the
+    replica serving it dies half-way, since nobody has seen a byte of it.
+    """
+
+    async def list_models(self) -> list[str]: ...
+
+    async def chat(self, request: ChatRequest, *, whole: bool = False) -> FrameSource: ...
+
+    async def generate(self, request: GenerateRequest, model: str, *, whole: bool = False) -> FrameSource: ...
+
+    async def aclose(self) -> None: ...
 
 
 class FrameStream:
@@ -85,11 +112,12 @@ class ClusterClient:
     async def list_models(self) -> list[str]:
         return ListModelsResponse.model_validate(await self._call("/list_models", {})).models
 
-    async def chat(self, request: ChatRequest) -> FrameStream:
-        """Open a chat generation: one dispatch, the worker renders its own template."""
+    async def chat(self, request: ChatRequest, *, whole: bool = False) -> FrameStream:
+        """Open a chat generation: one dispatch, the worker renders its own template. (`whole` changes
+        nothing here: the controller retries a worker that fails before its first byte, no later.)"""
         return await self.open_stream(CHAT_STREAM, request.model_dump(exclude_unset=True))
 
-    async def generate(self, request: GenerateRequest, model: str) -> FrameStream:
+    async def generate(self, request: GenerateRequest, model: str, *, whole: bool = False) -> FrameStream:
         """Open a generation from a prompt built by the caller (LLaVA's protocol)."""
         return await self.open_stream(GENERATE_STREAM, {**request.model_dump(exclude_none=True), "model": model})
 

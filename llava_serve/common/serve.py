@@ -71,9 +71,17 @@ def warn_if_exposed(logger: logging.Logger, host: str, api_keys: tuple[str, ...]
 
 
 def uvicorn_config(app: Any, host: str, port: int, log_level: str, limits: ConnectionLimits) -> uvicorn.Config:
-    # A short grace period: open streams must not hold a restart up for long.
+    # A short grace period: open streams must not hold a restart up for long. The asyncio loop, named:
+    # uvicorn would pick uvloop wherever it is installed (the `ray` extra brings it), and the services
+    # should run, and measure, the same with or without that extra.
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, **limits.uvicorn_kwargs()
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        loop="asyncio",
+        timeout_graceful_shutdown=5,
+        **limits.uvicorn_kwargs(),
     )
     rate_limit_logs()  # after uvicorn has set up its loggers
     return config

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from llava_serve.cluster.client import ClusterClient
+from llava_serve.cluster.client import Cluster, ClusterClient
 from llava_serve.common.auth import add_bearer_auth
 from llava_serve.common.disconnect import add_disconnect_handler
 from llava_serve.common.limits import add_body_limit, body_error
@@ -30,15 +30,18 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
     image_transport: httpx.AsyncBaseTransport | None = None,
     resolver: Resolver = system_resolver,
+    cluster: Cluster | None = None,
 ) -> FastAPI:
     """`transport` (to the controller), `image_transport` and `resolver` (remote images)
-    are injectable for tests."""
-    cluster = ClusterClient(
-        config.controller_address,
-        config.controller_api_key,
-        stream_timeout=config.upstream_timeout,
-        transport=transport,
-    )
+    are injectable for tests. `cluster`: what serves the generations (default: the controller at
+    `config.controller_address`; Ray Serve's ingress passes its deployment handles)."""
+    if cluster is None:
+        cluster = ClusterClient(
+            config.controller_address,
+            config.controller_api_key,
+            stream_timeout=config.upstream_timeout,
+            transport=transport,
+        )
     images = ImageFetcher(config.image_policy(), resolver, image_transport)
     app = FastAPI(title="llava-serve OpenAI-compatible API", lifespan=_lifespan)
     chat, completions = ChatService(config, cluster, images), CompletionService(config, cluster, images)

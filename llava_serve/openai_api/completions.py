@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from llava_serve.cluster.client import ClusterClient, FrameStream
+from llava_serve.cluster.client import Cluster, FrameSource
 from llava_serve.common.aio import aclose_shielded, gather_or_cancel, merge
 from llava_serve.errors import ImageError, InvalidParameter, InvalidRequest, ServeError
 from llava_serve.openai_api.config import ApiConfig
@@ -24,11 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 class CompletionService:
-    def __init__(self, config: ApiConfig, cluster: ClusterClient, images: ImageFetcher) -> None:
+    def __init__(self, config: ApiConfig, cluster: Cluster, images: ImageFetcher) -> None:
         self.config, self.cluster, self.images = config, cluster, images
 
     async def complete(self, req: CompletionRequest) -> Completion:
-        cid, streams = await self.open(req)
+        cid, streams = await self.open(req, whole=True)
         choices = [ChoiceText(strip_leading=False) for _ in range(len(streams) * req.n)]
         async for index, frame in merge([indexed(p, req.n, s) for p, s in enumerate(streams)]):
             choices[index].delta(frame)
@@ -41,11 +41,11 @@ class CompletionService:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return CompletionStream(StreamHeader(cid, int(time.time()), req.model, include_usage), streams, req.n)
 
-    async def open(self, req: CompletionRequest) -> tuple[str, list[FrameStream]]:
+    async def open(self, req: CompletionRequest, *, whole: bool = False) -> tuple[str, list[FrameSource]]:
         self._validate(req)
         images = await gather_or_cancel([self._image(url, i) for i, url in enumerate(req.images)])
         cid = f"cmpl-{uuid.uuid4().hex}"
-        streams: list[FrameStream] = []
+        streams: list[FrameSource] = []
         try:
             for i, prompt in enumerate(req.prompts()):
                 body = GenerateRequest(
@@ -60,7 +60,7 @@ class CompletionService:
                     seed=req.seed,
                     request_id=f"{cid}-{i}",
                 )
-                streams.append(await self.cluster.generate(body, req.model))
+                streams.append(await self.cluster.generate(body, req.model, whole=whole))
         except BaseException:
             await aclose_shielded(*streams)
             raise
@@ -84,14 +84,14 @@ class CompletionService:
             raise
 
 
-async def indexed(prompt: int, n: int, stream: FrameStream) -> AsyncIterator[tuple[int, Frame]]:
+async def indexed(prompt: int, n: int, stream: FrameSource) -> AsyncIterator[tuple[int, Frame]]:
     """Frames of one prompt's stream, each with its choice's place among all prompts' choices."""
     async for frame in stream:
         yield prompt * n + (frame.index or 0), frame
 
 
 class CompletionStream:
-    def __init__(self, header: StreamHeader, streams: list[FrameStream], n: int) -> None:
+    def __init__(self, header: StreamHeader, streams: list[FrameSource], n: int) -> None:
         self.header, self.streams, self.n = header, streams, n
         self.choices = [ChoiceText(strip_leading=False) for _ in range(len(streams) * n)]
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from llava_serve.cluster.client import ClusterClient
+from llava_serve.cluster.client import Cluster
 from llava_serve.common.disconnect import ClientDisconnected, cancel_on_disconnect
 from llava_serve.common.streaming import ClosingStreamingResponse
 from llava_serve.errors import UnknownModel
@@ -22,7 +22,7 @@ from llava_serve.protocol.openai import ChatCompletionRequest, CompletionRequest
 @dataclass
 class ApiState:
     config: ApiConfig
-    cluster: ClusterClient
+    cluster: Cluster
     images: ImageFetcher
     chat: ChatService
     completions: CompletionService

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from llava_serve.cluster.client import ClusterClient, FrameStream
+from llava_serve.cluster.client import Cluster, FrameSource
 from llava_serve.common.aio import gather_or_cancel
 from llava_serve.common.text import check_unicode
 from llava_serve.errors import ErrorCode, ImageError, InvalidParameter, InvalidRequest, ServeError
@@ -88,13 +88,13 @@ def chat_turns(messages: list[ChatMessage]) -> tuple[list[ChatTurn], list[tuple[
 
 
 class ChatService:
-    def __init__(self, config: ApiConfig, cluster: ClusterClient, images: ImageFetcher) -> None:
+    def __init__(self, config: ApiConfig, cluster: Cluster, images: ImageFetcher) -> None:
         self.config = config
         self.cluster = cluster
         self.images = images
 
     async def complete(self, req: ChatCompletionRequest) -> ChatCompletion:
-        cid, stream, plan = await self.open(req)
+        cid, stream, plan = await self.open(req, whole=True)
         choices = [ChoiceText() for _ in range(req.n)]
         async for frame in stream:
             choices[frame.index or 0].delta(frame)
@@ -107,7 +107,7 @@ class ChatService:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return ChatStream(StreamHeader(cid, int(time.time()), req.model, include_usage), stream, req.n, plan)
 
-    async def open(self, req: ChatCompletionRequest) -> tuple[str, FrameStream, ToolPlan]:
+    async def open(self, req: ChatCompletionRequest, *, whole: bool = False) -> tuple[str, FrameSource, ToolPlan]:
         self._validate(req)
         plan = ToolPlan(req)
         messages = ([plan.system_message()] if plan.active else []) + [as_text(m) for m in req.messages]
@@ -127,7 +127,7 @@ class ChatService:
         )
         for name, value in sampling_extensions(req, plan).items():
             setattr(body, name, value)  # set only when asked, so the worker's defaults stay its own
-        return cid, await self.cluster.chat(body), plan
+        return cid, await self.cluster.chat(body, whole=whole), plan
 
     def _validate(self, req: ChatCompletionRequest) -> None:
         try:
@@ -209,7 +209,7 @@ class ChatStream:
     """An open generation served as OpenAI SSE chunks; `aclose()` closes the upstream stream. With
     tools, each choice's answer is held back until it ends: it is then a tool call or text."""
 
-    def __init__(self, header: StreamHeader, stream: FrameStream, n: int, plan: ToolPlan) -> None:
+    def __init__(self, header: StreamHeader, stream: FrameSource, n: int, plan: ToolPlan) -> None:
         self.header = header
         self.stream = stream
         self.plan = plan
