@@ -141,17 +141,18 @@ def choose_model(page: Page, model: str) -> None:
 
 
 def _record_answer_texts(page: Page) -> None:
-    """Keep every distinct text the latest answer shows, however fast it changes."""
+    """Keep every distinct text the latest answer shows, however fast it changes. The whole page is
+    observed and the chat looked up on each change: Gradio may render the chat element anew."""
     page.evaluate(
         """() => {
         window.answerTexts = [];
-        const root = document.querySelector('#chatbot');
         new MutationObserver(() => {
-            const bots = root.querySelectorAll('[data-testid="bot"]');
+            const root = document.querySelector('#chatbot');
+            const bots = root ? root.querySelectorAll('[data-testid="bot"]') : [];
             const text = bots.length ? bots[bots.length - 1].innerText.trim() : '';
             const seen = window.answerTexts;
             if (text && seen[seen.length - 1] !== text) seen.push(text);
-        }).observe(root, {subtree: true, childList: true, characterData: true});
+        }).observe(document.body, {subtree: true, childList: true, characterData: true});
     }"""
     )
 
@@ -203,7 +204,9 @@ def test_red_circle_answer_streams_in(
     final = wait_settled(page, r"\bred\b")
     seen: list[str] = page.evaluate("window.answerTexts")
     partial = [t for t in seen if t != final]
-    assert len(partial) >= 2, f"the answer did not stream: texts seen {seen}"
+    # at least one text before the final one: a page that only shows whole answers has none (on a
+    # loaded machine the model's few tokens can reach the page in as few as two updates)
+    assert len(partial) >= 1 and seen[-1] == final, f"the answer did not stream: texts seen {seen}"
     assert all(len(a) < len(b) for a, b in zip(seen, seen[1:])), seen
     assert all(final.startswith(t) for t in partial), seen  # each step extends the one before
     expect(page.locator('#chatbot [data-testid="user"]').last).to_contain_text(QUESTION)
