@@ -33,7 +33,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 @dataclass(frozen=True)
 class ModelSize:
     image_size: int = 96
-    patch_size: int = 16  # (96 / 16)^2 = 36 image tokens
+    patch_size: int = 16  # (96 / 16)^2 = 36 image tokens; the 3x3 position grid is 2x2 patches a cell
     vision_hidden: int = 128
     vision_layers: int = 4
     vision_heads: int = 4
