@@ -156,6 +156,13 @@ def save_checkpoint(model: LlavaForConditionalGeneration, processor: LlavaProces
     _set_dtype(config, "float32")
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     processor.save_pretrained(out)
+    tokenizer_config = out / "tokenizer_config.json"  # a processor loaded from a folder records that
+    if tokenizer_config.is_file():
+        saved = json.loads(tokenizer_config.read_text())
+        if "is_local" in saved or "local_files_only" in saved:
+            saved.pop("is_local", None)
+            saved.pop("local_files_only", None)
+            tokenizer_config.write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n")
 
 
 def _set_dtype(config: dict, dtype: str) -> None:
