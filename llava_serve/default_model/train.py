@@ -80,7 +80,7 @@ class Trainer:
             batch, targets = next(batches)
             loss = self.model(**{k: v.to(cfg.device) for k, v in batch.items()}).loss
             total = loss
-            if heads is not None and self.tap is not None and targets is not None:
+            if heads is not None and self.tap is not None and self.tap.features is not None and targets is not None:
                 on_device = (t.to(cfg.device) for t in targets)
                 total = loss + cfg.aux_weight * vision_loss(heads.losses(self.tap.features, *on_device))
             _step(optimizer, total, learning_rate(cfg.lr, step, cfg.steps, cfg))
