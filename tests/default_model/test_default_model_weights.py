@@ -113,7 +113,7 @@ def ask_text(loaded, question: str, **sampling) -> str:
 
 
 def issue_15_cases() -> list:
-    """The shipped model still counts repeated shapes wrong (held-out count 40%, docs/default_model.md):
+    """The shipped model still counts repeated shapes wrong (held-out count 48.5%, docs/default_model.md):
     those cases are expected to fail until a longer training run; the rest must pass."""
     miscounted = pytest.mark.xfail(reason="counting repeated shapes is not learnt yet (issue 15)", strict=False)
     return [
