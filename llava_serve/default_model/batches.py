@@ -7,37 +7,43 @@ model is trained on is exactly what it is asked at inference. Loss is only on as
 
 from __future__ import annotations
 
+import queue
 import random
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import LlavaProcessor
 
 from llava_serve.default_model.build import ModelSize
 from llava_serve.default_model.data import Scene, render, sample_scene
-from llava_serve.default_model.questions import QA, random_qa
+from llava_serve.default_model.questions import QA, random_qa, text_only_qa
 from llava_serve.default_model.vision_aux import centre_labels, patch_labels, region_labels
 
 IGNORE_INDEX = -100
 TURN_WEIGHTS = (0.45, 0.3, 0.25)  # conversations of 1, 2 or 3 question/answer turns
 # How often each kind of question is asked: telling shapes apart (shape questions) is learnt last.
-KIND_WEIGHTS = {"colour": 1.5, "shape": 2.5, "count": 1.5, "position": 1.0, "describe": 1.0}
+# Position is asked most: naming a place needs the decoder to find the shape's patches and read
+# where they are, which the first recipe (position asked as often as describe) never learnt.
+KIND_WEIGHTS = {"colour": 1.5, "shape": 2.0, "count": 2.0, "position": 3.0, "describe": 1.0}
+TEXT_ONLY = 0.05  # of the conversations have no picture (greetings and the like)
 
 
 @dataclass(frozen=True)
 class Example:
-    scene: Scene
-    image: Image.Image
+    scene: Scene | None  # None: a text-only conversation
+    image: Image.Image | None
     turns: tuple[QA, ...]
 
 
-def conversation(turns: tuple[QA, ...] | list[QA], with_answers: bool = True) -> list[dict]:
-    """Chat messages; the image goes with the first question, as in LLaVA."""
+def conversation(turns: tuple[QA, ...] | list[QA], with_answers: bool = True, with_image: bool = True) -> list[dict]:
+    """Chat messages; the image (if any) goes with the first question, as in LLaVA."""
     messages: list[dict] = []
     for i, qa in enumerate(turns):
-        parts = ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": qa.question}]
+        parts = ([{"type": "image"}] if i == 0 and with_image else []) + [{"type": "text", "text": qa.question}]
         messages.append({"role": "user", "content": parts})
         if with_answers:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": qa.answer}]})
@@ -45,6 +51,8 @@ def conversation(turns: tuple[QA, ...] | list[QA], with_answers: bool = True) ->
 
 
 def sample_example(rng: random.Random, weights: dict[str, float] | None = None) -> Example:
+    if rng.random() < TEXT_ONLY:
+        return Example(None, None, tuple(text_only_qa(rng) for _ in range(rng.choice((1, 1, 2)))))
     scene = sample_scene(rng)
     n_turns = rng.choices((1, 2, 3), weights=TURN_WEIGHTS)[0]
     qas = tuple(random_qa(scene, rng, weights or KIND_WEIGHTS) for _ in range(n_turns))
@@ -58,13 +66,56 @@ def examples(seed: int, weights: dict[str, float] | None = None) -> Iterator[Exa
         yield sample_example(rng, weights)
 
 
+def prefetched(items: Iterator, depth: int = 2) -> Iterator:
+    """``items`` made in a background thread, ``depth`` ahead (drawing overlaps the training step)."""
+    ready: queue.Queue = queue.Queue(depth)
+
+    def produce() -> None:
+        for item in items:
+            ready.put(item)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while True:
+        yield ready.get()
+
+
+def pixel_values(images: list[Image.Image], processor: LlavaProcessor) -> torch.Tensor:
+    """What ``processor.image_processor`` makes of ``images`` (pad to a square with the mean colour,
+    bicubic resize, CLIP normalisation), several times faster; a test checks they agree."""
+    ip = processor.image_processor
+    side_out = ip.size["height"]
+    mean, std = np.array(ip.image_mean, dtype=np.float32), np.array(ip.image_std, dtype=np.float32)
+    pad = tuple(int(x * 255) for x in ip.image_mean)
+    out = np.empty((len(images), 3, side_out, side_out), dtype=np.float32)
+    for i, image in enumerate(images):
+        w, h = image.size
+        side = max(w, h)
+        if w != h:
+            square = Image.new("RGB", (side, side), pad)
+            square.paste(image, ((side - w) // 2, (side - h) // 2))
+            image = square
+        pixels = np.asarray(image.resize((side_out, side_out), Image.BICUBIC), dtype=np.float32) / 255.0
+        out[i] = ((pixels - mean) / std).transpose(2, 0, 1)
+    return torch.from_numpy(out)
+
+
 def collate(batch: list[Example], processor: LlavaProcessor) -> dict[str, torch.Tensor]:
-    """Model inputs with answer-only ``labels``."""
-    texts = [processor.apply_chat_template(conversation(ex.turns)) for ex in batch]
+    """Model inputs with answer-only ``labels`` (what ``processor(text, images)`` returns, made faster)."""
+    texts = [processor.apply_chat_template(conversation(ex.turns, with_image=ex.image is not None)) for ex in batch]
     processor.tokenizer.padding_side = "right"  # positions start at 0, as in single-prompt inference
-    inputs = processor(text=texts, images=[ex.image for ex in batch], return_tensors="pt", padding=True)
+    images = [ex.image for ex in batch if ex.image is not None]
+    image_token = processor.tokenizer.image_token
+    expanded = [t.replace(image_token, image_token * image_seq_length(processor)) for t in texts]
+    inputs = dict(processor.tokenizer(expanded, return_tensors="pt", padding=True))
+    if images:
+        inputs["pixel_values"] = pixel_values(images, processor)
     inputs["labels"] = answer_labels(inputs["input_ids"], inputs["attention_mask"], processor)
-    return dict(inputs)
+    return inputs
+
+
+def image_seq_length(processor: LlavaProcessor) -> int:
+    """Image tokens per picture: one per patch (CLIP's CLS is dropped)."""
+    return (processor.image_processor.size["height"] // processor.patch_size) ** 2
 
 
 def image_batches(
@@ -75,7 +126,7 @@ def image_batches(
     while True:
         scenes = [sample_scene(rng) for _ in range(batch_size)]
         images = [render(scene, rng) for scene in scenes]
-        pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        pixels = pixel_values(images, processor)
         yield (pixels, *vision_targets(scenes, size))
 
 

@@ -33,7 +33,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 @dataclass(frozen=True)
 class ModelSize:
     image_size: int = 96
-    patch_size: int = 16  # (96 / 16)^2 = 36 image tokens
+    patch_size: int = 16  # (96 / 16)^2 = 36 image tokens; the 3x3 position grid is 2x2 patches a cell
     vision_hidden: int = 128
     vision_layers: int = 4
     vision_heads: int = 4
@@ -156,6 +156,13 @@ def save_checkpoint(model: LlavaForConditionalGeneration, processor: LlavaProces
     _set_dtype(config, "float32")
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     processor.save_pretrained(out)
+    tokenizer_config = out / "tokenizer_config.json"  # a processor loaded from a folder records that
+    if tokenizer_config.is_file():
+        saved = json.loads(tokenizer_config.read_text())
+        if "is_local" in saved or "local_files_only" in saved:
+            saved.pop("is_local", None)
+            saved.pop("local_files_only", None)
+            tokenizer_config.write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n")
 
 
 def _set_dtype(config: dict, dtype: str) -> None:

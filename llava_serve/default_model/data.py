@@ -1,17 +1,28 @@
-"""Synthetic scenes: one to three solid shapes on a plain light background, drawn with Pillow.
+"""Synthetic scenes for training: one to six shapes, drawn with Pillow in varied styles.
 
 A scene is drawn from a seeded ``random.Random`` so that training and evaluation streams are
 reproducible and disjoint (different seeds). Coordinates are fractions of the image width and
 height, so the same scene can be rendered at any size and aspect ratio.
+
+``render(scene, rng)`` varies the style as training needs it to (``rng=None``: the plain style,
+solid fills of the reference colours on the scene's background): backgrounds light, dark, tinted,
+gradient or noisy; shapes filled, outlined (line widths vary) or filled with a dark border, in
+any shade within their named colour; drawn aliased or anti-aliased (supersampled), sometimes
+blurred or JPEG-compressed. Shapes may overlap a little, touch the edges, and repeat (two blue
+squares). The held-out evaluation pictures come from a separate renderer (``heldout.py``) that
+this module never calls.
 """
 
 from __future__ import annotations
 
+import colorsys
+import io
 import math
 import random
 from dataclasses import dataclass
 
-from PIL import Image, ImageDraw
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 35),
@@ -22,11 +33,31 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (135, 55, 180),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
-NUMBER_WORDS = ("zero", "one", "two", "three")
-MIN_FRACTION, MAX_FRACTION = 0.15, 0.50  # shape size, as a fraction of the shorter image side
-MAX_OVERLAP = 0.10  # of the smaller shape's bounding box
+# Hue ranges (degrees; red wraps around 0) of each named colour, for the shades training draws.
+HUES: dict[str, tuple[float, float]] = {
+    "red": (-10.0, 6.0),
+    "orange": (22.0, 38.0),
+    "yellow": (48.0, 60.0),
+    "green": (100.0, 150.0),
+    "blue": (205.0, 245.0),
+    "purple": (265.0, 300.0),
+}
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+MAX_SHAPES = 6
+N_SHAPES_WEIGHTS = (0.24, 0.2, 0.18, 0.14, 0.12, 0.12)  # of 1..6 shapes
+MIN_FRACTION, MAX_FRACTION = 0.10, 0.50  # shape size, as a fraction of the shorter image side
+MAX_OVERLAP = 0.25  # of the smaller shape's bounding box
+MAX_ANGLE = 20.0  # rotation of squares, triangles and stars, degrees
 POSITIONS = (
-    "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right",
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
 )
 
 
@@ -66,9 +97,29 @@ def position_of(shape: Shape) -> str:
     return " ".join(p for p in (vertical, horizontal) if p) or "center"
 
 
+POSITION_MARGIN = 0.04  # a centre this close to a third of the width or height may be called either side
+
+
+def positions_accepted(shape: Shape) -> set[str]:
+    """``position_of`` and, for a centre within ``POSITION_MARGIN`` of a grid line, the neighbouring cell
+    across that line (the answers a person would accept; scoring uses this, training says ``position_of``)."""
+    cxs = {shape.cx} | {shape.cx + d for d in (-POSITION_MARGIN, POSITION_MARGIN) if _crosses(shape.cx, d)}
+    cys = {shape.cy} | {shape.cy + d for d in (-POSITION_MARGIN, POSITION_MARGIN) if _crosses(shape.cy, d)}
+    return {position_of(Shape(shape.kind, shape.colour, x, y, shape.w, shape.h)) for x in cxs for y in cys}
+
+
+def _crosses(value: float, delta: float) -> bool:
+    return any((value - line) * (value + delta - line) < 0 for line in (1 / 3, 2 / 3))
+
+
 def describe(scene: Scene) -> str:
-    """'A red circle.' / 'A red circle and a blue star.' / 'A red circle, a blue star and a green square.'"""
-    names = [_article(s.name) + " " + s.name for s in scene.left_to_right()]
+    """'A red circle.' / 'A red circle and two blue stars.' / 'A red circle, a blue star and a green square.'
+
+    Shapes are named left to right, a repeated colour and kind once with its number."""
+    counts: dict[str, int] = {}
+    for shape in scene.left_to_right():
+        counts[shape.name] = counts.get(shape.name, 0) + 1
+    names = [f"{_article(name)} {name}" if k == 1 else f"{NUMBER_WORDS[k]} {name}s" for name, k in counts.items()]
     text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return text[0].upper() + text[1:] + "."
 
@@ -77,9 +128,14 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def max_fraction(n: int) -> float:
+    """Largest shape size for a scene of ``n`` shapes (crowded scenes draw smaller shapes)."""
+    return min(MAX_FRACTION, 0.85 / math.sqrt(n))
+
+
 def sample_canvas(rng: random.Random) -> tuple[int, int]:
-    """Mostly square images of 64-384 px; a third are wide or tall (aspect 1:2 to 2:1)."""
-    side = rng.randint(64, 384)
+    """Mostly square images of 48-448 px; a third are wide or tall (aspect 1:2 to 2:1)."""
+    side = rng.randint(48, 448)
     if rng.random() < 2 / 3:
         return side, side
     aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
@@ -92,24 +148,29 @@ def sample_background(rng: random.Random) -> tuple[int, int, int]:
 
 
 def sample_scene(rng: random.Random, n_shapes: int | None = None) -> Scene:
-    """A scene with 1-3 shapes whose (colour, kind) pairs are distinct and that barely overlap."""
+    """A scene with 1-6 shapes that overlap at most a little; kinds and colours may repeat
+    (a tenth of the scenes are all one kind and colour: "three blue circles")."""
     width, height = sample_canvas(rng)
-    n = n_shapes or rng.choices((1, 2, 3), weights=(0.4, 0.3, 0.3))[0]
+    n = n_shapes or rng.choices(range(1, MAX_SHAPES + 1), weights=N_SHAPES_WEIGHTS)[0]
+    same = n > 1 and rng.random() < 0.1
     shapes: list[Shape] = []
-    names: set[str] = set()
     while len(shapes) < n:
-        kind, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
-        if f"{colour} {kind}" in names:
-            continue
-        shape = _place(rng, kind, colour, width, height, shapes)
+        if shapes and (same or rng.random() < 0.15):  # a repeat of a shape already there
+            first = shapes[0] if same else rng.choice(shapes)
+            kind, colour = first.kind, first.colour
+        else:
+            kind, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+        shape = _place(rng, kind, colour, width, height, shapes, max_fraction(n))
+        if shape is None:  # too crowded: start again
+            return sample_scene(rng, n)
         shapes.append(shape)
-        names.add(shape.name)
     return Scene(width, height, sample_background(rng), tuple(shapes))
 
 
-def _place(rng: random.Random, kind: str, colour: str, width: int, height: int, others: list[Shape]) -> Shape:
+def _place(
+    rng: random.Random, kind: str, colour: str, width: int, height: int, others: list[Shape], hi: float
+) -> Shape | None:
     short = min(width, height)
-    hi = MAX_FRACTION
     for attempt in range(200):
         if attempt and attempt % 40 == 0:
             hi = max(MIN_FRACTION, hi * 0.8)  # crowded: draw smaller shapes
@@ -122,11 +183,11 @@ def _place(rng: random.Random, kind: str, colour: str, width: int, height: int, 
             rng.uniform(h / 2, 1 - h / 2),
             w,
             h,
-            angle=rng.uniform(-10, 10) if kind != "circle" else 0.0,
+            angle=rng.uniform(-MAX_ANGLE, MAX_ANGLE) if kind != "circle" else 0.0,
         )
         if all(_overlap(shape, o, width, height) <= MAX_OVERLAP for o in others):
             return shape
-    raise RuntimeError("could not place a shape without overlap")  # pragma: no cover
+    return None
 
 
 def _overlap(a: Shape, b: Shape, width: int, height: int) -> float:
@@ -140,28 +201,93 @@ def _overlap(a: Shape, b: Shape, width: int, height: int) -> float:
 
 
 def render(scene: Scene, rng: random.Random | None = None) -> Image.Image:
-    """Draw the scene; ``rng`` adds slight colour jitter so the model does not key on exact RGB."""
-    image = Image.new("RGB", (scene.width, scene.height), scene.background)
+    """Draw the scene; with ``rng``, in a random style (see the module's docstring)."""
+    if rng is None:
+        image = Image.new("RGB", (scene.width, scene.height), scene.background)
+        draw = ImageDraw.Draw(image)
+        for shape in scene.shapes:
+            draw_shape(draw, shape, scene.width, scene.height, COLOURS[shape.colour])
+        return image
+    scale = rng.choice((2, 3)) if rng.random() < 0.5 else 1  # anti-aliased: drawn larger, then shrunk
+    scale = max(1, min(scale, 768 // max(scene.width, scene.height)))
+    width, height = scene.width * scale, scene.height * scale
+    image = _background(scene, rng, scene.width, scene.height)
+    if scale > 1:
+        image = image.resize((width, height), Image.NEAREST)
     draw = ImageDraw.Draw(image)
+    style = rng.choices(("fill", "outline", "bordered"), weights=(0.6, 0.25, 0.15))[0]
     for shape in scene.shapes:
-        fill = _jitter(COLOURS[shape.colour], rng)
-        draw_shape(draw, shape, scene.width, scene.height, fill)
+        fill = shade(shape.colour, rng)
+        size = shape.w * width
+        line = max(1, round(size * rng.uniform(0.03, 0.15)))
+        if style == "outline" or (style == "fill" and rng.random() < 0.05):
+            draw_shape(draw, shape, width, height, None, outline=fill, line=line)
+        elif style == "bordered":
+            border = tuple(rng.randint(0, 60) for _ in range(3))
+            draw_shape(draw, shape, width, height, fill, outline=border, line=max(1, line // 2))
+        else:
+            draw_shape(draw, shape, width, height, fill)
+    if scale > 1:
+        image = image.reduce(scale)  # box filter: each pixel the mean of scale x scale drawn pixels
+    if rng.random() < 0.15:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    if rng.random() < 0.35:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=rng.randint(15, 90))
+        image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
     return image
 
 
-def _jitter(rgb: tuple[int, int, int], rng: random.Random | None) -> tuple[int, int, int]:
-    if rng is None:
-        return rgb
-    return tuple(min(255, max(0, c + rng.randint(-18, 18))) for c in rgb)  # type: ignore[return-value]
+def shade(colour: str, rng: random.Random) -> tuple[int, int, int]:
+    """A random shade within a named colour: hue in its range, strong saturation, not too dark."""
+    lo, hi = HUES[colour]
+    hue = (rng.uniform(lo, hi) % 360) / 360
+    value_lo = 0.45 if colour in ("purple", "blue", "green") else 0.7
+    value_hi = 0.85 if colour == "purple" else 1.0  # a bright purple is pink
+    saturation_lo = 0.75 if colour in ("yellow", "orange") else 0.55
+    r, g, b = colorsys.hsv_to_rgb(hue, rng.uniform(saturation_lo, 1.0), rng.uniform(value_lo, value_hi))
+    return round(r * 255), round(g * 255), round(b * 255)
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, width: int, height: int, fill) -> None:
+def _background(scene: Scene, rng: random.Random, width: int, height: int) -> Image.Image:
+    """Plain (the scene's light colour, any grey, a pale tint), a gradient, or with noise."""
+
+    def plain() -> tuple[int, int, int]:
+        kind = rng.random()
+        if kind < 0.5:
+            return scene.background
+        if kind < 0.75:
+            grey = rng.choice((rng.randint(0, 80), rng.randint(80, 255)))
+            return (grey, grey, grey)
+        r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.03, 0.2), rng.uniform(0.8, 1.0))
+        return round(r * 255), round(g * 255), round(b * 255)
+
+    first = plain()
+    kind = rng.random()
+    if kind < 0.6:
+        return Image.new("RGB", (width, height), first)
+    if kind < 0.8:  # linear gradient between two plain colours, in a random direction
+        second = np.array(plain(), dtype=np.float32)
+        angle = rng.uniform(0, 2 * math.pi)
+        ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+        t = xs / max(1, width) * math.cos(angle) + ys / max(1, height) * math.sin(angle)
+        t = (t - t.min()) / max(1e-6, float(t.max() - t.min()))
+        pixels = np.array(first, dtype=np.float32) * (1 - t[..., None]) + second * t[..., None]
+        return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(4, 20), (height, width, 1))
+    pixels = np.array(first, dtype=np.float32) + noise
+    return Image.fromarray(np.broadcast_to(pixels, (height, width, 3)).clip(0, 255).astype(np.uint8))
+
+
+def draw_shape(
+    draw: ImageDraw.ImageDraw, shape: Shape, width: int, height: int, fill, outline=None, line: int = 1
+) -> None:
     cx, cy = shape.cx * width, shape.cy * height
     r = shape.w * width / 2
     if shape.kind == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, outline=outline, width=line)
         return
-    draw.polygon(polygon(shape.kind, cx, cy, r, shape.angle), fill=fill)
+    draw.polygon(polygon(shape.kind, cx, cy, r, shape.angle), fill=fill, outline=outline, width=line)
 
 
 def polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:

@@ -8,7 +8,9 @@ from collections import Counter
 from llava_serve.default_model.data import COLOURS, NUMBER_WORDS, SHAPES, Scene
 
 _WORD = re.compile(r"[a-z0-9]+")
-_PAIR = re.compile(r"\b(" + "|".join(COLOURS) + r")\s+(" + "|".join(SHAPES) + r")s?\b")
+_PAIR = re.compile(
+    r"\b(?:(" + "|".join(NUMBER_WORDS) + r"|\d)\s+)?(" + "|".join(COLOURS) + r")\s+(" + "|".join(SHAPES) + r")s?\b"
+)
 _NUMBERS = {w: i for i, w in enumerate(NUMBER_WORDS)} | {str(i): i for i in range(10)} | {"no": 0}
 _POSITION = {
     "top": ("v", "top"),
@@ -49,7 +51,11 @@ def stated_position(text: str) -> str:
 
 
 def stated_objects(text: str) -> Counter[str]:
-    return Counter(f"{c} {s}" for c, s in _PAIR.findall(text.lower()))
+    """'A red circle and two blue squares.' -> {'red circle': 1, 'blue square': 2}."""
+    found: Counter[str] = Counter()
+    for number, colour, shape in _PAIR.findall(text.lower().replace("colour", "color")):
+        found[f"{colour} {shape}"] += _NUMBERS[number] if number else 1
+    return found
 
 
 def is_correct(kind: str, answer: str, target) -> bool:
@@ -59,8 +65,8 @@ def is_correct(kind: str, answer: str, target) -> bool:
         return stated_shapes(answer) == {target}
     if kind == "count":
         return stated_number(answer) == target
-    if kind == "position":
-        return stated_position(answer) == target
+    if kind == "position":  # target: the accepted positions (data.positions_accepted), or one
+        return stated_position(answer) in ({target} if isinstance(target, str) else target)
     if kind == "describe":
         return _describes(answer, target)
     raise ValueError(f"unknown question kind {kind!r}")

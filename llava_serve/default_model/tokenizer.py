@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from llava_serve.default_model.data import sample_scene
-from llava_serve.default_model.questions import GENERATORS
+from llava_serve.default_model.questions import GENERATORS, TEXT_ONLY_ANSWER, text_only_qa
 
 BOS, EOS, UNK, PAD, IMAGE = "<s>", "</s>", "<unk>", "<pad>", "<image>"
 SPECIAL_TOKENS = [UNK, BOS, EOS, PAD, IMAGE]
@@ -52,7 +52,9 @@ def corpus(n_scenes: int = 4000, seed: int = 1234) -> Iterator[str]:
     rng = random.Random(seed)
     for _ in range(100):
         yield SYSTEM_PROMPT + " USER: <image>\n"
-    yield "zero one two three four five 0 1 2 3 4 5 6 7 8 9 yes no Yes No"
+    yield "zero one two three four five six 0 1 2 3 4 5 6 7 8 9 yes no Yes No"
+    for _ in range(200):
+        yield f"USER: {text_only_qa(rng).question} ASSISTANT: {TEXT_ONLY_ANSWER}</s>"
     for _ in range(n_scenes):
         scene = sample_scene(rng)
         for generate in GENERATORS.values():

@@ -10,7 +10,7 @@ from itertools import islice
 import torch
 from tqdm import tqdm
 
-from llava_serve.default_model.batches import collate, examples, image_batches, vision_targets
+from llava_serve.default_model.batches import collate, examples, image_batches, prefetched, vision_targets
 from llava_serve.default_model.build import ModelSize, build_model, build_processor, count_parameters, save_checkpoint
 from llava_serve.default_model.tokenizer import build_tokenizer
 from llava_serve.default_model.train_config import TrainConfig, parse_args, parse_weights
@@ -53,7 +53,7 @@ class Trainer:
         self.heads = heads = VisionHeads(self.size.vision_hidden).to(cfg.device)
         self.tap = tap = FeatureTap(self.model)
         optimizer = _optimizer([tower, heads], cfg)
-        batches = image_batches(cfg.seed + 1, self.processor, self.size, cfg.vision_batch_size)
+        batches = prefetched(image_batches(cfg.seed + 1, self.processor, self.size, cfg.vision_batch_size))
         bar = tqdm(range(cfg.vision_steps), desc="vision", mininterval=2.0)
         for step in bar:
             pixels, labels, regions, centres = (t.to(cfg.device) for t in next(batches))
@@ -73,16 +73,16 @@ class Trainer:
         modules = [self.model] if heads is None else [self.model, heads]
         optimizer = _optimizer(modules, cfg, [p for m in modules for p in m.parameters() if p.requires_grad])
         stream = examples(cfg.seed, parse_weights(cfg.question_weights))
+        batches = prefetched(self._dialogue_batches(stream, with_targets=heads is not None))
         bar = tqdm(range(cfg.steps), desc="dialogue", mininterval=2.0)
         ema = None
         for step in bar:
-            chunk = list(islice(stream, cfg.batch_size))
-            batch = collate(chunk, self.processor)
+            batch, targets = next(batches)
             loss = self.model(**{k: v.to(cfg.device) for k, v in batch.items()}).loss
             total = loss
-            if heads is not None and self.tap is not None:
-                targets = (t.to(cfg.device) for t in vision_targets([ex.scene for ex in chunk], self.size))
-                total = loss + cfg.aux_weight * vision_loss(heads.losses(self.tap.features, *targets))
+            if heads is not None and self.tap is not None and self.tap.features is not None and targets is not None:
+                on_device = (t.to(cfg.device) for t in targets)
+                total = loss + cfg.aux_weight * vision_loss(heads.losses(self.tap.features, *on_device))
             _step(optimizer, total, learning_rate(cfg.lr, step, cfg.steps, cfg))
             ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
             bar.set_postfix(loss=f"{ema:.4f}")
@@ -94,6 +94,14 @@ class Trainer:
         self.model.model.vision_tower.requires_grad_(True)
         if self.tap is not None:
             self.tap.close()
+
+    def _dialogue_batches(self, stream, with_targets: bool):
+        """(model inputs, the tower's targets for the batch's pictures or None), forever."""
+        while True:
+            chunk = list(islice(stream, self.cfg.batch_size))
+            scenes = [ex.scene for ex in chunk if ex.scene is not None]
+            targets = vision_targets(scenes, self.size) if with_targets and scenes else None
+            yield collate(chunk, self.processor), targets
 
 
 def vision_loss(out: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,15 +1,16 @@
-"""Train the default model from scratch on synthetic shapes, on a CPU.
+"""Train the default model on synthetic shapes, on a CPU.
 
-    llava-serve train-default --out DIR                       # stages one and two (~35-45 min, 2 cores)
-    llava-serve train-default --init-from DIR --out DIR2 --vision-steps 0 --steps 800 --lr 5e-4 \
-        --warmup 50 --question-weights colour=4,shape=1.5,count=1.5   # the colour polish (~6 min)
+    llava-serve train-default --out DIR            # from scratch: stages one and two
+    llava-serve train-default --init-from DIR --out DIR2 --vision-steps 250 --vision-batch-size 48 \
+        --steps 1200 --vision-lr 1e-3 --lr 1e-3 --warmup 30 --save-every 200   # how the shipped model was made
 
 Stage one: LLaVA starts from a pretrained CLIP tower; this one starts from nothing, so the vision
 tower is pretrained alone to say what each patch shows (``--vision-steps``, see vision_aux).
 Stage two trains the projector and decoder on the dialogues (``--steps``), with loss only on the
 assistant's answers; the tower keeps training on its stage-one losses (``--aux-weight``; 0 freezes
-it, as LLaVA does). ``--init-from`` continues from a checkpoint: the shipped model is a stage-two
-run continued for 800 steps with colour questions asked more often (docs/default_model.md).
+it, as LLaVA does). ``--init-from`` continues from a checkpoint (with ``--vision-steps`` > 0 the
+tower gets fresh heads and a vision stage first): the shipped model is the previous one continued
+on the widened pictures (docs/default_model.md).
 Reproducible for a given seed, thread count and torch build. Writes a complete checkpoint folder
 (weights, config, tokenizer, processor, chat template) that loads with plain transformers;
 ``--save-every N`` also writes OUT-stepN folders along the way.

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from llava_serve.default_model.data import COLOURS, POSITIONS, SHAPES, Scene, draw_shape, position_of
 
 N_CLASSES = 1 + len(COLOURS) * len(SHAPES)  # 0 is background; then colour-major, kind-minor
-MIN_COVER = 0.12  # a patch is labelled with a shape covering at least this fraction of it
+MIN_COVER = 0.05  # a patch is labelled with a shape covering at least this fraction of it (small shapes too)
 
 
 def class_of(colour: str, kind: str) -> int:

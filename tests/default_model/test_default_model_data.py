@@ -8,19 +8,21 @@ import pytest
 
 from llava_serve.default_model.data import (
     COLOURS,
-    MAX_FRACTION,
     MAX_OVERLAP,
+    MAX_SHAPES,
     MIN_FRACTION,
     SHAPES,
     Scene,
     Shape,
     _overlap,
     describe,
+    max_fraction,
     position_of,
+    positions_accepted,
     render,
     sample_scene,
 )
-from llava_serve.default_model.questions import GENERATORS, KINDS
+from llava_serve.default_model.questions import GENERATORS, KINDS, TEXT_ONLY_ANSWER, text_only_qa
 from llava_serve.default_model.scoring import is_correct, stated_number, stated_position
 from llava_serve.default_model.vision_aux import centre_labels, class_of, patch_labels
 
@@ -37,13 +39,12 @@ def test_scenes_are_reproducible_per_seed_and_differ_across_seeds() -> None:
 
 def test_scenes_respect_counts_sizes_and_overlap() -> None:
     for scene in scenes(300):
-        assert 1 <= len(scene.shapes) <= 3
-        assert len({s.name for s in scene.shapes}) == len(scene.shapes)
+        assert 1 <= len(scene.shapes) <= MAX_SHAPES
         short = min(scene.width, scene.height)
         for shape in scene.shapes:
             assert shape.kind in SHAPES and shape.colour in COLOURS
             side = shape.w * scene.width
-            assert MIN_FRACTION * short - 1e-6 <= side <= MAX_FRACTION * short + 1e-6
+            assert MIN_FRACTION * short - 1e-6 <= side <= max_fraction(len(scene.shapes)) * short + 1e-6
             x0, y0, x1, y1 = shape.box()
             assert x0 >= -1e-9 and y0 >= -1e-9 and x1 <= 1 + 1e-9 and y1 <= 1 + 1e-9
         for i, a in enumerate(scene.shapes):
@@ -103,3 +104,41 @@ def test_patch_labels_follow_the_padded_image() -> None:
     assert labels[2:4, 0:3].eq(square).all() and labels[0].eq(0).all() and labels[:, 4:].eq(0).all()
     centres = centre_labels(wide, image_size=96, patch_size=16).view(6, 6)
     assert centres.sum() == 1 and centres[3, 1] == 1
+
+
+def test_repeats_are_described_with_their_number_and_scored() -> None:
+    squares = (Shape("square", "blue", 0.2, 0.5, 0.2, 0.2), Shape("square", "blue", 0.8, 0.5, 0.2, 0.2))
+    scene = Scene(200, 200, (250, 250, 250), (*squares, Shape("circle", "red", 0.5, 0.2, 0.2, 0.2)))
+    assert describe(scene) == "Two blue squares and a red circle."
+    assert is_correct("describe", "Two blue squares and a red circle.", scene)
+    assert not is_correct("describe", "A blue square and a red circle.", scene)
+    rng = random.Random(0)
+    counts = {GENERATORS["count"](scene, rng).answer for _ in range(60)}
+    assert "There are three shapes." in counts and "There are two squares." in counts
+
+
+def test_position_scoring_accepts_the_neighbouring_cell_only_near_a_grid_line() -> None:
+    near = Shape("circle", "red", cx=0.35, cy=0.5, w=0.1, h=0.1)  # 0.017 right of the left third's line
+    assert positions_accepted(near) == {"center", "left"}
+    corner = Shape("circle", "red", cx=0.65, cy=0.31, w=0.1, h=0.1)
+    assert positions_accepted(corner) == {"top", "top right", "center", "right"}
+    assert positions_accepted(Shape("circle", "red", cx=0.5, cy=0.5, w=0.1, h=0.1)) == {"center"}
+    assert is_correct("position", "It is on the left.", positions_accepted(near))
+    assert not is_correct("position", "It is at the top.", positions_accepted(near))
+
+
+def test_text_only_questions_get_the_fixed_answer() -> None:
+    rng = random.Random(0)
+    for _ in range(20):
+        qa = text_only_qa(rng)
+        assert qa.answer == TEXT_ONLY_ANSWER
+    assert "picture" in TEXT_ONLY_ANSWER and "colour, shape, count or position" in TEXT_ONLY_ANSWER
+
+
+def test_training_draws_varied_styles_and_up_to_six_shapes() -> None:
+    drawn = scenes(600, seed=2)
+    assert {len(s.shapes) for s in drawn} == set(range(1, MAX_SHAPES + 1))
+    assert any(len({s.name for s in sc.shapes}) < len(sc.shapes) for sc in drawn)  # repeats
+    rng = random.Random(3)
+    corners = {render(sc, rng).getpixel((0, 0)) for sc in drawn[:60]}
+    assert min(sum(c) for c in corners) < 240 and max(sum(c) for c in corners) > 600  # dark and light

@@ -10,6 +10,8 @@ import torch
 from llava_serve.default_model import default_model_path
 from llava_serve.default_model.batches import answer_labels, conversation
 from llava_serve.default_model.data import Scene, Shape, render
+from llava_serve.default_model.eval import score
+from llava_serve.default_model.heldout import regression_cases
 from llava_serve.default_model.questions import QA
 
 WEIGHTS = default_model_path()
@@ -99,3 +101,38 @@ def test_two_shapes_are_counted_and_told_apart(loaded) -> None:
     assert "two" in ask(loaded, image, "How many shapes are there?").lower()
     assert "orange" in ask(loaded, image, "What colour is the circle?").lower()
     assert "square" in ask(loaded, image, "What is the blue shape?").lower()
+
+
+def ask_text(loaded, question: str, **sampling) -> str:
+    model, processor = loaded
+    messages = [{"role": "user", "content": [{"type": "text", "text": question}]}]
+    inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True), return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=40, **sampling)
+    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def issue_15_cases() -> list:
+    """The shipped model still counts repeated shapes wrong (held-out count 48.5%, docs/default_model.md):
+    those cases are expected to fail until a longer training run; the rest must pass."""
+    miscounted = pytest.mark.xfail(reason="counting repeated shapes is not learnt yet (issue 15)", strict=False)
+    return [
+        pytest.param(
+            c, id=f"{c.name}: {c.question}", marks=[miscounted] if c.image is not None and c.kind == "count" else []
+        )
+        for c in regression_cases()
+    ]
+
+
+@pytest.mark.parametrize("case", issue_15_cases())
+def test_issue_15_cases(loaded, case) -> None:
+    """Two blue squares, three blue circles, and a greeting with no picture (issue 15)."""
+    if case.image is None:
+        answers = [ask_text(loaded, case.question)]
+        for seed in range(3):  # and sampled at temperature 0.2, as the report did
+            torch.manual_seed(seed)
+            answers.append(ask_text(loaded, case.question, do_sample=True, temperature=0.2))
+    else:
+        answers = [ask(loaded, case.image, case.question)]
+    for answer in answers:
+        assert score(case.kind, answer, case.target), answer
