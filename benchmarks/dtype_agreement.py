@@ -1,9 +1,10 @@
 """Greedy answers of the bundled model in bfloat16 against float32, through two real workers.
 
-    python benchmarks/dtype_agreement.py [--n 200] [--seed 20000] [--model-path P] [--dtypes float32,bfloat16]
+    python benchmarks/dtype_agreement.py [--n 200] [--seed 20000] [--split in-dist] [--model-path P]
+        [--dtypes float32,bfloat16]
 
 Starts one worker per dtype (`--dtype`, the same checkpoint, not registered), asks every question
-of `llava-serve eval` (its images and questions, seed `--seed`) of each worker, greedy, and prints
+of `llava-serve eval` (its images and questions, seed `--seed`, split `--split`) of each worker, greedy, and prints
 for each dtype its accuracy per question kind and for each non-reference dtype how many answers
 are the same text as the first dtype's (the reference). A quality check of half-precision
 weights: the answers a user sees, not logits.
@@ -21,9 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llava_serve.default_model import default_model_path
-from llava_serve.default_model.eval import WorkerAnswerer, eval_items
-from llava_serve.default_model.questions import KINDS
-from llava_serve.default_model.scoring import is_correct
+from llava_serve.default_model.eval import WorkerAnswerer, eval_items, score
 from llava_serve.up import Service, start, wait_ready
 
 
@@ -46,12 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--seed", type=int, default=20000)
+    p.add_argument("--split", default="in-dist", choices=["in-dist", "heldout"])
     p.add_argument("--model-path", type=Path, default=default_model_path())
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     dtypes = args.dtypes.split(",")
-    items = list(eval_items(args.n, args.seed))
+    items = list(eval_items(args.n, args.seed, args.split))
     answers: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory(prefix="llava-serve-dtype-") as tmp:
         for dtype in dtypes:
@@ -67,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, dict] = {}
     reference = answers[dtypes[0]]
     for dtype in dtypes:
-        kinds = {k: [0, 0] for k in KINDS}
+        kinds: dict[str, list[int]] = {}
         for item, reply in zip(items, answers[dtype], strict=True):
-            kinds[item.qa.kind][0] += is_correct(item.qa.kind, reply, item.qa.target)
-            kinds[item.qa.kind][1] += 1
+            tally = kinds.setdefault(item.qa.kind, [0, 0])
+            tally[0] += score(item.qa.kind, reply, item.qa.target)
+            tally[1] += 1
         same = sum(a == b for a, b in zip(reference, answers[dtype], strict=True))
         report[dtype] = {
             "accuracy": {k: c / t if t else 0.0 for k, (c, t) in kinds.items()},
