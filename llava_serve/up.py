@@ -149,7 +149,7 @@ def wait_ready(svc: Service, timeout: float) -> None:
         except httpx.HTTPError:
             pass
         if time.monotonic() - shown > 10:
-            print(f"  still waiting for {svc.name} (log: {svc.log})", flush=True)
+            print(f"  still waiting for {svc.name} (log: {svc.log})", file=sys.stderr, flush=True)
             shown = time.monotonic()
         time.sleep(0.25)
     raise RuntimeError(f"{svc.name} was not ready after {timeout:.0f} s; see {svc.log}")
