@@ -10,7 +10,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from llava_serve.common.attest import SECRET_ENV, new_secret
+from llava_serve.common.connections import port_free
 from llava_serve.worker.config import add_model_args
 
 
@@ -47,16 +47,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-timeout", type=float, default=600)
     add_model_args(p, several=True)  # default: the bundled model
     return p
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, list[str], int, str]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import socket
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -105,3 +106,14 @@ class GuardedH11(H11Protocol):
         self._timer = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now (checked before anything is started)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True

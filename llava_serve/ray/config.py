@@ -19,22 +19,14 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from llava_serve.openai_api.config import ApiConfig
-from llava_serve.worker.config import WorkerConfig
+from llava_serve.worker.config import MODEL_KEYS, WorkerConfig
 from llava_serve.worker.loading import resolve_model_path
 
 # Worker flags a model entry may set (the rest are the HTTP server's, which a replica does not run).
 WORKER_KEYS = frozenset(
     {
         "model_path",
-        "model_base",
-        "model_name",
-        "device",
-        "dtype",
-        "load_8bit",
-        "load_4bit",
-        "vision_tower",
-        "conv_template",
-        "trust_remote_code",
+        *MODEL_KEYS,
         "engine",
         "limit_model_concurrency",
         "threads",

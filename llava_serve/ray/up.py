@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from llava_serve.common.connections import port_free
 from llava_serve.worker.config import MODEL_KEYS, add_model_args
 
 APP_NAME = "llava"
@@ -94,16 +94,6 @@ def check_paths(args: dict[str, Any]) -> None:
             raise ValueError(f"model_path {path}: no such folder")
 
 
-def port_taken(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="llava-serve ray up", description=__doc__)
     add_up_args(p)
@@ -120,7 +110,7 @@ def main(argv: list[str]) -> int:
             args = args_of(ns)
         check_paths(args)
         config = AppConfig.from_dict(args)
-        if ns.address is None and port_taken(ns.host, ns.port):
+        if ns.address is None and not port_free(ns.host, ns.port):
             raise ValueError(f"port {ns.port} is in use (stop what uses it, or pick another with --port)")
     except (ValueError, TypeError, OSError, ModelLoadError) as exc:
         print(f"llava-serve ray up: {exc}", file=sys.stderr)
