@@ -80,7 +80,9 @@ class DecoderForward:
         mask = None
         if rows:
             beyond = torch.arange(decode_len, device=device) > decode_pos[:, None]
-            mask = torch.zeros(beyond.shape, dtype=self.w.embed.dtype, device=device).masked_fill_(
+            # float32 where decode_attention adds it to float32 scores (made once a step, not per layer)
+            mask_dtype = torch.float32 if self.manual_decode else self.w.embed.dtype
+            mask = torch.zeros(beyond.shape, dtype=mask_dtype, device=device).masked_fill_(
                 beyond, float("-inf")
             )
             mask = mask.view(rows, 1, 1, decode_len)
@@ -165,7 +167,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     grouped = q.view(b, kv_heads, heads // kv_heads, d)
     scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * d**-0.5  # [B, kv_heads, group, L]
     if mask is not None:
-        scores = scores + mask.float()  # [B, 1, 1, L]
+        scores = scores + mask.float()  # [B, 1, 1, L]; float() is a no-op for the engine's float32 mask
     probs = scores.softmax(-1).to(values.dtype)
     return torch.matmul(probs, values).reshape(b, heads * d)
 

@@ -39,17 +39,14 @@ class Linear:
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     packed: torch.Tensor | None = None
-    packed_from_rows: int = 2  # calls with at least this many rows use the packed copy
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or x.shape[0] < self.packed_from_rows:
+        if self.packed is None or (x.shape[0] <= 1 and self.weight.dtype == torch.float32):
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def pack(self, rows_hint: int) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, max(rows_hint, 2))
-        if self.weight.dtype == torch.bfloat16:
-            self.packed_from_rows = 1
 
 
 @dataclass
