@@ -57,11 +57,14 @@ def ttft_worker(http: httpx.Client, url: str, image: str, model: str | None = No
     t0 = time.perf_counter()
     with http.stream("POST", url + "/worker_chat_stream", json=body) as resp:
         splitter = FrameSplitter()
+        first = None
         for chunk in resp.iter_bytes():
             for raw in splitter.feed(chunk):
-                if decode_frame(raw).text.strip():
-                    return time.perf_counter() - t0
-    raise RuntimeError("the worker sent no text")
+                if first is None and decode_frame(raw).text.strip():
+                    first = time.perf_counter() - t0
+    if first is None:
+        raise RuntimeError("the worker sent no text")
+    return first
 
 
 def ttft_api(http: httpx.Client, url: str, model: str, image: str) -> float:
@@ -82,12 +85,15 @@ def ttft_api(http: httpx.Client, url: str, model: str, image: str) -> float:
     }
     t0 = time.perf_counter()
     with http.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        first = None
         for line in resp.iter_lines():
-            if line.startswith("data: {"):
+            if first is None and line.startswith("data: {"):
                 choices = json.loads(line[6:]).get("choices") or [{}]
                 if (choices[0].get("delta") or {}).get("content"):
-                    return time.perf_counter() - t0
-    raise RuntimeError("the API sent no text")
+                    first = time.perf_counter() - t0
+    if first is None:
+        raise RuntimeError("the API sent no text")
+    return first
 
 
 def stack(model_path: str | None, log_dir: Path, worker_threads: int = 0) -> tuple[list[Service], dict[str, str]]:

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from llava_serve.common.aio import aclose_shielded
 from llava_serve.common.auth import bearer_headers
+from llava_serve.common.http1 import Http1Transport
 from llava_serve.errors import (
     ControllerUnavailable,
     ServeError,
@@ -102,7 +103,7 @@ class ClusterClient:
             headers=bearer_headers(api_key),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-            transport=transport,
+            transport=transport or Http1Transport(),  # the serving path's hop: see common/http1
             trust_env=False,  # the controller is reached directly, never through a proxy from the environment
         )
 

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 
 from llava_serve.common.auth import add_bearer_auth, bearer_headers
 from llava_serve.common.disconnect import add_disconnect_handler
+from llava_serve.common.http1 import Http1Transport
 from llava_serve.common.json_body import add_json_body
 from llava_serve.common.limits import SMALL_BODY, add_body_limit, body_error
 from llava_serve.controller.config import ControllerConfig
@@ -89,6 +90,7 @@ def _worker_client(config: ControllerConfig, transport: httpx.AsyncBaseTransport
     # No pool limit: a pool timeout would look like a dead worker. trust_env off: workers are
     # reached directly, never through a proxy from the environment.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    transport = transport or Http1Transport()  # the stream proxy's hop: see common/http1
     return httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits, transport=transport, trust_env=False)
 
 

@@ -82,9 +82,7 @@ class DecoderForward:
             beyond = torch.arange(decode_len, device=device) > decode_pos[:, None]
             # float32 where decode_attention adds it to float32 scores (made once a step, not per layer)
             mask_dtype = torch.float32 if self.manual_decode else self.w.embed.dtype
-            mask = torch.zeros(beyond.shape, dtype=mask_dtype, device=device).masked_fill_(
-                beyond, float("-inf")
-            )
+            mask = torch.zeros(beyond.shape, dtype=mask_dtype, device=device).masked_fill_(beyond, float("-inf"))
             mask = mask.view(rows, 1, 1, decode_len)
         return StepInputs(
             rows=rows,

@@ -219,21 +219,21 @@ class ChatStream:
         await self.stream.aclose()
 
     async def sse(self) -> AsyncIterator[str]:
+        """One string per frame (one write). The role chunks wait for the first frame and go with
+        it: nothing is sent while the worker prefills (see common/streaming)."""
+        roles = "".join(chunk(self.header, i, Delta(role="assistant", content="")) for i in range(len(self.choices)))
         try:
-            for i in range(len(self.choices)):
-                yield chunk(self.header, i, Delta(role="assistant", content=""))
             async for frame in self.stream:
-                for event in self._events(frame):
-                    yield event
-            for i, c in enumerate(self.choices):  # a worker that ends without finish_reason
-                if c.finish_reason is None:
-                    yield chunk(self.header, i, None, FinishReason.STOP.value)
+                yield roles + "".join(self._events(frame))
+                roles = ""
+            unfinished = [i for i, c in enumerate(self.choices) if c.finish_reason is None]  # worker sent none
+            ends = [chunk(self.header, i, None, FinishReason.STOP.value) for i in unfinished]
             if self.header.include_usage:
-                yield chunk(self.header, None, None, usage=total_usage(self.choices))
+                ends.append(chunk(self.header, None, None, usage=total_usage(self.choices)))
+            yield roles + "".join(ends) + done()
         except ServeError as err:
             logger.warning("chat stream %s failed: %s", self.header.id, err.message)
-            yield error_event(err)
-        yield done()
+            yield roles + error_event(err) + done()
 
     def _events(self, frame: Frame) -> list[str]:
         index = frame.index or 0
