@@ -6,19 +6,23 @@ Starts a controller, one worker and the API (real processes on free ports), then
 chat request (one picture, greedy, 8 tokens) between three paths: the worker's /worker_chat_stream,
 the controller's (controller -> worker) and the API's streaming /v1/chat/completions
 (API -> controller -> worker). TTFT is the time to the first frame/chunk that carries answer text.
-Prints the medians and their ratios; the paths alternate so machine noise hits them alike.
+Prints the medians and their ratios; the paths alternate so machine noise hits them alike. Then,
+on Linux, each process's CPU time per request on each path (`--cpu-requests` more requests a path,
+read from /proc/PID/task/*/schedstat): steadier than the latencies on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import glob
 import io
 import json
 import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -96,6 +100,25 @@ def ttft_api(http: httpx.Client, url: str, model: str, image: str) -> float:
     return first
 
 
+def on_cpu_seconds(pid: int) -> float | None:
+    """CPU time of all of a process's threads so far (Linux), or None where /proc does not tell."""
+    try:
+        return sum(int(Path(f).read_text().split()[0]) for f in glob.glob(f"/proc/{pid}/task/*/schedstat")) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_per_request(services: list[Service], send: Callable[[], float], n: int) -> dict[str, float] | None:
+    """Milliseconds of CPU each service spends per request sent by `send` (n requests)."""
+    before = {s.name: on_cpu_seconds(s.proc.pid) for s in services}
+    for _ in range(n):
+        send()
+    after = {s.name: on_cpu_seconds(s.proc.pid) for s in services}
+    if any(v is None for v in [*before.values(), *after.values()]):
+        return None
+    return {k: (after[k] - before[k]) * 1000 / n for k in before}  # type: ignore[operator]
+
+
 def stack(model_path: str | None, log_dir: Path, worker_threads: int = 0) -> tuple[list[Service], dict[str, str]]:
     ports = {name: free_port() for name in ("controller", "worker", "api")}
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
@@ -120,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--model-path", default=None)
+    p.add_argument("--cpu-requests", type=int, default=50, help="requests a path for the CPU figures (0: none)")
     p.add_argument(
         "--worker-threads", type=int, default=0,
         help="the worker's --threads (0: its tuner picks; 1 leaves a core to the controller and the API)",
@@ -143,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
                     direct.append(ttft_worker(http, url["worker"], image))
                     ctrl.append(ttft_worker(http, url["controller"], image, models[0]))
                     api.append(ttft_api(http, url["api"], models[0], image))
+                paths: dict[str, Callable[[], float]] = {
+                    "worker direct": lambda: ttft_worker(http, url["worker"], image),
+                    "through the controller": lambda: ttft_worker(http, url["controller"], image, models[0]),
+                    "through the API": lambda: ttft_api(http, url["api"], models[0], image),
+                }
+                cpu = {name: cpu_per_request(services, send, args.cpu_requests) for name, send in paths.items()}
         finally:
             stop_all(services)
     d, c, a = statistics.median(direct), statistics.median(ctrl), statistics.median(api)
@@ -151,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"controller / direct: {c / d:.3f}")
     print(f"API / direct: {a / d:.3f}  (p90 {statistics.quantiles(api, n=10)[-1] * 1000:.1f} ms vs "
           f"{statistics.quantiles(direct, n=10)[-1] * 1000:.1f} ms)")  # fmt: skip
+    if args.cpu_requests and all(v is not None for v in cpu.values()):
+        print(f"CPU ms per request ({args.cpu_requests} requests a path, 8 tokens each):")
+        for name, per in cpu.items():
+            assert per is not None
+            print(f"  {name:24s} " + "  ".join(f"{svc} {ms:5.2f}" for svc, ms in per.items()))
     return 0
 
 
