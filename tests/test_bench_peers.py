@@ -159,3 +159,10 @@ def test_the_ratio_table_puts_each_peer_beside_llava_serve() -> None:
     assert "| 300.0 | 0.50 |" in table and "| 100.0 | 1.50 |" in table
     (level,) = ratios(rows)
     assert level["batch_over_openvino-f32"] == pytest.approx(0.5) and level["batch_over_generate"] == 6.0
+
+
+def test_the_ratio_table_shows_every_engine_of_the_run_not_only_peers() -> None:
+    rows = [row("batch", 1, 20.0), row("batch:bfloat16", 1, 33.0), row("openvino-f32", 1, 40.0)]
+    head = ratio_table(rows).splitlines()[0]
+    assert head.index("batch:bfloat16 tok/s") < head.index("openvino-f32 tok/s")  # worker specs, then peers
+    assert "| 33.0 | 0.61 |" in ratio_table(rows)

@@ -74,8 +74,10 @@ def ratios(rows: Sequence[LevelSummary]) -> list[dict]:
 
 
 def ratio_table(rows: Sequence[LevelSummary]) -> str:
-    """llava-serve's engines, then each peer beside them: its tokens/s and batch / peer."""
-    peers = sorted({r.engine for r in rows if is_peer(r.engine)})
+    """llava-serve's engines, then every other engine of the run beside them (a peer, or a worker
+    spec such as `batch:bfloat16`): its tokens/s and batch / it. Worker specs first, then peers."""
+    engines = {r.engine for r in rows} - {"batch", "generate", "static"}
+    peers = sorted(engines, key=lambda e: (is_peer(e), e))
     head = "| clients | batch tok/s | generate tok/s | static tok/s | batch / generate | batch / static |"
     head += "".join(f" {p} tok/s | batch / {p} |" for p in peers)
     lines = [head, "|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(peers)]
