@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
@@ -158,7 +159,9 @@ async def test_read_timeout_mid_body_and_the_connection_is_dropped() -> None:
                 async for _ in r.aiter_bytes():
                     pass
         assert 0.25 < loop.time() - start < 2.0
-        assert asyncio.current_task().cancelling() == 0  # the timeout's cancel was taken back
+        task = asyncio.current_task()
+        if sys.version_info >= (3, 11) and task is not None:
+            assert task.cancelling() == 0  # the timeout's cancel was taken back
 
 
 async def test_a_slow_stream_within_the_read_timeout_is_fine() -> None:
