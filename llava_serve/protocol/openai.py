@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llava_serve.protocol.frames import TokenLogprob
+from llava_serve.protocol.worker import MAX_NEW_TOKENS
 
 # Sent by some clients; accepted only at a value that asks for nothing (`functions` is the old name of
 # `tools`, deprecated by OpenAI: clients that still send it are told to use `tools`).
@@ -99,8 +100,8 @@ class ChatCompletionRequest(BaseModel):
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1, max_length=2048)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
@@ -212,7 +213,7 @@ class CompletionRequest(BaseModel):
     model: str
     prompt: str | list[str] = Field(min_length=1)
     images: list[str] = Field(default_factory=list)
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_STOPS = 32
 MAX_STOP_CHARS = 512
 MAX_STOP_TOKEN_IDS = 256
+MAX_NEW_TOKENS = 1_000_000  # the most any route accepts (the API's max_tokens too)
 
 
 class SamplingFields(BaseModel):
@@ -29,7 +30,7 @@ class SamplingFields(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=-1, ge=-1)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    max_new_tokens: int = Field(default=256, ge=0, le=1_000_000)
+    max_new_tokens: int = Field(default=256, ge=0, le=MAX_NEW_TOKENS)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     seed: int | None = None

@@ -252,6 +252,8 @@ async def test_upstream_errors_mapped(
         ({"messages": [user("hi")], "tool_choice": "required"}, "tool_choice", "needs tools"),
         ({"messages": [user("hi")], "presence_penalty": 3}, "presence_penalty", "less than or equal to 2"),
         ({"messages": [user("hi")], "stop": ["a", "b", "c", "d", "e"]}, "stop", "up to 4"),
+        ({"messages": [user("hi")], "max_tokens": 1_000_001}, "max_tokens", "less than or equal to 1000000"),
+        ({"messages": [user("hi")], "max_completion_tokens": 1_000_001}, "max_completion_tokens", "1000000"),
     ],
 )  # fmt: skip
 async def test_bad_requests(env: tuple[openai.AsyncOpenAI, Cluster], kwargs: dict[str, Any], param: str,
@@ -262,6 +264,17 @@ async def test_bad_requests(env: tuple[openai.AsyncOpenAI, Cluster], kwargs: dic
     assert info.value.body["param"] == param  # type: ignore[index]
     assert info.value.body["type"] == "invalid_request_error"  # type: ignore[index]
     assert cluster.generations == []  # refused before any generation started
+
+
+async def test_completions_max_tokens_beyond_any_worker_is_a_400_not_a_500(
+    env: tuple[openai.AsyncOpenAI, Cluster],
+) -> None:
+    """Found by the schema fuzzer: the legacy route built the worker body with it and failed (500)."""
+    client, cluster = env
+    with pytest.raises(openai.BadRequestError, match="less than or equal to 1000000") as info:
+        await client.completions.create(model="fake", prompt="hi", max_tokens=1_000_001)
+    assert info.value.body["param"] == "max_tokens"  # type: ignore[index]
+    assert cluster.generations == []
 
 
 async def test_keys_and_models(env: tuple[openai.AsyncOpenAI, Cluster]) -> None:
