@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                     "through the controller": lambda: ttft_worker(http, url["controller"], image, models[0]),
                     "through the API": lambda: ttft_api(http, url["api"], models[0], image),
                 }
-                cpu = {name: cpu_per_request(services, send, args.cpu_requests) for name, send in paths.items()}
+                runs = args.cpu_requests
+                cpu = {name: cpu_per_request(services, send, runs) for name, send in paths.items()} if runs > 0 else {}
         finally:
             stop_all(services)
     d, c, a = statistics.median(direct), statistics.median(ctrl), statistics.median(api)
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"controller / direct: {c / d:.3f}")
     print(f"API / direct: {a / d:.3f}  (p90 {statistics.quantiles(api, n=10)[-1] * 1000:.1f} ms vs "
           f"{statistics.quantiles(direct, n=10)[-1] * 1000:.1f} ms)")  # fmt: skip
-    if args.cpu_requests and all(v is not None for v in cpu.values()):
+    if cpu and all(v is not None for v in cpu.values()):
         print(f"CPU ms per request ({args.cpu_requests} requests a path, 8 tokens each):")
         for name, per in cpu.items():
             assert per is not None
