@@ -44,7 +44,8 @@ class TrainConfig:
     question_weights: str = ""  # e.g. "colour=3,shape=1": how often each kind is asked (default KIND_WEIGHTS)
     save_every: int = 0  # > 0: also save the model every N dialogue steps, to OUT-stepN (for evaluation)
     seed: int = 0
-    threads: int = 2
+    precision: str = "bf16"  # of the matmuls (autocast); "fp32" for full precision throughout
+    threads: int = 1  # more only on an idle machine: on shared cores, torch threads wait for each other
     device: str = "cpu"
     out: Path = default_model_path()  # noqa: RUF009 (a fixed path, computed once)
 
@@ -52,6 +53,8 @@ class TrainConfig:
         parse_weights(self.question_weights)  # a bad spec fails now, not after the vision stage
         if self.steps < 1 or self.vision_steps < 0 or self.batch_size < 1 or self.vision_batch_size < 1:
             raise ValueError("steps and batch sizes must be positive, vision_steps not negative")
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"--precision: {self.precision!r}; one of bf16, fp32")
 
 
 def parse_weights(text: str) -> dict[str, float] | None:
