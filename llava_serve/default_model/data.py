@@ -239,7 +239,8 @@ def render(scene: Scene, rng: random.Random | None = None) -> Image.Image:
         else:
             draw_shape(draw, shape, width, height, fill, form=form)
     if scale > 1:  # each pixel a weighted mean of the drawn pixels under it, with one of Pillow's filters
-        image = image.resize((scene.width, scene.height), rng.choice((Image.BOX, Image.HAMMING, Image.LANCZOS)))
+        shrink = rng.choice((Image.Resampling.BOX, Image.Resampling.HAMMING, Image.Resampling.LANCZOS))
+        image = image.resize((scene.width, scene.height), shrink)
     if rng.random() < 0.15:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
     if rng.random() < 0.45:
