@@ -5,12 +5,14 @@ reproducible and disjoint (different seeds). Coordinates are fractions of the im
 height, so the same scene can be rendered at any size and aspect ratio.
 
 ``render(scene, rng)`` varies the style as training needs it to (``rng=None``: the plain style,
-solid fills of the reference colours on the scene's background): backgrounds light, dark, tinted,
-gradient or noisy; shapes filled, outlined (line widths vary) or filled with a dark border, in
-any shade within their named colour; drawn aliased or anti-aliased (supersampled), sometimes
-blurred or JPEG-compressed. Shapes may overlap a little, touch the edges, and repeat (two blue
-squares). The held-out evaluation pictures come from a separate renderer (``heldout.py``) that
-this module never calls.
+solid fills of the reference colours on the scene's background): backgrounds light, dark, tinted
+(pale or dark), linear or glowing gradients, or grainy; shapes filled, outlined (line widths vary)
+or filled with a dark border, in any shade within their named colour (muted ones too), in varied
+forms (stars' arm widths, triangles' proportions, squares' rounded corners); drawn aliased or
+anti-aliased (supersampled 2-4x, shrunk with one of several filters), sometimes blurred or
+JPEG-compressed. Shapes may overlap a little, sit against the edges, and repeat (two blue squares).
+The held-out evaluation pictures come from a separate renderer (``heldout.py``) that this module
+never calls.
 """
 
 from __future__ import annotations
@@ -35,18 +37,18 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 # Hue ranges (degrees; red wraps around 0) of each named colour, for the shades training draws.
 HUES: dict[str, tuple[float, float]] = {
-    "red": (-10.0, 6.0),
-    "orange": (22.0, 38.0),
-    "yellow": (48.0, 60.0),
-    "green": (100.0, 150.0),
-    "blue": (205.0, 245.0),
-    "purple": (265.0, 300.0),
+    "red": (-15.0, 8.0),
+    "orange": (20.0, 40.0),
+    "yellow": (46.0, 62.0),
+    "green": (88.0, 155.0),
+    "blue": (196.0, 248.0),
+    "purple": (262.0, 302.0),
 }
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 MAX_SHAPES = 6
-N_SHAPES_WEIGHTS = (0.24, 0.2, 0.18, 0.14, 0.12, 0.12)  # of 1..6 shapes
-MIN_FRACTION, MAX_FRACTION = 0.10, 0.50  # shape size, as a fraction of the shorter image side
-MAX_OVERLAP = 0.25  # of the smaller shape's bounding box
+N_SHAPES_WEIGHTS = (0.2, 0.17, 0.16, 0.16, 0.16, 0.15)  # of 1..6 shapes
+MIN_FRACTION, MAX_FRACTION = 0.08, 0.60  # shape size, as a fraction of the shorter image side
+MAX_OVERLAP = 0.3  # of the smaller shape's bounding box
 MAX_ANGLE = 20.0  # rotation of squares, triangles and stars, degrees
 POSITIONS = (
     "top left",
@@ -130,12 +132,12 @@ def _article(word: str) -> str:
 
 def max_fraction(n: int) -> float:
     """Largest shape size for a scene of ``n`` shapes (crowded scenes draw smaller shapes)."""
-    return min(MAX_FRACTION, 0.85 / math.sqrt(n))
+    return min(MAX_FRACTION, 0.9 / math.sqrt(n))
 
 
 def sample_canvas(rng: random.Random) -> tuple[int, int]:
-    """Mostly square images of 48-448 px; a third are wide or tall (aspect 1:2 to 2:1)."""
-    side = rng.randint(48, 448)
+    """Mostly square images of 48-448 px (a tenth up to 640 px); a third are wide or tall (aspect 1:2 to 2:1)."""
+    side = rng.randint(48, 448) if rng.random() < 0.9 else rng.randint(448, 640)
     if rng.random() < 2 / 3:
         return side, side
     aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
@@ -176,15 +178,13 @@ def _place(
             hi = max(MIN_FRACTION, hi * 0.8)  # crowded: draw smaller shapes
         size = rng.uniform(MIN_FRACTION, hi) * short
         w, h = size / width, size / height
-        shape = Shape(
-            kind,
-            colour,
-            rng.uniform(w / 2, 1 - w / 2),
-            rng.uniform(h / 2, 1 - h / 2),
-            w,
-            h,
-            angle=rng.uniform(-MAX_ANGLE, MAX_ANGLE) if kind != "circle" else 0.0,
-        )
+        cx, cy = rng.uniform(w / 2, 1 - w / 2), rng.uniform(h / 2, 1 - h / 2)
+        if rng.random() < 0.2:  # against a side (pictures are often drawn to the edge)
+            side = rng.randrange(4)
+            cx = (w / 2, 1 - w / 2, cx, cx)[side]
+            cy = (cy, cy, h / 2, 1 - h / 2)[side]
+        angle = rng.uniform(-MAX_ANGLE, MAX_ANGLE) if kind != "circle" else 0.0
+        shape = Shape(kind, colour, cx, cy, w, h, angle=angle)
         if all(_overlap(shape, o, width, height) <= MAX_OVERLAP for o in others):
             return shape
     return None
@@ -208,32 +208,44 @@ def render(scene: Scene, rng: random.Random | None = None) -> Image.Image:
         for shape in scene.shapes:
             draw_shape(draw, shape, scene.width, scene.height, COLOURS[shape.colour])
         return image
-    scale = rng.choice((2, 3)) if rng.random() < 0.5 else 1  # anti-aliased: drawn larger, then shrunk
+    scale = rng.choice((2, 3, 4)) if rng.random() < 0.5 else 1  # anti-aliased: drawn larger, then shrunk
     scale = max(1, min(scale, 768 // max(scene.width, scene.height)))
     width, height = scene.width * scale, scene.height * scale
     image = _background(scene, rng, scene.width, scene.height)
     if scale > 1:
         image = image.resize((width, height), Image.NEAREST)
     draw = ImageDraw.Draw(image)
-    style = rng.choices(("fill", "outline", "bordered"), weights=(0.6, 0.25, 0.15))[0]
+    style = rng.choices(("fill", "outline", "bordered"), weights=(0.55, 0.25, 0.2))[0]
+    form = sample_form(rng)
+    thin_border = rng.random() < 0.5
     for shape in scene.shapes:
         fill = shade(shape.colour, rng)
         size = shape.w * width
         line = max(1, round(size * rng.uniform(0.03, 0.15)))
         if style == "outline" or (style == "fill" and rng.random() < 0.05):
-            draw_shape(draw, shape, width, height, None, outline=fill, line=line)
+            draw_shape(draw, shape, width, height, None, outline=fill, line=line, form=form)
         elif style == "bordered":
             border = tuple(rng.randint(0, 60) for _ in range(3))
-            draw_shape(draw, shape, width, height, fill, outline=border, line=max(1, line // 2))
+            draw_shape(
+                draw,
+                shape,
+                width,
+                height,
+                fill,
+                outline=border,
+                line=max(1, line // 2 if thin_border else line),
+                form=form,
+            )
         else:
-            draw_shape(draw, shape, width, height, fill)
-    if scale > 1:
-        image = image.reduce(scale)  # box filter: each pixel the mean of scale x scale drawn pixels
+            draw_shape(draw, shape, width, height, fill, form=form)
+    if scale > 1:  # each pixel a weighted mean of the drawn pixels under it, with one of Pillow's filters
+        shrink = rng.choice((Image.Resampling.BOX, Image.Resampling.HAMMING, Image.Resampling.LANCZOS))
+        image = image.resize((scene.width, scene.height), shrink)
     if rng.random() < 0.15:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
-    if rng.random() < 0.35:
+    if rng.random() < 0.45:
         buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=rng.randint(15, 90))
+        image.save(buffer, format="JPEG", quality=rng.randint(8, 92))
         image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
     return image
 
@@ -244,7 +256,7 @@ def shade(colour: str, rng: random.Random) -> tuple[int, int, int]:
     hue = (rng.uniform(lo, hi) % 360) / 360
     value_lo = 0.45 if colour in ("purple", "blue", "green") else 0.7
     value_hi = 0.85 if colour == "purple" else 1.0  # a bright purple is pink
-    saturation_lo = 0.75 if colour in ("yellow", "orange") else 0.55
+    saturation_lo = 0.7 if colour in ("yellow", "orange") else 0.42
     r, g, b = colorsys.hsv_to_rgb(hue, rng.uniform(saturation_lo, 1.0), rng.uniform(value_lo, value_hi))
     return round(r * 255), round(g * 255), round(b * 255)
 
@@ -259,46 +271,79 @@ def _background(scene: Scene, rng: random.Random, width: int, height: int) -> Im
         if kind < 0.75:
             grey = rng.choice((rng.randint(0, 80), rng.randint(80, 255)))
             return (grey, grey, grey)
-        r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.03, 0.2), rng.uniform(0.8, 1.0))
+        if rng.random() < 0.3:  # a dark tint: navy, slate, dark teal
+            r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.15, 0.6), rng.uniform(0.08, 0.35))
+        else:
+            r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.03, 0.2), rng.uniform(0.8, 1.0))
         return round(r * 255), round(g * 255), round(b * 255)
 
     first = plain()
     kind = rng.random()
-    if kind < 0.6:
+    if kind < 0.5:
         return Image.new("RGB", (width, height), first)
-    if kind < 0.8:  # linear gradient between two plain colours, in a random direction
+    if kind < 0.82:  # a gradient between two plain colours: linear in a random direction, or a glow
         second = np.array(plain(), dtype=np.float32)
-        angle = rng.uniform(0, 2 * math.pi)
         ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-        t = xs / max(1, width) * math.cos(angle) + ys / max(1, height) * math.sin(angle)
+        xs, ys = xs / max(1, width), ys / max(1, height)
+        if kind < 0.65:
+            angle = rng.uniform(0, 2 * math.pi)
+            t = xs * math.cos(angle) + ys * math.sin(angle)
+        else:  # from a point near the middle outwards
+            t = np.hypot(xs - rng.uniform(0.3, 0.7), ys - rng.uniform(0.3, 0.7)) ** rng.uniform(1.0, 2.0)
         t = (t - t.min()) / max(1e-6, float(t.max() - t.min()))
         pixels = np.array(first, dtype=np.float32) * (1 - t[..., None]) + second * t[..., None]
         return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(4, 20), (height, width, 1))
+    channels = rng.choice((1, 3))  # grey grain or coloured grain
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(3, 20), (height, width, channels))
     pixels = np.array(first, dtype=np.float32) + noise
     return Image.fromarray(np.broadcast_to(pixels, (height, width, 3)).clip(0, 255).astype(np.uint8))
 
 
+@dataclass(frozen=True)
+class Form:
+    """How one picture draws each kind (the vision stage's labels use the plain form: a few pixels apart)."""
+
+    star_inner: float = 0.45  # inner radius of a star, fraction of the outer
+    triangle: float = 0.0  # 0: apex and base corners on its box; 1: base raised and narrowed (equilateral)
+    corner: float = 0.0  # radius of a square's rounded corners, fraction of its half side
+
+
+PLAIN = Form()
+
+
+def sample_form(rng: random.Random) -> Form:
+    corner = rng.uniform(0.05, 0.4) if rng.random() < 0.3 else 0.0
+    return Form(rng.uniform(0.34, 0.56), rng.random() if rng.random() < 0.6 else 0.0, corner)
+
+
 def draw_shape(
-    draw: ImageDraw.ImageDraw, shape: Shape, width: int, height: int, fill, outline=None, line: int = 1
+    draw: ImageDraw.ImageDraw,
+    shape: Shape,
+    width: int,
+    height: int,
+    fill,
+    outline=None,
+    line: int = 1,
+    form: Form = PLAIN,
 ) -> None:
     cx, cy = shape.cx * width, shape.cy * height
     r = shape.w * width / 2
     if shape.kind == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, outline=outline, width=line)
         return
-    draw.polygon(polygon(shape.kind, cx, cy, r, shape.angle), fill=fill, outline=outline, width=line)
+    draw.polygon(polygon(shape.kind, cx, cy, r, shape.angle, form), fill=fill, outline=outline, width=line)
 
 
-def polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+def polygon(kind: str, cx: float, cy: float, r: float, angle: float, form: Form = PLAIN) -> list[tuple[float, float]]:
     if kind == "square":
-        points = [(-r, -r), (r, -r), (r, r), (-r, r)]
-    elif kind == "triangle":  # upright, filling its bounding box
-        points = [(0.0, -r), (r, r), (-r, r)]
-    elif kind == "star":  # five points; inner radius 0.45 keeps the arms visible at small sizes
+        points = _rounded_square(r, form.corner)
+    elif kind == "triangle":  # upright; apex on top
+        base, half = r * (1 - 0.5 * form.triangle), r * (1 - 0.134 * form.triangle)
+        points = [(0.0, -r), (half, base), (-half, base)]
+    elif kind == "star":  # five points; the default inner radius 0.45 keeps the arms visible at small sizes
         points = []
         for i in range(10):
-            radius = r if i % 2 == 0 else 0.45 * r
+            radius = r if i % 2 == 0 else form.star_inner * r
             theta = -math.pi / 2 + i * math.pi / 5
             points.append((radius * math.cos(theta), radius * math.sin(theta) + 0.1 * r))
     else:
@@ -306,3 +351,16 @@ def polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tup
     a = math.radians(angle)
     cos, sin = math.cos(a), math.sin(a)
     return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in points]
+
+
+def _rounded_square(r: float, corner: float) -> list[tuple[float, float]]:
+    if corner <= 0:
+        return [(-r, -r), (r, -r), (r, r), (-r, r)]
+    c, points = corner * r, []
+    for sx, sy, start in ((1, -1, -90), (1, 1, 0), (-1, 1, 90), (-1, -1, 180)):  # corners clockwise
+        ox, oy = sx * (r - c), sy * (r - c)
+        points += [
+            (ox + c * math.cos(math.radians(start + t)), oy + c * math.sin(math.radians(start + t)))
+            for t in (0, 30, 60, 90)
+        ]
+    return points

@@ -272,8 +272,8 @@ def shape_qa(scene: Scene, rng: random.Random) -> QA:
             kind = next(s.kind for s in scene.shapes if s.colour == colour)
             question = rng.choice(SHAPE_PLURAL_QUESTIONS).format(c=colour)
             return QA("shape", question, f"The {colour} shapes are {_plural(kind)}.", kind)
-    if not candidates or rng.random() < 0.05:
-        missing = [c for c in COLOURS if c not in {s.colour for s in scene.shapes}]
+    missing = [c for c in COLOURS if c not in {s.colour for s in scene.shapes}]
+    if missing and (not candidates or rng.random() < 0.05):  # (six colours there: each one is unique)
         colour = rng.choice(missing)
         question = rng.choice(SHAPE_BY_COLOUR_QUESTIONS).format(c=colour)
         return QA("absent", question, f"There is no {colour} shape.", None)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from itertools import islice
 
 import torch
 from tqdm import tqdm
 
-from llava_serve.default_model.batches import collate, examples, image_batches, prefetched, vision_targets
+from llava_serve.default_model.batches import by_length, collate, examples, image_batches, prefetched, vision_targets
 from llava_serve.default_model.build import ModelSize, build_model, build_processor, count_parameters, save_checkpoint
 from llava_serve.default_model.tokenizer import build_tokenizer
 from llava_serve.default_model.train_config import TrainConfig, parse_args, parse_weights
@@ -57,8 +56,9 @@ class Trainer:
         bar = tqdm(range(cfg.vision_steps), desc="vision", mininterval=2.0)
         for step in bar:
             pixels, labels, regions, centres = (t.to(cfg.device) for t in next(batches))
-            tower(pixel_values=pixels)
-            out = heads.losses(tap.features, labels, regions, centres)
+            with self._autocast():
+                tower(pixel_values=pixels)
+                out = heads.losses(tap.features, labels, regions, centres)
             _step(optimizer, vision_loss(out), learning_rate(cfg.vision_lr, step, cfg.vision_steps, cfg))
             bar.set_postfix(kind=f"{out['kind_acc']:.3f}", shape=f"{out['shape_acc']:.3f}")
             if step % 100 == 0 or step == cfg.vision_steps - 1:
@@ -78,11 +78,12 @@ class Trainer:
         ema = None
         for step in bar:
             batch, targets = next(batches)
-            loss = self.model(**{k: v.to(cfg.device) for k, v in batch.items()}).loss
-            total = loss
-            if heads is not None and self.tap is not None and self.tap.features is not None and targets is not None:
-                on_device = (t.to(cfg.device) for t in targets)
-                total = loss + cfg.aux_weight * vision_loss(heads.losses(self.tap.features, *on_device))
+            with self._autocast():
+                loss = self.model(**{k: v.to(cfg.device) for k, v in batch.items()}).loss
+                total = loss
+                if heads is not None and self.tap is not None and self.tap.features is not None and targets is not None:
+                    on_device = (t.to(cfg.device) for t in targets)
+                    total = loss + cfg.aux_weight * vision_loss(heads.losses(self.tap.features, *on_device))
             _step(optimizer, total, learning_rate(cfg.lr, step, cfg.steps, cfg))
             ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
             bar.set_postfix(loss=f"{ema:.4f}")
@@ -95,10 +96,14 @@ class Trainer:
         if self.tap is not None:
             self.tap.close()
 
+    def _autocast(self):
+        """bfloat16 matmuls (weights, optimizer state and losses stay float32): a quarter faster on a
+        CPU with bfloat16 instructions."""
+        return torch.autocast(torch.device(self.cfg.device).type, torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
     def _dialogue_batches(self, stream, with_targets: bool):
         """(model inputs, the tower's targets for the batch's pictures or None), forever."""
-        while True:
-            chunk = list(islice(stream, self.cfg.batch_size))
+        for chunk in by_length(stream, self.cfg.batch_size, self.cfg.seed + 2):
             scenes = [ex.scene for ex in chunk if ex.scene is not None]
             targets = vision_targets(scenes, self.size) if with_targets and scenes else None
             yield collate(chunk, self.processor), targets

@@ -1,16 +1,16 @@
 """Train the default model on synthetic shapes, on a CPU.
 
     llava-serve train-default --out DIR            # from scratch: stages one and two
-    llava-serve train-default --init-from DIR --out DIR2 --vision-steps 250 --vision-batch-size 48 \
-        --steps 1200 --vision-lr 1e-3 --lr 1e-3 --warmup 30 --save-every 200   # how the shipped model was made
+    llava-serve train-default --init-from DIR --out DIR2 --vision-steps 300 --vision-batch-size 48 \
+        --vision-lr 1e-3 --steps 2200 --lr 1e-3 --warmup 50 --save-every 550   # the shipped model's last run
 
 Stage one: LLaVA starts from a pretrained CLIP tower; this one starts from nothing, so the vision
 tower is pretrained alone to say what each patch shows (``--vision-steps``, see vision_aux).
 Stage two trains the projector and decoder on the dialogues (``--steps``), with loss only on the
 assistant's answers; the tower keeps training on its stage-one losses (``--aux-weight``; 0 freezes
 it, as LLaVA does). ``--init-from`` continues from a checkpoint (with ``--vision-steps`` > 0 the
-tower gets fresh heads and a vision stage first): the shipped model is the previous one continued
-on the widened pictures (docs/default_model.md).
+tower gets fresh heads and a vision stage first): the shipped model is a chain of such continuations
+from a model first trained on easier pictures (docs/default_model.md).
 Reproducible for a given seed, thread count and torch build. Writes a complete checkpoint folder
 (weights, config, tokenizer, processor, chat template) that loads with plain transformers;
 ``--save-every N`` also writes OUT-stepN folders along the way.
@@ -44,7 +44,8 @@ class TrainConfig:
     question_weights: str = ""  # e.g. "colour=3,shape=1": how often each kind is asked (default KIND_WEIGHTS)
     save_every: int = 0  # > 0: also save the model every N dialogue steps, to OUT-stepN (for evaluation)
     seed: int = 0
-    threads: int = 2
+    precision: str = "bf16"  # of the matmuls (autocast); "fp32" for full precision throughout
+    threads: int = 1  # more only on an idle machine: on shared cores, torch threads wait for each other
     device: str = "cpu"
     out: Path = default_model_path()  # noqa: RUF009 (a fixed path, computed once)
 
@@ -52,6 +53,8 @@ class TrainConfig:
         parse_weights(self.question_weights)  # a bad spec fails now, not after the vision stage
         if self.steps < 1 or self.vision_steps < 0 or self.batch_size < 1 or self.vision_batch_size < 1:
             raise ValueError("steps and batch sizes must be positive, vision_steps not negative")
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"--precision: {self.precision!r}; one of bf16, fp32")
 
 
 def parse_weights(text: str) -> dict[str, float] | None:
