@@ -118,14 +118,19 @@ def test_streaming_equals_non_streaming_and_images_matter(stack):
         {"type": "text", "text": "Compare them."},
     ]
     full = ask(stack, content).choices[0].message.content
-    chunks = ask(stack, content, stream=True, stream_options={"include_usage": True})
-    parts, usage = [], None
-    for chunk in chunks:
-        if chunk.choices and chunk.choices[0].delta.content:
-            parts.append(chunk.choices[0].delta.content)
-        usage = chunk.usage or usage
-    assert "".join(parts) == full and len(parts) > 1
-    assert usage is not None and usage.completion_tokens == 12
+    for _ in range(3):  # a worker that outruns its reader merges frames (latest value): on a loaded
+        # machine a 12-token answer can come as one; it must come in pieces at least once in three
+        chunks = ask(stack, content, stream=True, stream_options={"include_usage": True})
+        parts, usage = [], None
+        for chunk in chunks:
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+            usage = chunk.usage or usage
+        assert "".join(parts) == full
+        assert usage is not None and usage.completion_tokens == 12
+        if len(parts) > 1:
+            break
+    assert len(parts) > 1, parts
     swapped = ask(stack, [content[1], content[0], content[2]]).choices[0].message.content
     assert swapped != full
 
