@@ -2,7 +2,7 @@
 
     llava-serve train-default --out DIR            # from scratch: stages one and two
     llava-serve train-default --init-from DIR --out DIR2 --vision-steps 300 --vision-batch-size 48 \
-        --vision-lr 1e-3 --steps 2200 --lr 1e-3 --warmup 50 --save-every 550   # the shipped model's last run
+        --vision-lr 1e-3 --steps 2200 --lr 1e-3 --warmup 50   # then 100 + 900 steps at 3e-4/5e-4: the shipped model
 
 Stage one: LLaVA starts from a pretrained CLIP tower; this one starts from nothing, so the vision
 tower is pretrained alone to say what each patch shows (``--vision-steps``, see vision_aux).
