@@ -102,7 +102,6 @@ class ClusterClient:
             base_url=self.controller,
             headers=bearer_headers(api_key),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
             transport=transport or Http1Transport(),  # the serving path's hop: see common/http1
             trust_env=False,  # the controller is reached directly, never through a proxy from the environment
         )

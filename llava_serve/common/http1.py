@@ -77,9 +77,8 @@ class Http1Transport(httpx.AsyncBaseTransport):
         except BaseException as exc:
             conn.close()
             _reraise(exc, request, "sending the request or reading the response head")
-        stream = _Body(self, key, conn, request, headers, version, timeouts.get("read"))
-        if request.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            stream.length = 0
+        bodyless = request.method == "HEAD" or status in (204, 304) or 100 <= status < 200
+        stream = _Body(self, key, conn, request, headers, version, timeouts.get("read"), bodyless)
         return httpx.Response(
             status,
             headers=headers,
@@ -136,16 +135,17 @@ class _Body(httpx.AsyncByteStream):
         headers: list[tuple[bytes, bytes]],
         version: str,
         read_timeout: float | None,
+        bodyless: bool,
     ) -> None:
         self.transport, self.key, self.conn, self.request = transport, key, conn, request
         self.read_timeout = read_timeout
         fields = {k.lower(): v.lower() for k, v in headers}
-        self.chunked = b"chunked" in fields.get(b"transfer-encoding", b"")
-        length = fields.get(b"content-length")
+        self.chunked = not bodyless and b"chunked" in fields.get(b"transfer-encoding", b"")
+        length = b"0" if bodyless else fields.get(b"content-length")
         self.length: int | None = None if self.chunked or length is None else _content_length(length)
         self.reusable = version == "HTTP/1.1" and b"close" not in fields.get(b"connection", b"")
         self.buf = bytearray()
-        self.done = False
+        self.done = self.length == 0  # a body known to be empty is read
         self.closed = False
         self._waiting: asyncio.Task[object] | None = None  # the task blocked in a read, if any
         self._since = 0.0  # when that read began
@@ -239,7 +239,7 @@ class _Body(httpx.AsyncByteStream):
         self._timer = None
         if self.closed:
             return
-        loop = asyncio.get_event_loop()
+        loop = asyncio.get_running_loop()
         if self._waiting is not None and loop.time() - self._since >= self.read_timeout:
             self._timed_out = True
             self._waiting.cancel()
@@ -247,26 +247,20 @@ class _Body(httpx.AsyncByteStream):
         start = self._since if self._waiting is not None else loop.time()
         self._timer = loop.call_at(start + self.read_timeout, self._watch)
 
-    def _shut(self) -> None:
+    def _shut(self, reuse: bool = False) -> None:
+        """Done with the body: the connection back to the pool (`reuse`) or closed."""
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.conn.close()
-
-    async def aclose(self) -> None:
-        if self.closed:
-            return
-        if self.length == 0:
-            self.done = True
-        if self.done and self.reusable:
-            self.closed = True
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+        if reuse:
             self.transport._release(self.key, self.conn)
         else:
-            self._shut()  # unread body: the connection cannot carry another request
+            self.conn.close()
+
+    async def aclose(self) -> None:
+        if not self.closed:  # an unread body: the connection cannot carry another request
+            self._shut(reuse=self.done and self.reusable)
 
 
 def _head(request: httpx.Request) -> bytes:

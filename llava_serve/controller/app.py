@@ -87,11 +87,10 @@ async def _expire_workers(registry: Registry, every: float) -> None:
 def _worker_client(config: ControllerConfig, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
     headers = bearer_headers(config.worker_api_key)
     timeout = httpx.Timeout(config.worker_timeout, connect=config.connect_timeout)
-    # No pool limit: a pool timeout would look like a dead worker. trust_env off: workers are
-    # reached directly, never through a proxy from the environment.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    # No pool limit (Http1Transport has none): a pool timeout would look like a dead worker. trust_env
+    # off: workers are reached directly, never through a proxy from the environment.
     transport = transport or Http1Transport()  # the stream proxy's hop: see common/http1
-    return httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits, transport=transport, trust_env=False)
+    return httpx.AsyncClient(headers=headers, timeout=timeout, transport=transport, trust_env=False)
 
 
 def _probe_client(config: ControllerConfig, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
