@@ -119,6 +119,32 @@ def cpu_per_request(services: list[Service], send: Callable[[], float], n: int) 
     return {k: (after[k] - before[k]) * 1000 / n for k in before}  # type: ignore[operator]
 
 
+def three_paths(http: httpx.Client, url: dict[str, str], api_name: str) -> dict[str, Callable[[], float]]:
+    """The same chat sent to the worker, the controller and the API at `url` (once a model is registered)."""
+    deadline = time.monotonic() + 60
+    while not (models := http.post(url["controller"] + "/list_models").json()["models"]):
+        assert time.monotonic() < deadline, "the worker never registered"
+        time.sleep(0.2)
+    image = circle_png()
+    return {
+        "worker direct": lambda: ttft_worker(http, url["worker"], image),
+        "through the controller": lambda: ttft_worker(http, url["controller"], image, models[0]),
+        api_name: lambda: ttft_api(http, url["api"], models[0], image),
+    }
+
+
+def alternate(paths: dict[str, Callable[[], float]], rounds: int, warm: int = 3) -> dict[str, list[float]]:
+    """TTFTs of each path, the paths taking turns so machine noise hits them alike; `warm` rounds first."""
+    for _ in range(warm):
+        for send in paths.values():
+            send()
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in tqdm(range(rounds), desc="rounds"):
+        for name, send in paths.items():
+            times[name].append(send())
+    return times
+
+
 def stack(model_path: str | None, log_dir: Path, worker_threads: int = 0) -> tuple[list[Service], dict[str, str]]:
     ports = {name: free_port() for name in ("controller", "worker", "api")}
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
@@ -153,25 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         services, url = stack(args.model_path, Path(tmp), args.worker_threads)
         try:
             with httpx.Client(timeout=120) as http:
-                deadline = time.monotonic() + 60
-                while not (models := http.post(url["controller"] + "/list_models").json()["models"]):
-                    assert time.monotonic() < deadline, "the worker never registered"
-                    time.sleep(0.2)
-                image = circle_png()
-                direct, ctrl, api = [], [], []
-                for _ in range(3):  # warm every path
-                    ttft_worker(http, url["worker"], image)
-                    ttft_worker(http, url["controller"], image, models[0])
-                    ttft_api(http, url["api"], models[0], image)
-                for _ in tqdm(range(args.rounds), desc="rounds"):
-                    direct.append(ttft_worker(http, url["worker"], image))
-                    ctrl.append(ttft_worker(http, url["controller"], image, models[0]))
-                    api.append(ttft_api(http, url["api"], models[0], image))
-                paths: dict[str, Callable[[], float]] = {
-                    "worker direct": lambda: ttft_worker(http, url["worker"], image),
-                    "through the controller": lambda: ttft_worker(http, url["controller"], image, models[0]),
-                    "through the API": lambda: ttft_api(http, url["api"], models[0], image),
-                }
+                paths = three_paths(http, url, "through the API")
+                direct, ctrl, api = alternate(paths, args.rounds).values()
                 runs = args.cpu_requests
                 cpu = {name: cpu_per_request(services, send, runs) for name, send in paths.items()} if runs > 0 else {}
         finally:

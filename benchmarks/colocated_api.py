@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from api_overhead import circle_png, free_port, ttft_api, ttft_worker
+from api_overhead import alternate, free_port, three_paths
 
 from llava_serve.up import start, stop_all, wait_ready
 
@@ -136,22 +135,7 @@ def main() -> None:
         try:
             wait_ready(worker, 180)
             with httpx.Client(timeout=60) as http:
-                deadline = time.monotonic() + 60
-                while not (models := http.post(url["controller"] + "/list_models").json()["models"]):
-                    assert time.monotonic() < deadline, "the worker never registered"
-                    time.sleep(0.2)
-                image = circle_png()
-                paths = {
-                    "worker direct": lambda: ttft_worker(http, url["worker"], image),
-                    "through the controller": lambda: ttft_worker(http, url["controller"], image, models[0]),
-                    "through the co-located API": lambda: ttft_api(http, url["api"], models[0], image),
-                }
-                times: dict[str, list[float]] = {name: [] for name in paths}
-                for i in range(args.rounds + 3):  # 3 to warm every path
-                    for name, send in paths.items():
-                        took = send()
-                        if i >= 3:
-                            times[name].append(took)
+                times = alternate(three_paths(http, url, "through the co-located API"), args.rounds)
         finally:
             front.kill()
             stop_all([worker])
