@@ -35,9 +35,12 @@ class KVSlots:
         """Room for rows [0, rows) and positions [0, cols)."""
         if rows <= self.rows and cols <= self.cols:
             return
-        new_rows = min(self.max_rows + 1, max(rows, 2 * self.rows, 1))  # +1: the row being prefilled
-        new_cols = min(self.max_len, max(cols, 2 * self.cols, 64))
-        self._resize(max(new_rows, self.rows), max(new_cols, self.cols), live=min(rows, self.rows))
+        # each dimension doubles only when it is the one too small: growing rows must not double
+        # the columns too (five row doublings, 1 -> 16 rows, made a 55-column cache 1,760 wide:
+        # 32x the memory, a resize copy of seconds, and attention over views with a 32x stride)
+        new_rows = self.rows if rows <= self.rows else max(rows, min(self.max_rows, 2 * self.rows))
+        new_cols = self.cols if cols <= self.cols else max(cols, min(self.max_len, max(2 * self.cols, 64)))
+        self._resize(new_rows, new_cols, live=min(rows, self.rows))
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of row `src` into row `dst` (a request changed rows)."""

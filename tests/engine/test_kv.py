@@ -90,3 +90,21 @@ def test_slots_grow_keep_the_live_rows_and_move_rows() -> None:
     assert all(torch.equal(k[2, :, :10], k[0, :, :10]) for k in slots.keys)
     slots.free()
     assert slots.rows == 0 and slots.keys == []
+
+
+def test_slots_grow_only_the_dimension_that_is_too_small() -> None:
+    """Rows 1 -> 16 must not double the columns at each row growth (they did: 32x the memory)."""
+    from llava_serve.engine.slots import KVSlots
+
+    slots = KVSlots(num_layers=1, kv_heads=HEADS, head_dim=DIM, max_rows=16, max_len=4096)
+    slots.ensure(1, 100)
+    assert (slots.rows, slots.cols) == (1, 100)
+    for rows in range(2, 17):
+        slots.ensure(rows, 100)
+    assert (slots.rows, slots.cols) == (16, 100)
+    slots.ensure(16, 101)  # columns double; rows stay
+    assert (slots.rows, slots.cols) == (16, 200)
+    slots.ensure(16, 3000)  # beyond the doubling: what is asked
+    assert slots.cols == 3000
+    slots.ensure(16, 4000)  # the doubling is capped at the context length
+    assert slots.cols == 4096
