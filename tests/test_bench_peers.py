@@ -166,3 +166,19 @@ def test_the_ratio_table_shows_every_engine_of_the_run_not_only_peers() -> None:
     head = ratio_table(rows).splitlines()[0]
     assert head.index("batch:bfloat16 tok/s") < head.index("openvino-f32 tok/s")  # worker specs, then peers
     assert "| 33.0 | 0.61 |" in ratio_table(rows)
+
+
+def test_openvino_ir_gets_the_flat_preprocessor_config(tmp_path: Path) -> None:
+    """OpenVINO GenAI reads preprocessor_config.json only; transformers 5 nests it in processor_config.json."""
+    import json
+
+    from llava_serve.tools.peers.openvino import write_preprocessor_config
+
+    nested = {"image_processor": {"size": {"shortest_edge": 128}, "crop_size": {"height": 128, "width": 128}}}
+    (tmp_path / "processor_config.json").write_text(json.dumps({**nested, "patch_size": 16}))
+    write_preprocessor_config(tmp_path)
+    flat = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert flat["crop_size"] == {"height": 128, "width": 128} and flat["patch_size"] == 16
+    (tmp_path / "preprocessor_config.json").write_text("{}")  # the exporter's own file is left alone
+    write_preprocessor_config(tmp_path)
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text()) == {}

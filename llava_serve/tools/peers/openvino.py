@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -76,7 +77,24 @@ def export(model: Path, out: Path, variant: str, python: str) -> None:
             bar.update()
         if proc.wait() != 0:
             raise RuntimeError(f"OpenVINO export failed ({proc.returncode}); see {log}")
+    write_preprocessor_config(tmp)
     tmp.rename(out)
+
+
+def write_preprocessor_config(ir: Path) -> None:
+    """transformers 5 saves the image processor inside processor_config.json; OpenVINO GenAI 2026.4
+    reads only preprocessor_config.json and otherwise takes CLIP's 336 px defaults, which a tower of
+    another size rejects at its first request (a shape mismatch in the embeddings' Add). Write the
+    flat file the pipeline reads, from the nested one, unless the exporter wrote it."""
+    target, nested = ir / "preprocessor_config.json", ir / "processor_config.json"
+    if target.is_file() or not nested.is_file():
+        return
+    proc = json.loads(nested.read_text())
+    flat = dict(proc.get("image_processor", {}))
+    for key in ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens", "processor_class"):
+        if key in proc:
+            flat.setdefault(key, proc[key])
+    target.write_text(json.dumps(flat, indent=2) + "\n")
 
 
 class OpenVinoRunner(LineChild):
