@@ -70,7 +70,7 @@ def run_engine(lm, n: int, tokens: int, round_id: int, profile_steps: int, runne
     full_steps = 0  # decode-only steps with every row running; the profile looks at one of those
     with torch.inference_mode():
         while eng.scheduler.has_work():
-            full_steps += len(eng.scheduler.running) == n and eng.scheduler.prefilling is None
+            full_steps += len(eng.scheduler.running) == n and not eng.scheduler.prefilling
             t = time.perf_counter()
             if full_steps == 3 and profile_steps:
                 with torch.profiler.profile() as prof:

@@ -1,10 +1,10 @@
-"""One forward of a Llama/Mistral/Qwen2 decoder over decode rows and a prompt chunk, on slot KV.
+"""One forward of a Llama/Mistral/Qwen2 decoder over decode rows and prompt chunks, on slot KV.
 
 The tokens of a step are one flat batch [N, hidden]: one token for each decode row (rows 0..B-1
-of the slot cache) and optionally a chunk of one prompt (row B, positions start..start+c). The
-linear layers see all N rows at once, so a prompt chunk rides on the weight reads the decode rows
+of the slot cache), then chunks of prompts (each in its own row, positions start..start+c). The
+linear layers see all N rows at once, so prompt chunks ride on the weight reads the decode rows
 pay anyway; attention is split: the decode rows attend over their own lengths (a padding mask,
-no left padding), the chunk causally over its row. Rotary tables, the decode mask and the KV
+no left padding), each chunk causally over its row. Rotary tables, the decode mask and the KV
 indices are built once per step, not per layer.
 """
 
@@ -24,6 +24,7 @@ class PromptChunk:
     embeds: torch.Tensor  # [c, hidden]
     start: int  # position of the first embedding
     want_logits: bool  # the chunk ends the prompt: its last position is sampled
+    row: int  # its KV row
 
 
 @dataclass
@@ -37,7 +38,7 @@ class StepInputs:
     positions: torch.Tensor  # [B] where each decode row writes
     decode_len: int  # longest decode row after this step
     mask: torch.Tensor | None  # [B, 1, 1, decode_len], 0 or -inf (an additive mask is ~15% faster in SDPA)
-    chunk: PromptChunk | None
+    chunks: list[PromptChunk]
 
 
 class DecoderForward:
@@ -53,25 +54,28 @@ class DecoderForward:
         self.manual_decode = weights.embed.device.type == "cpu" and weights.embed.dtype != torch.float32
 
     @torch.inference_mode()
-    def __call__(self, tokens: list[int], positions: list[int], chunk: PromptChunk | None) -> torch.Tensor:
-        """Logits [B (+1 if the chunk wants them), vocab]: the decode rows', then the chunk's last."""
-        step = self._inputs(tokens, positions, chunk)
-        x = self._embed(tokens, chunk)
+    def __call__(self, tokens: list[int], positions: list[int], chunks: list[PromptChunk]) -> torch.Tensor:
+        """Logits [B + chunks that end their prompt, vocab]: the decode rows', then each such
+        chunk's last position, in order."""
+        step = self._inputs(tokens, positions, chunks)
+        x = self._embed(tokens, chunks)
         for layer, keys, values in zip(self.w.layers, self.kv.keys, self.kv.values):
             x = self._layer(layer, keys, values, x, step)
-        if chunk is not None and not chunk.want_logits:
-            x = x[: step.rows]
-        elif chunk is not None and step.rows:
-            x = torch.cat([x[: step.rows], x[-1:]])
-        elif chunk is not None:
-            x = x[-1:]
+        if chunks:
+            keep = list(range(step.rows))
+            end = step.rows
+            for chunk in chunks:
+                end += chunk.embeds.shape[0]
+                if chunk.want_logits:
+                    keep.append(end - 1)
+            x = x[keep] if len(keep) < x.shape[0] else x
         x = rms_norm(x, self.w.norm, self.w.eps)
         return self.w.lm_head(x)
 
-    def _inputs(self, tokens: list[int], positions: list[int], chunk: PromptChunk | None) -> StepInputs:
+    def _inputs(self, tokens: list[int], positions: list[int], chunks: list[PromptChunk]) -> StepInputs:
         device = self.w.embed.device
         all_pos = list(positions)
-        if chunk is not None:
+        for chunk in chunks:
             all_pos.extend(range(chunk.start, chunk.start + chunk.embeds.shape[0]))
         pos = torch.tensor(all_pos, device=device)
         rows = len(tokens)
@@ -92,15 +96,14 @@ class DecoderForward:
             positions=decode_pos,
             decode_len=decode_len,
             mask=mask,
-            chunk=chunk,
+            chunks=chunks,
         )
 
-    def _embed(self, tokens: list[int], chunk: PromptChunk | None) -> torch.Tensor:
+    def _embed(self, tokens: list[int], chunks: list[PromptChunk]) -> torch.Tensor:
         parts = []
         if tokens:
             parts.append(F.embedding(torch.tensor(tokens, device=self.w.embed.device), self.w.embed))
-        if chunk is not None:
-            parts.append(chunk.embeds.to(self.w.embed.dtype))
+        parts.extend(chunk.embeds.to(self.w.embed.dtype) for chunk in chunks)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _layer(
@@ -134,8 +137,12 @@ class DecoderForward:
                     q[:b].unsqueeze(2), k_rows, v_rows, attn_mask=step.mask, enable_gqa=self.gqa
                 )
                 outs.append(out.reshape(b, self.q_width))
-        if step.chunk is not None:
-            outs.append(self._chunk_attention(q[b:], k[b:], v[b:], keys, values, b, step.chunk.start))
+        at = b
+        for chunk in step.chunks:
+            c = chunk.embeds.shape[0]
+            sl = slice(at, at + c)
+            outs.append(self._chunk_attention(q[sl], k[sl], v[sl], keys, values, chunk.row, chunk.start))
+            at += c
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _chunk_attention(self, q, k, v, keys: torch.Tensor, values: torch.Tensor, row: int, start: int):

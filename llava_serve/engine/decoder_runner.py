@@ -54,17 +54,17 @@ class DecoderRunner(RunnerBase):
         rows = batch.decode
         tokens = [req.output_ids[-1] for req in rows]
         positions = [req.kv_len for req in rows]
-        chunk, req = None, batch.prefill
         end = max(positions, default=-1) + 1
-        if req is not None:
+        chunks = []
+        for i, (req, size) in enumerate(zip(batch.prefill, batch.chunks, strict=True)):
             assert req.prompt_embeds is not None
             start = req.num_computed
-            stop = min(req.prompt_len, start + batch.chunk)
-            chunk = PromptChunk(req.prompt_embeds[start:stop], start, stop == req.prompt_len)
+            stop = min(req.prompt_len, start + size)
+            chunks.append(PromptChunk(req.prompt_embeds[start:stop], start, stop == req.prompt_len, len(rows) + i))
             end = max(end, stop)
-        self.kv.ensure(len(rows) + (chunk is not None), end)
-        logits = self.forward(tokens, positions, chunk)
-        if req is not None and chunk is not None:
+        self.kv.ensure(len(rows) + len(chunks), end)
+        logits = self.forward(tokens, positions, chunks)
+        for req, chunk in zip(batch.prefill, chunks, strict=True):
             req.num_computed = chunk.start + chunk.embeds.shape[0]
             if req.prefilled:
                 req.prompt_embeds = None

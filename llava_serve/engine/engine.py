@@ -20,9 +20,10 @@ from llava_serve.models.base import LoadedModel
 
 log = logging.getLogger(__name__)
 MAX_FAILED_STEPS = 3
-# tokens one step handles while streams are decoding (decode rows + a prompt chunk); see
-# docs/benchmark.md for how it was chosen on CPU
+# tokens one step handles while streams are decoding, per request waiting for its first token
+# (decode rows + prompt chunks), and at most a step; see the scheduler and docs/benchmark.md
 STEP_TOKENS = 32
+MAX_STEP_TOKENS = 256
 
 
 class BatchEngine(EngineBase):
@@ -35,6 +36,7 @@ class BatchEngine(EngineBase):
         max_running: int = 5,
         max_waiting: int = 64,
         step_tokens: int = STEP_TOKENS,
+        max_step_tokens: int = MAX_STEP_TOKENS,
         feature_cache_size: int = 64,
         adapt_threads: bool = True,
         prepack: bool = True,
@@ -45,7 +47,7 @@ class BatchEngine(EngineBase):
         self.inbox: queue.Queue[Request | None] = queue.Queue()
         self.runner = build_runner(lm, max_running, feature_cache_size, prepack, prefix_cache_bytes, runner)
         chunk_budget = step_tokens if self.runner.chunked else None
-        self.scheduler = Scheduler(max_running, self.runner, chunk_budget)
+        self.scheduler = Scheduler(max_running, self.runner, chunk_budget, max_step_tokens)
         on_cpu = adapt_threads and lm.device.type == "cpu"
         self.tuner = ThreadTuner(torch.get_num_threads() if on_cpu else 1)
         self.failed_steps = 0
@@ -131,9 +133,8 @@ class BatchEngine(EngineBase):
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> None:
         batch = self.scheduler.schedule()
-        if batch.prefill is not None and not self._prepare(batch):
-            batch.prefill = None
-        if not batch.decode and batch.prefill is None:
+        self._prepare(batch)
+        if not batch.decode and not batch.prefill:
             return
         try:
             logits = self._run(batch)
@@ -144,39 +145,39 @@ class BatchEngine(EngineBase):
         self.failed_steps = 0
         self._postprocess(batch, logits)
 
-    def _prepare(self, batch: Batch) -> bool:
-        """A newcomer's images and embeddings; a request that fails here takes no other with it."""
-        req = batch.prefill
-        assert req is not None
-        if req.prompt_embeds is not None or req.num_computed:
-            return True
-        # with nothing decoding, the next newcomers' images go in the same vision batch
-        upcoming = [] if batch.decode else list(self.scheduler.waiting)[: self.max_running - 1]
-        try:
-            self.runner.begin_prefill(req, len(batch.decode), upcoming)
-        except torch.OutOfMemoryError:
-            log.exception("out of memory encoding a prompt")
-            self._leave(req, "error", OutOfMemory("out of memory encoding the images; retry with fewer or smaller"))
-            return False
-        except ServeError as exc:
-            self._leave(req, "error", exc)
-            return False
-        return True
+    def _prepare(self, batch: Batch) -> None:
+        """Newcomers' images and embeddings; a request that fails here leaves the batch and takes
+        no other with it."""
+        fresh = [r for r in batch.prefill if r.prompt_embeds is None and not r.num_computed]
+        # the batch's newcomers' images go in one vision batch; with nothing decoding, the next
+        # waiting ones' too
+        later = [] if batch.decode else list(self.scheduler.waiting)[: self.max_running - 1]
+        for i, req in enumerate(fresh):
+            try:
+                self.runner.begin_prefill(req, len(batch.decode) + batch.prefill.index(req), [*fresh[i + 1 :], *later])
+            except torch.OutOfMemoryError:
+                log.exception("out of memory encoding a prompt")
+                batch.drop(req)
+                self._leave(req, "error", OutOfMemory("out of memory encoding the images; retry with fewer or smaller"))
+            except ServeError as exc:
+                batch.drop(req)
+                self._leave(req, "error", exc)
 
     # the tuner probes thread counts on decode-only steps (short: a bad count costs one step);
     # steps that read a prompt run at the count it chose
     def _run(self, batch: Batch) -> torch.Tensor:
-        if batch.prefill is None:
+        if not batch.prefill:
             with self.tuner.timed(("decode", len(batch.decode))):
                 return self.runner.run(batch)
-        with self.tuner.timed(("prefill",), units=batch.chunk + len(batch.decode), probe=False):
+        with self.tuner.timed(("prefill",), units=batch.prompt_tokens + len(batch.decode), probe=False):
             return self.runner.run(batch)
 
     def _postprocess(self, batch: Batch, logits: torch.Tensor) -> None:
         rows = list(batch.decode)
-        if batch.prefill is not None and batch.prefill.prefilled:
-            self.scheduler.promote(batch.prefill)
-            rows.append(batch.prefill)
+        for req in batch.prefill:
+            if req.prefilled:
+                self.scheduler.promote(req)
+                rows.append(req)
         if not rows:
             return
         for req, token in zip(rows, sample(logits, rows), strict=True):
@@ -195,8 +196,7 @@ class BatchEngine(EngineBase):
         self._finish(req, reason, error)
 
     def _in_batch(self) -> list[Request]:
-        pending = [self.scheduler.prefilling] if self.scheduler.prefilling is not None else []
-        return [*self.scheduler.running, *pending]
+        return [*self.scheduler.running, *self.scheduler.prefilling]
 
     def _fail(self, requests: list[Request], error: ServeError) -> None:
         for req in requests:

@@ -1,7 +1,7 @@
 """Runners: the only code that calls the model. `HFRunner` is the transformers path.
 
 A runner turns a scheduled `Batch` into logits: one row per decode row (in row order), plus one
-for the prefilling request when this step finished its prompt. It also owns the vision side
+for each prefilling request whose prompt this step finished. It also owns the vision side
 (a content-keyed feature cache, newcomers' images in one vision batch) and the KV storage the
 scheduler moves rows in. `DecoderRunner` (decoder_runner.py) is the fast path for Llama, Mistral
 and Qwen2 decoders; `HFRunner` runs any model transformers loads, whole prompts only.
@@ -113,8 +113,8 @@ class HFRunner(RunnerBase):
         logits = []
         if batch.decode:
             logits.append(self.decode(batch.decode))
-        if batch.prefill is not None:
-            logits.append(self.prefill(batch.prefill).unsqueeze(0))
+        for req in batch.prefill:  # one whole prompt (the scheduler reads this runner's prompts unchunked)
+            logits.append(self.prefill(req).unsqueeze(0))
         return torch.cat(logits) if len(logits) > 1 else logits[0]
 
     def prefill(self, req: Request) -> torch.Tensor:

@@ -55,17 +55,21 @@ def request(ids: list[int], tokens: int) -> Request:
     return Request(prompt=EncodedPrompt(input_ids=list(ids)), params=params, sink=lambda out: None)
 
 
+shapes: list[tuple[int, int]] = []  # (decode rows, prompts) of each step of the last drive()
+
+
 def drive(eng: BatchEngine, arrivals: dict[int, list[Request]]) -> list[tuple[Request, int, torch.Tensor]]:
     """Step the engine in this thread; requests join at the given steps. Returns (request, position,
     logits) for every sampled row."""
     seen: list[tuple[Request, int, torch.Tensor]] = []
+    shapes.clear()
     run = eng.runner.run
 
     def recording_run(batch):
         logits = run(batch)
         rows = [(r, r.kv_len) for r in batch.decode]
-        if batch.prefill is not None and batch.prefill.prefilled:
-            rows.append((batch.prefill, batch.prefill.prompt_len - 1))
+        rows += [(r, r.prompt_len - 1) for r in batch.prefill if r.prefilled]
+        shapes.append((len(batch.decode), len(batch.prefill)))
         seen.extend((req, pos, row.clone()) for (req, pos), row in zip(rows, logits, strict=True))
         return logits
 
@@ -90,6 +94,7 @@ def test_logits_match_transformers_with_rows_joining_and_leaving(tokenizer, fami
     reqs = [request(p, n) for p, n in zip(ids, [9, 4, 12, 6, 7])]
     seen = drive(eng, {0: reqs[:2], 3: reqs[2:4], 6: reqs[4:]})
     assert {id(r) for r, _, _ in seen} == {id(r) for r in reqs}
+    assert any(d and p >= 2 for d, p in shapes), "some step reads two prompts beside decode rows"
     with torch.inference_mode():
         full = {id(r): lm.model(torch.tensor([r.prompt.input_ids + r.output_ids])).logits[0] for r in reqs}
     for req, pos, logits in seen:

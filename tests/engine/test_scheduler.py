@@ -31,60 +31,95 @@ def request(prompt_len: int) -> Request:
     return Request(EncodedPrompt(list(range(prompt_len))), SamplingParams(max_new_tokens=4), lambda out: None)
 
 
-def run_prefill(sched: Scheduler) -> Request:
+def run_prefill(sched: Scheduler) -> list[Request]:
+    """One step in which every prompt of the batch is read whole; they start decoding."""
     batch = sched.schedule()
-    assert batch.prefill is not None
-    batch.prefill.num_computed = batch.prefill.prompt_len
-    sched.promote(batch.prefill)
-    batch.prefill.output_ids.append(1)
+    for req in batch.prefill:
+        req.num_computed = req.prompt_len
+        sched.promote(req)
+        req.output_ids.append(1)
     return batch.prefill
 
 
-def test_prompts_are_read_in_chunks_only_beside_decode_rows() -> None:
-    sched = Scheduler(max_running=4, rows=Rows(), step_tokens=20)
+def test_one_newcomer_is_read_in_chunks_only_beside_decode_rows() -> None:
+    sched = Scheduler(max_running=4, rows=Rows(), step_tokens=20, max_step_tokens=64)
     a, b = request(50), request(50)
     sched.add(a)
-    sched.add(b)
-    assert sched.schedule().chunk == 50  # nothing decodes: the whole prompt at once
+    batch = sched.schedule()
+    assert batch.prefill == [a] and batch.chunks == [50]  # nothing decodes: the whole prompt at once
     a.num_computed = 50
     sched.promote(a)
+    sched.add(b)
     batch = sched.schedule()
-    assert batch.decode == [a] and batch.prefill is b and batch.chunk == 19  # 1 decode row + 19
+    assert batch.decode == [a] and batch.prefill == [b] and batch.chunks == [19]  # 1 decode row + 19
     for _ in range(3):
         sched.add(request(10))
     b.num_computed = 50
     sched.promote(b)
-    for _ in range(2):
-        run_prefill(sched)
+    assert len(run_prefill(sched)) == 2  # 2 decode rows, 2 free: 20 * 2 - 2 = 38 tokens, two prompts
     batch = sched.schedule()
-    assert len(batch.decode) == 4 and batch.prefill is None  # the batch is full: the last one waits
+    assert len(batch.decode) == 4 and batch.prefill == []  # the batch is full: the last one waits
     unchunked = Scheduler(max_running=4, rows=Rows(), step_tokens=None)
     unchunked.add(request(500))
+    unchunked.add(request(500))
     unchunked.running = [request(3)]
-    assert unchunked.schedule().chunk == 500
+    batch = unchunked.schedule()
+    assert batch.chunks == [500] and len(unchunked.prefilling) == 1  # whole prompts, one a step
     crowded = Scheduler(max_running=64, rows=Rows(), step_tokens=20)
     crowded.running = [request(3) for _ in range(30)]
     crowded.add(request(100))
-    assert crowded.schedule().chunk == MIN_CHUNK
+    assert crowded.schedule().chunks == [MIN_CHUNK]
 
 
-def test_a_leaving_row_is_filled_by_the_last_and_the_prefill_row_follows() -> None:
+def test_a_crowd_of_newcomers_is_read_in_large_steps_of_several_prompts() -> None:
+    """Budget: step_tokens per request waiting for its first token, capped at max_step_tokens, less
+    the decode rows; prompts are read in arrival order, several in one step."""
+    sched = Scheduler(max_running=8, rows=Rows(), step_tokens=16, max_step_tokens=100)
+    crowd = [request(30) for _ in range(6)]
+    for req in crowd:
+        sched.add(req)
+    batch = sched.schedule()  # nothing decodes; 6 pending: min(100, 16 * 6) = 96 tokens
+    # three whole prompts; the 6 tokens left are not worth a row (under MIN_CHUNK)
+    assert batch.prefill == crowd[:3] and batch.chunks == [30, 30, 30]
+    assert sched.prefilling == crowd[:3] and list(sched.waiting) == crowd[3:]
+    for req, size in zip(batch.prefill, batch.chunks, strict=True):
+        req.num_computed += size
+    for req in crowd[:2]:
+        sched.promote(req)
+        req.output_ids.append(1)
+    crowd[2].num_computed = 10  # as if it had been read only in part
+    batch = sched.schedule()  # 2 decode; 4 pending: 16 * 4 - 2 = 62 tokens, the part-read one first
+    assert batch.decode == crowd[:2]
+    assert batch.prefill == crowd[2:5] and batch.chunks == [20, 30, 12]
+    with_one = Scheduler(max_running=8, rows=Rows(), step_tokens=16, max_step_tokens=100)
+    with_one.running = [request(3) for _ in range(3)]
+    with_one.add(request(30))
+    with_one.add(request(30))
+    # 2 pending: 32 - 3 = 29 tokens; the second is not admitted for the 0 tokens left
+    assert with_one.schedule().chunks == [29] and len(with_one.prefilling) == 1
+
+
+def test_a_leaving_row_is_filled_by_the_last_and_the_prefill_rows_follow() -> None:
     rows = Rows()
-    sched = Scheduler(max_running=4, rows=rows, step_tokens=16)
+    sched = Scheduler(max_running=5, rows=rows, step_tokens=32, max_step_tokens=64)
     first, second, third = (request(5 + i) for i in range(3))
     for req in (first, second, third):
         sched.add(req)
         run_prefill(sched)
-    late = request(40)
+    late, later = request(40), request(40)
     sched.add(late)
-    sched.schedule()
-    late.num_computed = 12  # a chunk read into row 3
+    sched.add(later)
+    batch = sched.schedule()
+    assert batch.prefill == [late, later]
+    late.num_computed, later.num_computed = 29, 0  # rows 3 and 4
     sched.finish(first)
     assert sched.running == [third, second]
-    assert rows.moves == [(2, 0, third.prompt_len + 1), (3, 2, 12)]
-    assert rows.in_use[-1] == 3
-    sched.finish(late)  # cancelled mid-prompt: nothing to move
-    assert sched.prefilling is None and rows.in_use[-1] == 2
+    assert rows.moves == [(2, 0, third.prompt_len + 1), (3, 2, 29), (4, 3, 0)]
+    assert rows.in_use[-1] == 4
+    sched.finish(late)  # cancelled mid-prompt: the one after it closes up
+    assert sched.prefilling == [later] and rows.moves[-1] == (3, 2, 0) and rows.in_use[-1] == 3
+    sched.finish(later)
+    assert sched.prefilling == [] and rows.in_use[-1] == 2
 
 
 def kv(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
