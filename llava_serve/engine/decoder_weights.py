@@ -27,21 +27,22 @@ STATIC_ROPE = {"default", "linear", "llama3"}
 
 @dataclass
 class Linear:
-    """A weight (and bias), with an optional oneDNN-prepacked copy.
+    """A weight (and bias), with an optional oneDNN-prepacked copy, used for every call.
 
     oneDNN's packed kernel skips the per-call repacking that `F.linear` does (at 16 rows on the
-    2-core test machine that was about half the time of a matmul). In float32 it is slower than
-    `F.linear` at one row, so one row keeps `F.linear` (prepack.py has the figures). In bfloat16
-    the packed kernel is the fast one at every row count (AVX-512 BF16: 12 bench-sized weights,
-    1 row: 4.7 ms packed vs 56 ms `F.linear` vs 12.5 ms float32 `F.linear`; 16 rows: 4.9 ms vs
-    14.2 ms float32 packed), so a bfloat16 weight uses its packed copy for every call."""
+    2-core test machine that was about half the time of a matmul). At one row it streams the weight
+    faster than `F.linear`'s MKL GEMV too on this project's CI machine (AMD EPYC, 2 threads; 12
+    bench-sized float32 weights: 5.8-6.5 ms packed vs 8.6-10.8 ms, 21-24 vs 13-16 GB/s; `python
+    benchmarks/linear_kernels.py`), although an earlier measurement on a Sapphire Rapids machine had
+    it the other way (prepack.py). In bfloat16 the packed kernel is the fast one at every row count
+    (AVX-512 BF16: 1 row 4.7 ms packed vs 56 ms `F.linear`)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     packed: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or (x.shape[0] <= 1 and self.weight.dtype == torch.float32):
+        if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
