@@ -34,8 +34,8 @@ class StepInputs:
     rows: int  # decode rows
     cos: torch.Tensor  # [N, 1, head_dim]
     sin: torch.Tensor
-    row_index: torch.Tensor  # [B] decode rows
-    positions: torch.Tensor  # [B] where each decode row writes
+    kv_index: torch.Tensor  # [B * kv_heads] where each decode row's new key/value goes, as rows of the
+    # flat [rows * kv_heads * cols, head_dim] cache (index_copy_: ~10 us, advanced indexing ~135 us)
     decode_len: int  # longest decode row after this step
     mask: torch.Tensor | None  # [B, 1, 1, decode_len], 0 or -inf (an additive mask is ~15% faster in SDPA)
     chunks: list[PromptChunk]
@@ -92,12 +92,16 @@ class DecoderForward:
             rows=rows,
             cos=self.cos[pos].unsqueeze(1),
             sin=self.sin[pos].unsqueeze(1),
-            row_index=torch.arange(rows, device=device),
-            positions=decode_pos,
+            kv_index=self._kv_index(decode_pos),
             decode_len=decode_len,
             mask=mask,
             chunks=chunks,
         )
+
+    def _kv_index(self, positions: torch.Tensor) -> torch.Tensor:
+        heads = self.w.kv_heads
+        row_heads = torch.arange(positions.shape[0] * heads, device=positions.device).view(-1, heads)
+        return (row_heads * self.kv.cols + positions[:, None]).reshape(-1)
 
     def _embed(self, tokens: list[int], chunks: list[PromptChunk]) -> torch.Tensor:
         parts = []
@@ -127,8 +131,9 @@ class DecoderForward:
         b = step.rows
         outs = []
         if b:
-            keys[step.row_index, :, step.positions] = k[:b]
-            values[step.row_index, :, step.positions] = v[:b]
+            d = self.w.head_dim
+            keys.view(-1, d).index_copy_(0, step.kv_index, k[:b].reshape(-1, d))
+            values.view(-1, d).index_copy_(0, step.kv_index, v[:b].reshape(-1, d))
             k_rows, v_rows = keys[:b, :, : step.decode_len], values[:b, :, : step.decode_len]
             if self.manual_decode:
                 outs.append(decode_attention(q[:b], k_rows, v_rows, step.mask))
