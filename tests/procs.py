@@ -41,6 +41,7 @@ class Proc:
         self.argv = argv
         self.url = f"http://127.0.0.1:{port}"
         self._log_file = log_file
+        self._final_log: str | None = None
 
     @property
     def pid(self) -> int:
@@ -50,6 +51,8 @@ class Proc:
         return self.popen.poll() is None
 
     def log(self) -> str:
+        if self._final_log is not None:
+            return self._final_log
         return Path(self._log_file.name).read_text(errors="replace")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -61,7 +64,8 @@ class Proc:
         return self.popen.wait(timeout)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout`; closes the log. Returns the exit code."""
+        """SIGTERM, then SIGKILL after `timeout`; closes and removes the log file (`log()` still
+        answers). Returns the exit code."""
         if self.alive():
             self.kill(signal.SIGTERM)
             try:
@@ -69,7 +73,10 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.kill(signal.SIGKILL)
                 self.popen.wait(timeout)
-        self._log_file.close()
+        if self._final_log is None:  # kept in memory for log(); the file goes (it was left in /tmp)
+            self._log_file.close()
+            self._final_log = Path(self._log_file.name).read_text(errors="replace")
+            Path(self._log_file.name).unlink(missing_ok=True)
         return self.popen.returncode
 
     def __enter__(self) -> Proc:
