@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 
 from llava_serve.web.config import config_from_args
 
@@ -18,8 +19,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger(__name__).info(
         "web demo on http://%s:%d, controller %s", config.host, config.port, config.controller_url
     )
+    # uvicorn shuts down on SIGTERM and then raises the signal again with the handler it found: with
+    # the default one the process died there, before the upload folder (users' pictures) was removed
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     with private_uploads(config):  # before the app: Gradio reads the folder when it is built
         run_app(create_app(config), config.host, config.port, "info", config.connections)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

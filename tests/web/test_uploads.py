@@ -92,3 +92,17 @@ def test_private_upload_folder_is_owner_only_and_removed_at_exit(monkeypatch: py
 def test_uploads_are_deleted_after_their_max_age() -> None:
     app = create_app(WebConfig(upload_max_age=120))
     assert app.state.demo.delete_cache == (12, 120)
+
+
+def test_a_demo_stopped_by_sigterm_removes_its_upload_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn re-raises SIGTERM after its shutdown; with the default handler the process died there
+    and left the folder (with users' pictures) behind."""
+    from tests.procs import free_port, start_service
+
+    port = free_port()
+    argv = ["llava_serve.web", "--port", str(port), "--controller-url", "http://127.0.0.1:1"]
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    with start_service(argv, port, ready_path="/", env={"TMPDIR": str(tmp_path)}) as web:
+        assert len(list(tmp_path.glob("llava-serve-web-*"))) == 1
+    assert web.popen.returncode == 128 + 15
+    assert list(tmp_path.glob("llava-serve-web-*")) == []
