@@ -18,9 +18,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llava_serve.engine import cpu_gemv
+
 log = logging.getLogger(__name__)
 
 FAMILIES = {"llama", "mistral", "qwen2"}
+# float32 decoders with more linear weight bytes than this (several times the last-level cache, so
+# a one-row step streams them from memory) use the compiled one-row GEMV (cpu_gemv.py)
+GEMV_MIN_BYTES = 64 << 20
 # rope types whose frequencies do not depend on the sequence length (dynamic/longrope do)
 STATIC_ROPE = {"default", "linear", "llama3"}
 
@@ -40,8 +45,11 @@ class Linear:
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     packed: torch.Tensor | None = None
+    row_kernel: bool = False  # one-row calls go to cpu_gemv's compiled kernel
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_kernel and x.shape[0] == 1:
+            return cpu_gemv.gemv(x, self.weight, self.bias)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -136,6 +144,13 @@ def build_decoder_weights(model: Any, prepack_rows: int = 0) -> DecoderWeights:
         log.info("prepacked the decoder's %s linear weights for batches of %d rows", head.weight.dtype, prepack_rows)
     elif bf16 and head.weight.device.type == "cpu":
         log.warning("this CPU has no native bfloat16 matmul (oneDNN): bfloat16 weights decode slower than float32")
+    linears = _linears(weights)
+    size = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
+    on_cpu_f32 = head.weight.device.type == "cpu" and head.weight.dtype == torch.float32
+    if on_cpu_f32 and size >= GEMV_MIN_BYTES and cpu_gemv.kernel() is not None:
+        for lin in linears:
+            lin.row_kernel = lin.weight.is_contiguous()
+        log.info("one-row decode steps use the compiled float32 GEMV (%d MB of weights)", size >> 20)
     return weights
 
 
