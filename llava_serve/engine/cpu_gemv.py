@@ -12,7 +12,8 @@ bench-sized weights (`python benchmarks/linear_kernels.py --rows 1 --threads 2`)
 It is compiled once with the machine's C++ compiler through `torch.utils.cpp_extension` (about
 40 s on 2 cores; cached under torch's extensions folder) when a model big enough to be bound by
 its weight stream is loaded; where AVX-512, a compiler or the build is missing it is not used
-(a warning, and the oneDNN path as before). `LLAVA_SERVE_CPU_GEMV=0` turns it off.
+(a warning, and the oneDNN path as before); it needs a C++ compiler and `ninja` on PATH.
+`LLAVA_SERVE_CPU_GEMV=0` turns it off.
 Sums are taken in another order than oneDNN's (differences ~1e-6 relative).
 """
 
@@ -95,6 +96,8 @@ def wanted() -> str | None:
         return f"no AVX-512 ({torch.backends.cpu.get_cpu_capability()})"
     if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
         return "no C++ compiler"
+    if not shutil.which("ninja"):  # what torch's cpp_extension builds with (`pip install ninja` gives it)
+        return "no ninja on PATH"
     return None
 
 
