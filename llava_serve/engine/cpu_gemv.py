@@ -33,6 +33,10 @@ SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
 
 static inline float dot_tail(const float* w, const float* x, int64_t k0, int64_t in, __m512 acc) {
   if (k0 < in) {
@@ -42,48 +46,157 @@ static inline float dot_tail(const float* w, const float* x, int64_t k0, int64_t
   return _mm512_reduce_add_ps(acc);
 }
 
-// y[1, out] = x[1, in] @ w[out, in].T: each thread a contiguous block of rows, four rows a pass.
+// Y[out] = X[in] @ W[out, in].T for rows [r0, r1): four rows a pass over X.
+static void gemv_rows(const float* X, const float* W, float* Y, int64_t r0, int64_t r1, int64_t in) {
+  const int64_t body = in / 16 * 16;
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    const float* w0 = W + r * in;
+    const float* w1 = w0 + in;
+    const float* w2 = w1 + in;
+    const float* w3 = w2 + in;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t k = 0; k < body; k += 16) {
+      const __m512 xv = _mm512_loadu_ps(X + k);
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + k), xv, a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + k), xv, a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + k), xv, a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + k), xv, a3);
+    }
+    Y[r] = dot_tail(w0, X, body, in, a0);
+    Y[r + 1] = dot_tail(w1, X, body, in, a1);
+    Y[r + 2] = dot_tail(w2, X, body, in, a2);
+    Y[r + 3] = dot_tail(w3, X, body, in, a3);
+  }
+  for (; r < r1; ++r) {
+    const float* wr = W + r * in;
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t k = 0; k < body; k += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k), _mm512_loadu_ps(X + k), a);
+    Y[r] = dot_tail(wr, X, body, in, a);
+  }
+}
+
+// each thread a contiguous block of rows (one linear stream per thread), in blocks of four rows
+static void gemv_into(const float* X, const float* W, float* Y, int64_t out, int64_t in) {
+  at::parallel_for(0, (out + 3) / 4, 8, [&](int64_t begin, int64_t end) {
+    gemv_rows(X, W, Y, begin * 4, std::min(end * 4, out), in);
+  });
+}
+
+// y[1, out] = x[1, in] @ w[out, in].T
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "float32 only");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && w.dim() == 2 && x.numel() == w.size(1), "shapes");
-  const int64_t out = w.size(0), in = w.size(1), body = in / 16 * 16;
-  auto y = torch::empty({1, out}, x.options());
-  const float* X = x.data_ptr<float>();
-  const float* W = w.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
-  at::parallel_for(0, (out + 3) / 4, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t r = q * 4;
-      if (r + 4 <= out) {
-        const float* w0 = W + r * in;
-        const float* w1 = w0 + in;
-        const float* w2 = w1 + in;
-        const float* w3 = w2 + in;
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-        for (int64_t k = 0; k < body; k += 16) {
-          const __m512 xv = _mm512_loadu_ps(X + k);
-          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + k), xv, a0);
-          a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + k), xv, a1);
-          a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + k), xv, a2);
-          a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + k), xv, a3);
+  auto y = torch::empty({1, w.size(0)}, x.options());
+  pybind11::gil_scoped_release no_gil;  // the worker's event loop runs meanwhile
+  gemv_into(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), w.size(0), w.size(1));
+  return y;
+}
+
+static inline float dot(const float* a, const float* b, int64_t n) {
+  const int64_t body = n / 16 * 16;
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t k = 0; k < body; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
+  return dot_tail(a, b, body, n, acc);
+}
+
+// transformers' LlamaRMSNorm in float32: x * rsqrt(mean(x^2) + eps) * weight
+static void rms_norm(const float* x, const float* w, float* out, int64_t n, float eps) {
+  float ss = dot(x, x, n);
+  const float scale = 1.0f / std::sqrt(ss / (float)n + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * scale);
+}
+
+// rotate_half rope on one head: out[i] = x[i] cos[i] - x[i+h] sin[i]; out[i+h] = x[i+h] cos[i+h] + x[i] sin[i+h]
+static void rope(float* x, const float* c, const float* s, int64_t d) {
+  const int64_t h = d / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = x[i], b = x[i + h];
+    x[i] = a * c[i] - b * s[i];
+    x[i + h] = b * c[i + h] + a * s[i + h];
+  }
+}
+
+// One decode step of one row through every layer of a Llama/Mistral/Qwen2 decoder, float32: the
+// residual stream x [hidden] is updated in place. Weights are the fused QKV / gate-up matrices; the
+// new key and value go to row 0, position `pos` of each layer's cache [rows, kv_heads, cols, d],
+// and the query attends over positions [0, pos]. Biases: QKV only (Qwen2), or none.
+void decode_row(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::vector<torch::Tensor> qkv_w,
+                std::vector<torch::Tensor> qkv_b, std::vector<torch::Tensor> o_w,
+                std::vector<torch::Tensor> post_norm, std::vector<torch::Tensor> gate_up_w,
+                std::vector<torch::Tensor> down_w, std::vector<torch::Tensor> keys,
+                std::vector<torch::Tensor> values, torch::Tensor cos, torch::Tensor sin, int64_t pos,
+                int64_t heads, int64_t kv_heads, double eps) {
+  const int64_t layers = (int64_t)qkv_w.size();
+  const int64_t hidden = x.numel(), d = cos.numel();
+  const int64_t qw = heads * d, kw = kv_heads * d, inter = down_w[0].size(1), group = heads / kv_heads;
+  TORCH_CHECK(x.is_contiguous() && x.dtype() == torch::kFloat32, "x: contiguous float32");
+  TORCH_CHECK(qkv_b.empty() || (int64_t)qkv_b.size() == layers, "qkv biases: none or one per layer");
+  const int64_t cols = keys[0].size(2), len = pos + 1;
+  TORCH_CHECK(pos < cols, "position beyond the cache");
+  std::vector<float> h(hidden), qkv(qw + 2 * kw), attn(qw), gu(2 * inter), act(inter), y(std::max(hidden, inter));
+  std::vector<float> scores(heads * len);
+  float* X = x.data_ptr<float>();
+  const float* C = cos.data_ptr<float>();
+  const float* S = sin.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt((float)d);
+  for (int64_t l = 0; l < layers; ++l)
+    for (auto* t : {&qkv_w[l], &o_w[l], &gate_up_w[l], &down_w[l], &keys[l], &values[l]})
+      TORCH_CHECK(t->is_contiguous() && t->dtype() == torch::kFloat32, "weights and cache: contiguous float32");
+  // a step takes ~20 ms: holding the GIL through it would stall the worker's event loop (frames,
+  // new requests) and hand the GIL back to this thread only after Python's switch interval
+  pybind11::gil_scoped_release no_gil;
+  for (int64_t l = 0; l < layers; ++l) {
+    rms_norm(X, in_norm[l].data_ptr<float>(), h.data(), hidden, (float)eps);
+    gemv_into(h.data(), qkv_w[l].data_ptr<float>(), qkv.data(), qw + 2 * kw, hidden);
+    if (!qkv_b.empty()) {
+      const float* b = qkv_b[l].data_ptr<float>();
+      for (int64_t i = 0; i < qw + 2 * kw; ++i) qkv[i] += b[i];
+    }
+    for (int64_t hd = 0; hd < heads + kv_heads; ++hd) rope(qkv.data() + hd * d, C, S, d);
+    float* K = keys[l].data_ptr<float>();  // row 0: [kv_heads, cols, d]
+    float* V = values[l].data_ptr<float>();
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      std::memcpy(K + (g * cols + pos) * d, qkv.data() + qw + g * d, d * sizeof(float));
+      std::memcpy(V + (g * cols + pos) * d, qkv.data() + qw + kw + g * d, d * sizeof(float));
+    }
+    at::parallel_for(0, heads, 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t hd = h0; hd < h1; ++hd) {
+        const float* q = qkv.data() + hd * d;
+        const float* Kh = K + (hd / group) * cols * d;
+        const float* Vh = V + (hd / group) * cols * d;
+        float* sc = scores.data() + hd * len;
+        float mx = -INFINITY;
+        for (int64_t p = 0; p < len; ++p) {
+          sc[p] = dot(q, Kh + p * d, d) * scale;
+          mx = std::max(mx, sc[p]);
         }
-        Y[r] = dot_tail(w0, X, body, in, a0);
-        Y[r + 1] = dot_tail(w1, X, body, in, a1);
-        Y[r + 2] = dot_tail(w2, X, body, in, a2);
-        Y[r + 3] = dot_tail(w3, X, body, in, a3);
-      } else {
-        for (int64_t row = r; row < out; ++row) {
-          const float* wr = W + row * in;
-          __m512 a = _mm512_setzero_ps();
-          for (int64_t k = 0; k < body; k += 16)
-            a = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k), _mm512_loadu_ps(X + k), a);
-          Y[row] = dot_tail(wr, X, body, in, a);
+        float sum = 0.f;
+        for (int64_t p = 0; p < len; ++p) {
+          sc[p] = std::exp(sc[p] - mx);
+          sum += sc[p];
+        }
+        float* o = attn.data() + hd * d;
+        std::fill(o, o + d, 0.f);
+        for (int64_t p = 0; p < len; ++p) {
+          const float wgt = sc[p] / sum;
+          const float* v = Vh + p * d;
+          for (int64_t i = 0; i < d; ++i) o[i] += wgt * v[i];
         }
       }
+    });
+    gemv_into(attn.data(), o_w[l].data_ptr<float>(), y.data(), hidden, qw);
+    for (int64_t i = 0; i < hidden; ++i) X[i] += y[i];
+    rms_norm(X, post_norm[l].data_ptr<float>(), h.data(), hidden, (float)eps);
+    gemv_into(h.data(), gate_up_w[l].data_ptr<float>(), gu.data(), 2 * inter, hidden);
+    for (int64_t i = 0; i < inter; ++i) {
+      const float g = gu[i];
+      act[i] = g / (1.0f + std::exp(-g)) * gu[inter + i];
     }
-  });
-  return y;
+    gemv_into(act.data(), down_w[l].data_ptr<float>(), y.data(), hidden, inter);
+    for (int64_t i = 0; i < hidden; ++i) X[i] += y[i];
+  }
 }
 """
 
@@ -115,7 +228,7 @@ def kernel() -> Any | None:
         return load_inline(
             "llava_serve_cpu_gemv",
             cpp_sources=SOURCE,
-            functions=["gemv"],
+            functions=["gemv", "decode_row"],
             extra_cflags=["-O3", "-mavx512f", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -131,3 +244,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     assert module is not None
     y = module.gemv(x.contiguous(), weight)
     return y if bias is None else y.add_(bias)
+
+
+def decode_row(x: torch.Tensor, *args: Any) -> None:
+    """One row's decode step through every layer, in place on x [hidden] (decoder.RowStep)."""
+    module = kernel()
+    assert module is not None
+    module.decode_row(x, *args)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llava_serve.engine import cpu_gemv
 from llava_serve.engine.decoder_weights import DecoderWeights, LayerWeights
 from llava_serve.engine.slots import KVSlots
 
@@ -52,11 +53,16 @@ class DecoderForward:
         # torch's CPU flash kernel is ~3.7x slower in bfloat16 than in float32 at one query per row
         # (8 rows x 16 heads x 400 positions: 16.6 vs 4.4 ms); two batched matmuls are not (4.7 ms)
         self.manual_decode = weights.embed.device.type == "cpu" and weights.embed.dtype != torch.float32
+        # a decode step of one row and nothing else goes through every layer in one compiled call
+        self.row_step = RowStep(weights) if RowStep.applies(weights) else None
 
     @torch.inference_mode()
     def __call__(self, tokens: list[int], positions: list[int], chunks: list[PromptChunk]) -> torch.Tensor:
         """Logits [B + chunks that end their prompt, vocab]: the decode rows', then each such
         chunk's last position, in order."""
+        if self.row_step is not None and len(tokens) == 1 and not chunks:
+            x = self.row_step(tokens[0], positions[0], self.kv, self.cos, self.sin)
+            return self.w.lm_head(rms_norm(x, self.w.norm, self.w.eps))
         step = self._inputs(tokens, positions, chunks)
         x = self._embed(tokens, chunks)
         for layer, keys, values in zip(self.w.layers, self.kv.keys, self.kv.values):
@@ -167,6 +173,66 @@ class DecoderForward:
             enable_gqa=self.gqa,
         )
         return out[0].transpose(0, 1).reshape(c, self.q_width)
+
+
+class RowStep:
+    """A decode step of one row through all layers in one call of the compiled kernel
+    (cpu_gemv.decode_row): norms, QKV, rotary, the cache write, attention, output, MLP, with no
+    Python or torch dispatch between them. At one row a step is the weight stream; the ~350 small
+    torch ops of the layer-by-layer path (norms, rotary, SDPA's set-up, slicing) cost ~5 ms of a
+    ~25 ms step on the bench checkpoint. Used where the one-row GEMV is (float32 on CPU, weights
+    that stream from memory) and the decoder has no bias but QKV's."""
+
+    def __init__(self, w: DecoderWeights) -> None:
+        self.w = w
+        layers = w.layers
+        self.args = (
+            [layer.input_norm for layer in layers],
+            [layer.qkv.weight for layer in layers],
+            [layer.qkv.bias for layer in layers] if layers[0].qkv.bias is not None else [],
+            [layer.o.weight for layer in layers],
+            [layer.post_norm for layer in layers],
+            [layer.gate_up.weight for layer in layers],
+            [layer.down.weight for layer in layers],
+        )
+
+    @staticmethod
+    def applies(w: DecoderWeights) -> bool:
+        if not w.lm_head.row_kernel or not w.layers:
+            return False
+        layers = w.layers
+        if any(lin.bias is not None for layer in layers for lin in (layer.o, layer.gate_up, layer.down)):
+            return False
+        qkv_biases = [layer.qkv.bias for layer in layers if layer.qkv.bias is not None]
+        if qkv_biases and len(qkv_biases) != len(layers):
+            return False
+        tensors = [t for layer in layers for t in (layer.input_norm, layer.post_norm)] + qkv_biases
+        tensors += [lin.weight for layer in layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        return all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in tensors)
+
+    def __call__(self, token: int, pos: int, kv: KVSlots, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = self.w.embed[token].clone()
+        norms, qkv, qkv_b, o, post, gate_up, down = self.args
+        w = self.w
+        cpu_gemv.decode_row(
+            x,
+            norms,
+            qkv,
+            qkv_b,
+            o,
+            post,
+            gate_up,
+            down,
+            kv.keys,
+            kv.values,
+            cos[pos],
+            sin[pos],
+            pos,
+            w.heads,
+            w.kv_heads,
+            w.eps,
+        )
+        return x.view(1, -1)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):

@@ -61,3 +61,58 @@ def tokenizer():
     from llava_serve.tools.checkpoints.hf import SIZES, build_tokenizer
 
     return build_tokenizer(SIZES["tiny"].vocab)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_one_row_steps_in_one_kernel_call_match_the_layer_by_layer_path(built, tokenizer, family, monkeypatch) -> None:
+    """decode_row (every layer of a one-row step in one call) against the torch ops it replaces, at
+    every position of three requests (grouped-query heads; Qwen2's QKV bias), then against
+    transformers through the engine."""
+    monkeypatch.setattr(decoder_weights, "GEMV_MIN_BYTES", 0)
+    lm = tiny_lm(tokenizer, family)
+    eng = BatchEngine(lm, max_running=1, max_waiting=8, adapt_threads=False, prefix_cache_bytes=0)
+    forward = eng.runner.forward
+    assert forward.row_step is not None
+    assert forward.w.heads != forward.w.kv_heads  # the tiny config has grouped-query heads
+    calls = 0
+    row_step = forward.row_step
+
+    def compared(token, pos, kv, cos, sin):
+        nonlocal calls
+        calls += 1
+        keys = [k.clone() for k in kv.keys]
+        values = [v.clone() for v in kv.values]
+        forward.row_step = None  # the layer-by-layer path, on copies of the cache
+        saved = kv.keys, kv.values
+        kv.keys, kv.values = keys, values
+        try:
+            step = forward._inputs([token], [pos], [])
+            x = forward._embed([token], [])
+            for layer, k, v in zip(forward.w.layers, keys, values, strict=True):
+                x = forward._layer(layer, k, v, x, step)
+        finally:
+            kv.keys, kv.values = saved
+            forward.row_step = compared
+        fused = row_step(token, pos, kv, cos, sin)
+        torch.testing.assert_close(fused, x, atol=1e-5, rtol=1e-5)
+        for a, b in zip([*kv.keys, *kv.values], [*keys, *values], strict=True):
+            torch.testing.assert_close(a[0, :, : pos + 1], b[0, :, : pos + 1], atol=1e-6, rtol=1e-6)
+        return fused
+
+    forward.row_step = compared
+    reqs = [request(p, n) for p, n in zip(prompts(3, base=6), [7, 5, 9])]
+    seen = [s for req in reqs for s in drive(eng, {0: [req]})]  # one at a time: decode-only steps
+    assert calls == 7 + 5 + 9 - 3  # every step after each prompt's (which samples the first token)
+    with torch.inference_mode():
+        full = {id(r): lm.model(torch.tensor([r.prompt.input_ids + r.output_ids])).logits[0] for r in reqs}
+    for req, pos, logits in seen:
+        torch.testing.assert_close(logits, full[id(req)][pos], atol=1e-4, rtol=1e-4)
+
+
+def test_the_row_step_is_not_used_where_the_kernel_cannot_run_the_layers(tokenizer, monkeypatch) -> None:
+    """A bias on the output or MLP projections (no kernel support) keeps the layer-by-layer path."""
+    monkeypatch.setattr(decoder_weights, "GEMV_MIN_BYTES", 0)
+    lm = tiny_lm(tokenizer, "llama", mlp_bias=True)
+    eng = BatchEngine(lm, max_running=1, max_waiting=8, adapt_threads=False, prefix_cache_bytes=0)
+    assert eng.runner.forward.w.layers[0].qkv.row_kernel
+    assert eng.runner.forward.row_step is None
