@@ -39,6 +39,7 @@ class StepInputs:
     # flat [rows * kv_heads * cols, head_dim] cache (index_copy_: ~10 us, advanced indexing ~135 us)
     decode_len: int  # longest decode row after this step
     mask: torch.Tensor | None  # [B, 1, 1, decode_len], 0 or -inf (an additive mask is ~15% faster in SDPA)
+    lengths: torch.Tensor  # [B] each decode row's length after this step (the compiled attention's mask)
     chunks: list[PromptChunk]
 
 
@@ -55,6 +56,10 @@ class DecoderForward:
         self.manual_decode = weights.embed.device.type == "cpu" and weights.embed.dtype != torch.float32
         # a decode step of one row and nothing else goes through every layer in one compiled call
         self.row_step = RowStep(weights) if RowStep.applies(weights) else None
+        # float32 decode rows attend through the compiled kernel where it is loaded: torch's CPU flash
+        # kernel is built for long runs of queries and took ~1.4 ms a layer at 16 rows x ~150
+        # positions (bench checkpoint, 16-row decode step in process: 66-81 -> 49-55 ms)
+        self.kernel_attention = weights.lm_head.row_kernel and weights.embed.dtype == torch.float32
 
     @torch.inference_mode()
     def __call__(self, tokens: list[int], positions: list[int], chunks: list[PromptChunk]) -> torch.Tensor:
@@ -101,6 +106,7 @@ class DecoderForward:
             kv_index=self._kv_index(decode_pos),
             decode_len=decode_len,
             mask=mask,
+            lengths=decode_pos + 1,
             chunks=chunks,
         )
 
@@ -141,7 +147,9 @@ class DecoderForward:
             keys.view(-1, d).index_copy_(0, step.kv_index, k[:b].reshape(-1, d))
             values.view(-1, d).index_copy_(0, step.kv_index, v[:b].reshape(-1, d))
             k_rows, v_rows = keys[:b, :, : step.decode_len], values[:b, :, : step.decode_len]
-            if self.manual_decode:
+            if self.kernel_attention:
+                outs.append(cpu_gemv.attention(q[:b], keys, values, step.lengths))
+            elif self.manual_decode:
                 outs.append(decode_attention(q[:b], k_rows, v_rows, step.mask))
             else:
                 out = F.scaled_dot_product_attention(

@@ -116,3 +116,45 @@ def test_the_row_step_is_not_used_where_the_kernel_cannot_run_the_layers(tokeniz
     eng = BatchEngine(lm, max_running=1, max_waiting=8, adapt_threads=False, prefix_cache_bytes=0)
     assert eng.runner.forward.w.layers[0].qkv.row_kernel
     assert eng.runner.forward.row_step is None
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_the_decode_attention_kernel_equals_sdpa(built, kv_heads) -> None:
+    """One query per row over rows of different lengths in a wider cache, grouped-query heads."""
+    gen = torch.Generator().manual_seed(kv_heads)
+    b, heads, d, cols = 3, 8, 24, 40
+    q = torch.randn(b, heads, d, generator=gen)
+    keys, values = (torch.randn(b + 1, kv_heads, cols, d, generator=gen) for _ in range(2))
+    lengths = torch.tensor([21, 1, 33])
+    got = cpu_gemv.attention(q, keys, values, lengths)
+    for row in range(b):
+        n = int(lengths[row])
+        expected = F.scaled_dot_product_attention(
+            q[row : row + 1].unsqueeze(2),
+            keys[row : row + 1, :, :n],
+            values[row : row + 1, :, :n],
+            enable_gqa=kv_heads != heads,
+        ).reshape(heads * d)
+        torch.testing.assert_close(got[row], expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_gemv.attention(q, keys, values, torch.tensor([21, 0, 33]))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_decode_rows_through_the_attention_kernel_match_transformers(built, tokenizer, family, monkeypatch) -> None:
+    """Rows joining and leaving (several decode rows a step, prompt chunks beside them) with the
+    compiled kernels on: logits equal transformers' at every sampled position."""
+    monkeypatch.setattr(decoder_weights, "GEMV_MIN_BYTES", 0)
+    lm = tiny_lm(tokenizer, family)
+    eng = BatchEngine(lm, max_running=3, max_waiting=8, step_tokens=12, adapt_threads=False, prefix_cache_bytes=0)
+    assert eng.runner.forward.kernel_attention
+    calls = []
+    real = cpu_gemv.attention
+    monkeypatch.setattr(cpu_gemv, "attention", lambda q, *a: calls.append(q.shape[0]) or real(q, *a))
+    reqs = [request(p, n) for p, n in zip(prompts(5, base=6), [9, 4, 12, 6, 7])]
+    seen = drive(eng, {0: reqs[:2], 3: reqs[2:4], 6: reqs[4:]})
+    assert max(calls) == 3
+    with torch.inference_mode():
+        full = {id(r): lm.model(torch.tensor([r.prompt.input_ids + r.output_ids])).logits[0] for r in reqs}
+    for req, pos, logits in seen:
+        torch.testing.assert_close(logits, full[id(req)][pos], atol=1e-4, rtol=1e-4)
