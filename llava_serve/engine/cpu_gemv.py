@@ -1,4 +1,5 @@
-"""A float32 matrix-vector product for one-row decode steps on AVX-512 CPUs.
+"""Compiled float32 kernels for decode steps on AVX-512 CPUs: a one-row GEMV, a whole one-row
+decoder step, and decode attention.
 
 At one row a decode step is the weight stream: every weight is read once to multiply one vector.
 PyTorch's kernels for it read float32 weights at 13-16 GB/s (MKL's GEMV under `F.linear`) and
@@ -13,8 +14,17 @@ It is compiled once with the machine's C++ compiler through `torch.utils.cpp_ext
 40 s on 2 cores; cached under torch's extensions folder) when a model big enough to be bound by
 its weight stream is loaded; where AVX-512, a compiler or the build is missing it is not used
 (a warning, and the oneDNN path as before); it needs a C++ compiler and `ninja` on PATH.
-`LLAVA_SERVE_CPU_GEMV=0` turns it off.
+`LLAVA_SERVE_CPU_GEMV=0` turns it off; `LLAVA_SERVE_CPU_GEMV=all` uses it for models of any size
+(for checks on small models; their weights stay in cache, where oneDNN's kernels are as fast).
 Sums are taken in another order than oneDNN's (differences ~1e-6 relative).
+
+Built on the GEMV, `decode_row` runs a one-row step through every layer in one call (RMS norms,
+fused QKV, rotary, the cache write, attention, output projection, SiLU MLP; decoder.RowStep),
+so the ~350 small torch ops of the layer-by-layer path and their dispatch are gone from the
+step; `decode_attention` is attention for decode rows (one query per row, each over its own
+length of the slot cache), which torch's CPU flash kernel does slowly (it blocks queries for
+long query runs). Both release the GIL while they run, so the worker's event loop keeps
+streaming.
 """
 
 from __future__ import annotations
@@ -35,34 +45,60 @@ SOURCE = r"""
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
-static inline float dot_tail(const float* w, const float* x, int64_t k0, int64_t in, __m512 acc) {
+// Weights and the KV cache are float or bfloat16 (bits in a uint16_t); arithmetic is float32.
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+static inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+static inline float tof(float v) { return v; }
+static inline float tof(uint16_t v) {
+  uint32_t u = (uint32_t)v << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static inline void put(float* dst, float v) { *dst = v; }
+static inline void put(uint16_t* dst, float v) {  // round to nearest even, as torch's .to(bfloat16)
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  *dst = std::isnan(v) ? (uint16_t)0x7FC0 : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+template <typename W>
+static inline float dot_tail(const W* w, const float* x, int64_t k0, int64_t in, __m512 acc) {
   if (k0 < in) {
     const __mmask16 m = (__mmask16)((1u << (in - k0)) - 1u);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + k0), _mm512_maskz_loadu_ps(m, x + k0), acc);
+    acc = _mm512_fmadd_ps(load16(w + k0, m), _mm512_maskz_loadu_ps(m, x + k0), acc);
   }
   return _mm512_reduce_add_ps(acc);
 }
 
 // Y[out] = X[in] @ W[out, in].T for rows [r0, r1): four rows a pass over X.
-static void gemv_rows(const float* X, const float* W, float* Y, int64_t r0, int64_t r1, int64_t in) {
+template <typename W>
+static void gemv_rows(const float* X, const W* Wt, float* Y, int64_t r0, int64_t r1, int64_t in) {
   const int64_t body = in / 16 * 16;
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4) {
-    const float* w0 = W + r * in;
-    const float* w1 = w0 + in;
-    const float* w2 = w1 + in;
-    const float* w3 = w2 + in;
+    const W* w0 = Wt + r * in;
+    const W* w1 = w0 + in;
+    const W* w2 = w1 + in;
+    const W* w3 = w2 + in;
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     for (int64_t k = 0; k < body; k += 16) {
       const __m512 xv = _mm512_loadu_ps(X + k);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + k), xv, a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + k), xv, a1);
-      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + k), xv, a2);
-      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + k), xv, a3);
+      a0 = _mm512_fmadd_ps(load16(w0 + k), xv, a0);
+      a1 = _mm512_fmadd_ps(load16(w1 + k), xv, a1);
+      a2 = _mm512_fmadd_ps(load16(w2 + k), xv, a2);
+      a3 = _mm512_fmadd_ps(load16(w3 + k), xv, a3);
     }
     Y[r] = dot_tail(w0, X, body, in, a0);
     Y[r + 1] = dot_tail(w1, X, body, in, a1);
@@ -70,21 +106,87 @@ static void gemv_rows(const float* X, const float* W, float* Y, int64_t r0, int6
     Y[r + 3] = dot_tail(w3, X, body, in, a3);
   }
   for (; r < r1; ++r) {
-    const float* wr = W + r * in;
+    const W* wr = Wt + r * in;
     __m512 a = _mm512_setzero_ps();
-    for (int64_t k = 0; k < body; k += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k), _mm512_loadu_ps(X + k), a);
+    for (int64_t k = 0; k < body; k += 16) a = _mm512_fmadd_ps(load16(wr + k), _mm512_loadu_ps(X + k), a);
     Y[r] = dot_tail(wr, X, body, in, a);
   }
 }
 
 // each thread a contiguous block of rows (one linear stream per thread), in blocks of four rows
-static void gemv_into(const float* X, const float* W, float* Y, int64_t out, int64_t in) {
+template <typename W>
+static void gemv_into(const float* X, const W* Wt, float* Y, int64_t out, int64_t in) {
   at::parallel_for(0, (out + 3) / 4, 8, [&](int64_t begin, int64_t end) {
-    gemv_rows(X, W, Y, begin * 4, std::min(end * 4, out), in);
+    gemv_rows(X, Wt, Y, begin * 4, std::min(end * 4, out), in);
   });
 }
 
-// y[1, out] = x[1, in] @ w[out, in].T
+// bfloat16 weights on CPUs with AVX512_BF16: the input is rounded to bfloat16 once (as oneDNN's
+// bfloat16 matmul takes it) and each instruction multiplies 32 weight/input pairs into float32 sums
+// (vdpbf16ps). Converting the weights to float32 instead (shift, FMA) is bound by those
+// conversions: ~20 GB/s of weights against the memory's ~30 on the 2-core EPYC this was written on.
+__attribute__((target("avx512bf16"))) static inline float dp_row_tail(const uint16_t* w, const uint16_t* x,
+                                                                      int64_t body, __mmask32 tail, __m512 acc) {
+  if (tail)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(tail, w + body),
+                           (__m512bh)_mm512_maskz_loadu_epi16(tail, x + body));
+  return _mm512_reduce_add_ps(acc);
+}
+
+__attribute__((target("avx512bf16"))) static void gemv_rows_dp(const uint16_t* X, const uint16_t* Wt, float* Y,
+                                                                int64_t r0, int64_t r1, int64_t in) {
+  const int64_t body = in / 32 * 32;
+  const __mmask32 tail = (__mmask32)((1ull << (in - body)) - 1ull);
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    const uint16_t* w0 = Wt + r * in;
+    const uint16_t* w1 = w0 + in;
+    const uint16_t* w2 = w1 + in;
+    const uint16_t* w3 = w2 + in;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t k = 0; k < body; k += 32) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(X + k);
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w0 + k), xv);
+      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w1 + k), xv);
+      a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w2 + k), xv);
+      a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w3 + k), xv);
+    }
+    Y[r] = dp_row_tail(w0, X, body, tail, a0);
+    Y[r + 1] = dp_row_tail(w1, X, body, tail, a1);
+    Y[r + 2] = dp_row_tail(w2, X, body, tail, a2);
+    Y[r + 3] = dp_row_tail(w3, X, body, tail, a3);
+  }
+  for (; r < r1; ++r) {
+    const uint16_t* wr = Wt + r * in;
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t k = 0; k < body; k += 32)
+      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(X + k));
+    Y[r] = dp_row_tail(wr, X, body, tail, a);
+  }
+}
+
+static bool has_bf16_dot() {
+  static const bool yes = [] {
+    __builtin_cpu_init();  // this runs from a shared library's code, maybe before GCC's own init
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return yes;
+}
+
+static void gemv_into(const float* X, const uint16_t* Wt, float* Y, int64_t out, int64_t in) {
+  if (!has_bf16_dot()) {
+    gemv_into<uint16_t>(X, Wt, Y, out, in);
+    return;
+  }
+  std::vector<uint16_t> xb(in);
+  for (int64_t i = 0; i < in; ++i) put(&xb[i], X[i]);
+  at::parallel_for(0, (out + 3) / 4, 8, [&](int64_t begin, int64_t end) {
+    gemv_rows_dp(xb.data(), Wt, Y, begin * 4, std::min(end * 4, out), in);
+  });
+}
+
+// y[1, out] = x[1, in] @ w[out, in].T (float32)
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "float32 only");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && w.dim() == 2 && x.numel() == w.size(1), "shapes");
@@ -94,18 +196,20 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
-static inline float dot(const float* a, const float* b, int64_t n) {
+template <typename W>
+static inline float dot(const float* a, const W* b, int64_t n) {
   const int64_t body = n / 16 * 16;
   __m512 acc = _mm512_setzero_ps();
-  for (int64_t k = 0; k < body; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
-  return dot_tail(a, b, body, n, acc);
+  for (int64_t k = 0; k < body; k += 16) acc = _mm512_fmadd_ps(load16(b + k), _mm512_loadu_ps(a + k), acc);
+  return dot_tail(b, a, body, n, acc);
 }
 
-// transformers' LlamaRMSNorm in float32: x * rsqrt(mean(x^2) + eps) * weight
-static void rms_norm(const float* x, const float* w, float* out, int64_t n, float eps) {
-  float ss = dot(x, x, n);
+// transformers' LlamaRMSNorm: x * rsqrt(mean(x^2) + eps) * weight
+template <typename W>
+static void rms_norm(const float* x, const W* w, float* out, int64_t n, float eps) {
+  const float ss = dot(x, x, n);
   const float scale = 1.0f / std::sqrt(ss / (float)n + eps);
-  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * scale);
+  for (int64_t i = 0; i < n; ++i) out[i] = tof(w[i]) * (x[i] * scale);
 }
 
 // rotate_half rope on one head: out[i] = x[i] cos[i] - x[i+h] sin[i]; out[i+h] = x[i+h] cos[i+h] + x[i] sin[i+h]
@@ -119,8 +223,8 @@ static void rope(float* x, const float* c, const float* s, int64_t d) {
 }
 
 // one query over `len` cached positions of one KV head ([len, d] keys and values): softmax(q.K / sqrt(d)) @ V
-static void attend(const float* q, const float* K, const float* V, int64_t len, int64_t d, float scale, float* sc,
-                   float* o) {
+template <typename W>
+static void attend(const float* q, const W* K, const W* V, int64_t len, int64_t d, float scale, float* sc, float* o) {
   float mx = -INFINITY;
   for (int64_t p = 0; p < len; ++p) {
     sc[p] = dot(q, K + p * d, d) * scale;
@@ -135,8 +239,8 @@ static void attend(const float* q, const float* K, const float* V, int64_t len, 
   const float inv = 1.0f / sum;
   for (int64_t p = 0; p < len; ++p) {
     const float wgt = sc[p] * inv;
-    const float* v = V + p * d;
-    for (int64_t i = 0; i < d; ++i) o[i] += wgt * v[i];
+    const W* v = V + p * d;
+    for (int64_t i = 0; i < d; ++i) o[i] += wgt * tof(v[i]);
   }
 }
 
@@ -174,10 +278,63 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tenso
   return out;
 }
 
-// One decode step of one row through every layer of a Llama/Mistral/Qwen2 decoder, float32: the
-// residual stream x [hidden] is updated in place. Weights are the fused QKV / gate-up matrices; the
-// new key and value go to row 0, position `pos` of each layer's cache [rows, kv_heads, cols, d],
-// and the query attends over positions [0, pos]. Biases: QKV only (Qwen2), or none.
+template <typename W>
+static const W* ptr(const torch::Tensor& t) {
+  return reinterpret_cast<const W*>(t.data_ptr());
+}
+
+using Tensors = std::vector<torch::Tensor>;
+
+template <typename W>
+static void decode_row_impl(float* X, const Tensors& in_norm, const Tensors& qkv_w, const Tensors& qkv_b,
+                            const Tensors& o_w, const Tensors& post_norm, const Tensors& gate_up_w,
+                            const Tensors& down_w, const Tensors& keys, const Tensors& values, const float* C,
+                            const float* S, int64_t pos, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t d,
+                            float eps) {
+  const int64_t layers = (int64_t)qkv_w.size();
+  const int64_t qw = heads * d, kw = kv_heads * d, inter = down_w[0].size(1), group = heads / kv_heads;
+  const int64_t cols = keys[0].size(2), len = pos + 1;
+  std::vector<float> h(hidden), qkv(qw + 2 * kw), attn(qw), gu(2 * inter), act(inter), y(std::max(hidden, inter));
+  std::vector<float> scores(heads * len);
+  const float scale = 1.0f / std::sqrt((float)d);
+  for (int64_t l = 0; l < layers; ++l) {
+    rms_norm(X, ptr<W>(in_norm[l]), h.data(), hidden, eps);
+    gemv_into(h.data(), ptr<W>(qkv_w[l]), qkv.data(), qw + 2 * kw, hidden);
+    if (!qkv_b.empty()) {
+      const W* b = ptr<W>(qkv_b[l]);
+      for (int64_t i = 0; i < qw + 2 * kw; ++i) qkv[i] += tof(b[i]);
+    }
+    for (int64_t hd = 0; hd < heads + kv_heads; ++hd) rope(qkv.data() + hd * d, C, S, d);
+    W* K = reinterpret_cast<W*>(keys[l].data_ptr());  // row 0: [kv_heads, cols, d]
+    W* V = reinterpret_cast<W*>(values[l].data_ptr());
+    for (int64_t g = 0; g < kv_heads; ++g)
+      for (int64_t i = 0; i < d; ++i) {
+        put(K + (g * cols + pos) * d + i, qkv[qw + g * d + i]);
+        put(V + (g * cols + pos) * d + i, qkv[qw + kw + g * d + i]);
+      }
+    at::parallel_for(0, heads, 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t hd = h0; hd < h1; ++hd)
+        attend<W>(qkv.data() + hd * d, K + (hd / group) * cols * d, V + (hd / group) * cols * d, len, d, scale,
+                  scores.data() + hd * len, attn.data() + hd * d);
+    });
+    gemv_into(attn.data(), ptr<W>(o_w[l]), y.data(), hidden, qw);
+    for (int64_t i = 0; i < hidden; ++i) X[i] += y[i];
+    rms_norm(X, ptr<W>(post_norm[l]), h.data(), hidden, eps);
+    gemv_into(h.data(), ptr<W>(gate_up_w[l]), gu.data(), 2 * inter, hidden);
+    for (int64_t i = 0; i < inter; ++i) {
+      const float g = gu[i];
+      act[i] = g / (1.0f + std::exp(-g)) * gu[inter + i];
+    }
+    gemv_into(act.data(), ptr<W>(down_w[l]), y.data(), hidden, inter);
+    for (int64_t i = 0; i < hidden; ++i) X[i] += y[i];
+  }
+}
+
+// One decode step of one row through every layer of a Llama/Mistral/Qwen2 decoder: the residual
+// stream x [hidden] (float32) is updated in place. Weights (fused QKV / gate-up matrices, norms,
+// QKV bias) and the cache are all float32 or all bfloat16; sums are float32 either way. The new key
+// and value go to row 0, position `pos` of each layer's cache [rows, kv_heads, cols, d], and the
+// query attends over positions [0, pos]. cos/sin: float32 rows for `pos`.
 void decode_row(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::vector<torch::Tensor> qkv_w,
                 std::vector<torch::Tensor> qkv_b, std::vector<torch::Tensor> o_w,
                 std::vector<torch::Tensor> post_norm, std::vector<torch::Tensor> gate_up_w,
@@ -185,54 +342,30 @@ void decode_row(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::vector
                 std::vector<torch::Tensor> values, torch::Tensor cos, torch::Tensor sin, int64_t pos,
                 int64_t heads, int64_t kv_heads, double eps) {
   const int64_t layers = (int64_t)qkv_w.size();
-  const int64_t hidden = x.numel(), d = cos.numel();
-  const int64_t qw = heads * d, kw = kv_heads * d, inter = down_w[0].size(1), group = heads / kv_heads;
-  TORCH_CHECK(x.is_contiguous() && x.dtype() == torch::kFloat32, "x: contiguous float32");
+  TORCH_CHECK(layers > 0 && x.is_contiguous() && x.dtype() == torch::kFloat32, "x: contiguous float32");
+  TORCH_CHECK(cos.dtype() == torch::kFloat32 && sin.dtype() == torch::kFloat32, "cos/sin: float32");
   TORCH_CHECK(qkv_b.empty() || (int64_t)qkv_b.size() == layers, "qkv biases: none or one per layer");
-  const int64_t cols = keys[0].size(2), len = pos + 1;
-  TORCH_CHECK(pos < cols, "position beyond the cache");
-  std::vector<float> h(hidden), qkv(qw + 2 * kw), attn(qw), gu(2 * inter), act(inter), y(std::max(hidden, inter));
-  std::vector<float> scores(heads * len);
+  TORCH_CHECK(pos < keys[0].size(2), "position beyond the cache");
+  const auto dtype = qkv_w[0].scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "weights: float32 or bfloat16");
+  for (int64_t l = 0; l < layers; ++l) {
+    for (auto* t : {&in_norm[l], &qkv_w[l], &o_w[l], &post_norm[l], &gate_up_w[l], &down_w[l], &keys[l], &values[l]})
+      TORCH_CHECK(t->is_contiguous() && t->scalar_type() == dtype, "weights and cache: contiguous, one dtype");
+    if (!qkv_b.empty()) TORCH_CHECK(qkv_b[l].is_contiguous() && qkv_b[l].scalar_type() == dtype, "qkv bias");
+  }
   float* X = x.data_ptr<float>();
   const float* C = cos.data_ptr<float>();
   const float* S = sin.data_ptr<float>();
-  const float scale = 1.0f / std::sqrt((float)d);
-  for (int64_t l = 0; l < layers; ++l)
-    for (auto* t : {&qkv_w[l], &o_w[l], &gate_up_w[l], &down_w[l], &keys[l], &values[l]})
-      TORCH_CHECK(t->is_contiguous() && t->dtype() == torch::kFloat32, "weights and cache: contiguous float32");
-  // a step takes ~20 ms: holding the GIL through it would stall the worker's event loop (frames,
+  const int64_t hidden = x.numel(), d = cos.numel();
+  // a step takes 10-20 ms: holding the GIL through it would stall the worker's event loop (frames,
   // new requests) and hand the GIL back to this thread only after Python's switch interval
   pybind11::gil_scoped_release no_gil;
-  for (int64_t l = 0; l < layers; ++l) {
-    rms_norm(X, in_norm[l].data_ptr<float>(), h.data(), hidden, (float)eps);
-    gemv_into(h.data(), qkv_w[l].data_ptr<float>(), qkv.data(), qw + 2 * kw, hidden);
-    if (!qkv_b.empty()) {
-      const float* b = qkv_b[l].data_ptr<float>();
-      for (int64_t i = 0; i < qw + 2 * kw; ++i) qkv[i] += b[i];
-    }
-    for (int64_t hd = 0; hd < heads + kv_heads; ++hd) rope(qkv.data() + hd * d, C, S, d);
-    float* K = keys[l].data_ptr<float>();  // row 0: [kv_heads, cols, d]
-    float* V = values[l].data_ptr<float>();
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      std::memcpy(K + (g * cols + pos) * d, qkv.data() + qw + g * d, d * sizeof(float));
-      std::memcpy(V + (g * cols + pos) * d, qkv.data() + qw + kw + g * d, d * sizeof(float));
-    }
-    at::parallel_for(0, heads, 1, [&](int64_t h0, int64_t h1) {
-      for (int64_t hd = h0; hd < h1; ++hd)
-        attend(qkv.data() + hd * d, K + (hd / group) * cols * d, V + (hd / group) * cols * d, len, d, scale,
-               scores.data() + hd * len, attn.data() + hd * d);
-    });
-    gemv_into(attn.data(), o_w[l].data_ptr<float>(), y.data(), hidden, qw);
-    for (int64_t i = 0; i < hidden; ++i) X[i] += y[i];
-    rms_norm(X, post_norm[l].data_ptr<float>(), h.data(), hidden, (float)eps);
-    gemv_into(h.data(), gate_up_w[l].data_ptr<float>(), gu.data(), 2 * inter, hidden);
-    for (int64_t i = 0; i < inter; ++i) {
-      const float g = gu[i];
-      act[i] = g / (1.0f + std::exp(-g)) * gu[inter + i];
-    }
-    gemv_into(act.data(), down_w[l].data_ptr<float>(), y.data(), hidden, inter);
-    for (int64_t i = 0; i < hidden; ++i) X[i] += y[i];
-  }
+  if (dtype == torch::kFloat32)
+    decode_row_impl<float>(X, in_norm, qkv_w, qkv_b, o_w, post_norm, gate_up_w, down_w, keys, values, C, S, pos,
+                           hidden, heads, kv_heads, d, (float)eps);
+  else
+    decode_row_impl<uint16_t>(X, in_norm, qkv_w, qkv_b, o_w, post_norm, gate_up_w, down_w, keys, values, C, S, pos,
+                              hidden, heads, kv_heads, d, (float)eps);
 }
 """
 
@@ -250,6 +383,10 @@ def wanted() -> str | None:
     return None
 
 
+def for_any_size() -> bool:
+    return os.environ.get("LLAVA_SERVE_CPU_GEMV", "1") == "all"
+
+
 @functools.cache
 def kernel() -> Any | None:
     """The compiled module (built once per process, from torch's cache after the first time), or None."""
@@ -265,7 +402,7 @@ def kernel() -> Any | None:
             "llava_serve_cpu_gemv",
             cpp_sources=SOURCE,
             functions=["gemv", "decode_row", "decode_attention"],
-            extra_cflags=["-O3", "-mavx512f", "-fopenmp"],
+            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -282,11 +419,22 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     return y if bias is None else y.add_(bias)
 
 
-def decode_row(x: torch.Tensor, *args: Any) -> None:
-    """One row's decode step through every layer, in place on x [hidden] (decoder.RowStep)."""
+def decode_row(
+    x: torch.Tensor,
+    weights: list[list[torch.Tensor]],
+    kv: Any,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: int,
+    shape: tuple[int, int, float],
+) -> None:
+    """One row's decode step through every layer, in place on x [hidden] (float32; decoder.RowStep):
+    `weights` are the per-layer lists (input norms, QKV, QKV biases or [], output, post norms,
+    gate-up, down), `kv` the slot cache (row 0), `shape` (heads, kv_heads, eps)."""
     module = kernel()
     assert module is not None
-    module.decode_row(x, *args)
+    heads, kv_heads, eps = shape
+    module.decode_row(x, *weights, kv.keys, kv.values, cos, sin, pos, heads, kv_heads, eps)
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

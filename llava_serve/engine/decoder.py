@@ -188,8 +188,8 @@ class RowStep:
     (cpu_gemv.decode_row): norms, QKV, rotary, the cache write, attention, output, MLP, with no
     Python or torch dispatch between them. At one row a step is the weight stream; the ~350 small
     torch ops of the layer-by-layer path (norms, rotary, SDPA's set-up, slicing) cost ~5 ms of a
-    ~25 ms step on the bench checkpoint. Used where the one-row GEMV is (float32 on CPU, weights
-    that stream from memory) and the decoder has no bias but QKV's."""
+    ~25 ms step on the bench checkpoint. Used for float32 and bfloat16 decoders on CPU whose weights
+    stream from memory (decoder_weights.GEMV_MIN_BYTES) and that have no bias but QKV's."""
 
     def __init__(self, w: DecoderWeights) -> None:
         self.w = w
@@ -206,7 +206,7 @@ class RowStep:
 
     @staticmethod
     def applies(w: DecoderWeights) -> bool:
-        if not w.lm_head.row_kernel or not w.layers:
+        if not w.row_step or not w.layers:
             return False
         layers = w.layers
         if any(lin.bias is not None for layer in layers for lin in (layer.o, layer.gate_up, layer.down)):
@@ -216,31 +216,25 @@ class RowStep:
             return False
         tensors = [t for layer in layers for t in (layer.input_norm, layer.post_norm)] + qkv_biases
         tensors += [lin.weight for layer in layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        return all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in tensors)
+        dtype = w.embed.dtype
+        return dtype in (torch.float32, torch.bfloat16) and all(
+            t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu" for t in tensors
+        )
 
     def __call__(self, token: int, pos: int, kv: KVSlots, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = self.w.embed[token].clone()
-        norms, qkv, qkv_b, o, post, gate_up, down = self.args
         w = self.w
+        x = w.embed[token].to(torch.float32, copy=True)  # the residual stream stays float32 in the kernel
+        norms, qkv, qkv_b, o, post, gate_up, down = self.args
         cpu_gemv.decode_row(
             x,
-            norms,
-            qkv,
-            qkv_b,
-            o,
-            post,
-            gate_up,
-            down,
-            kv.keys,
-            kv.values,
-            cos[pos],
-            sin[pos],
+            [norms, qkv, qkv_b, o, post, gate_up, down],
+            kv,
+            cos[pos].float(),
+            sin[pos].float(),
             pos,
-            w.heads,
-            w.kv_heads,
-            w.eps,
+            (w.heads, w.kv_heads, w.eps),
         )
-        return x.view(1, -1)
+        return x.view(1, -1).to(w.embed.dtype)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):

@@ -81,6 +81,7 @@ class DecoderWeights:
     kv_heads: int
     head_dim: int
     intermediate: int
+    row_step: bool = False  # one-row decode steps run every layer in one call of cpu_gemv.decode_row
 
     @property
     def num_layers(self) -> int:
@@ -147,10 +148,13 @@ def build_decoder_weights(model: Any, prepack_rows: int = 0) -> DecoderWeights:
     linears = _linears(weights)
     size = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
     on_cpu_f32 = head.weight.device.type == "cpu" and head.weight.dtype == torch.float32
-    if on_cpu_f32 and size >= GEMV_MIN_BYTES and cpu_gemv.kernel() is not None:
-        for lin in linears:
-            lin.row_kernel = lin.weight.is_contiguous()
-        log.info("one-row decode steps use the compiled float32 GEMV (%d MB of weights)", size >> 20)
+    on_cpu = head.weight.device.type == "cpu" and head.weight.dtype in (torch.float32, torch.bfloat16)
+    if on_cpu and (size >= GEMV_MIN_BYTES or cpu_gemv.for_any_size()) and cpu_gemv.kernel() is not None:
+        if on_cpu_f32:
+            for lin in linears:
+                lin.row_kernel = lin.weight.is_contiguous()
+        weights.row_step = True
+        log.info("one-row decode steps use the compiled %s kernels (%d MB of weights)", head.weight.dtype, size >> 20)
     return weights
 
 

@@ -27,9 +27,7 @@ def make_cases(lm: LoadedModel, n: int) -> list[Case]:
     cases = []
     for i in range(n):
         n_images = 0 if (i % 5 == 4 or not lm.is_multimodal) else 1 + (i % 7 == 0)
-        colours = [
-            ((37 * i + 50 * k) % 256, (91 * i) % 256, (53 * i + 17 * k) % 256) for k in range(n_images)
-        ]
+        colours = [((37 * i + 50 * k) % 256, (91 * i) % 256, (53 * i + 17 * k) % 256) for k in range(n_images)]
         images = [Image.new("RGB", (24 + 7 * i, 40 + 3 * k), c) for k, c in enumerate(colours)]
         question = f"Question {i}: " + "what is in this picture? " * (i % 4)
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
