@@ -197,7 +197,7 @@ class RowStep:
         self.args = (
             [layer.input_norm for layer in layers],
             [layer.qkv.weight for layer in layers],
-            [layer.qkv.bias for layer in layers] if layers[0].qkv.bias is not None else [],
+            [layer.qkv.bias for layer in layers if layer.qkv.bias is not None],  # all or none (applies())
             [layer.o.weight for layer in layers],
             [layer.post_norm for layer in layers],
             [layer.gate_up.weight for layer in layers],
