@@ -1,7 +1,7 @@
 """Greedy answers of the bundled model in bfloat16 against float32, through two real workers.
 
     python benchmarks/dtype_agreement.py [--n 200] [--seed 20000] [--split in-dist] [--model-path P]
-        [--dtypes float32,bfloat16]
+        [--dtypes float32,bfloat16] [--concurrency 8]
 
 Starts one worker per dtype (`--dtype`, the same checkpoint, not registered), asks every question
 of `llava-serve eval` (its images and questions, seed `--seed`, split `--split`) of each worker, greedy, and prints
@@ -32,10 +32,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_worker(path: Path, dtype: str, log_dir: Path) -> Service:
+def start_worker(path: Path, dtype: str, log_dir: Path, concurrency: int = 8) -> Service:
     port = free_port()
     argv = ["llava_serve.model_worker", "--model-path", str(path), "--dtype", dtype, "--host", "127.0.0.1",
-            "--port", str(port), "--no-register", "--limit-model-concurrency", "8"]  # fmt: skip
+            "--port", str(port), "--no-register", "--limit-model-concurrency", str(concurrency)]  # fmt: skip
     worker = start(f"worker-{dtype}", argv, port, "/ready", "127.0.0.1", log_dir)
     wait_ready(worker, timeout=300)
     return worker
@@ -49,16 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-path", type=Path, default=default_model_path())
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (1: every decode step has one row)")
     args = p.parse_args(argv)
     dtypes = args.dtypes.split(",")
     items = list(eval_items(args.n, args.seed, args.split))
     answers: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory(prefix="llava-serve-dtype-") as tmp:
         for dtype in dtypes:
-            worker = start_worker(args.model_path, dtype, Path(tmp))
+            worker = start_worker(args.model_path, dtype, Path(tmp), args.concurrency)
             try:
                 ask = WorkerAnswerer(worker.url)
-                with ThreadPoolExecutor(8) as pool:
+                with ThreadPoolExecutor(args.concurrency) as pool:
                     replies = pool.map(lambda item, ask=ask: ask(item.image, item.qa.question), items)
                     answers[dtype] = list(tqdm(replies, total=len(items), desc=dtype))
             finally:
