@@ -42,7 +42,8 @@ class Trainer:
             vision = model.config.vision_config
             wanted = (self.cfg.image_size or vision.image_size, self.cfg.patch_size or vision.patch_size)
             if wanted != (vision.image_size, vision.patch_size):
-                print(f"converting the tower: {vision.image_size} px, patch {vision.patch_size} -> {wanted[0]} px, patch {wanted[1]}")
+                old = f"{vision.image_size} px, patch {vision.patch_size}"
+                print(f"converting the tower: {old} -> {wanted[0]} px, patch {wanted[1]}")
                 resize_model(model, *wanted)
                 resize_processor(self.processor, *wanted)
             self.size = replace(self.size, image_size=vision.image_size, patch_size=vision.patch_size,
