@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm import tqdm
 
 from llava_serve.default_model.batches import by_length, collate, examples, image_batches, prefetched, vision_targets
 from llava_serve.default_model.build import ModelSize, build_model, build_processor, count_parameters, save_checkpoint
+from llava_serve.default_model.resize import resize_model, resize_processor
 from llava_serve.default_model.tokenizer import build_tokenizer
 from llava_serve.default_model.train_config import TrainConfig, parse_args, parse_weights
 from llava_serve.default_model.vision_aux import FeatureTap, VisionHeads
@@ -38,8 +39,19 @@ class Trainer:
 
             self.processor = LlavaProcessor.from_pretrained(self.cfg.init_from)
             model = LlavaForConditionalGeneration.from_pretrained(self.cfg.init_from, dtype=torch.float32)
+            vision = model.config.vision_config
+            wanted = (self.cfg.image_size or vision.image_size, self.cfg.patch_size or vision.patch_size)
+            if wanted != (vision.image_size, vision.patch_size):
+                old = f"{vision.image_size} px, patch {vision.patch_size}"
+                print(f"converting the tower: {old} -> {wanted[0]} px, patch {wanted[1]}")
+                resize_model(model, *wanted)
+                resize_processor(self.processor, *wanted)
+            self.size = replace(self.size, image_size=vision.image_size, patch_size=vision.patch_size,
+                                vision_hidden=vision.hidden_size)  # fmt: skip
             self.model = model.to(self.cfg.device)
         else:
+            if self.cfg.image_size:
+                self.size = replace(self.size, image_size=self.cfg.image_size, patch_size=self.cfg.patch_size)
             self.processor = build_processor(self.size, build_tokenizer())
             self.model = build_model(self.size, self.processor.tokenizer, self.cfg.seed).to(self.cfg.device)
         print(f"parameters: {count_parameters(self.model):,}; image tokens: {self.size.image_tokens}")

@@ -2,7 +2,8 @@
 
     llava-serve train-default --out DIR            # from scratch: stages one and two
     llava-serve train-default --init-from DIR --out DIR2 --vision-steps 300 --vision-batch-size 48 \
-        --vision-lr 1e-3 --steps 2200 --lr 1e-3 --warmup 50   # then 100 + 900 steps at 3e-4/5e-4: the shipped model
+        --vision-lr 1e-3 --steps 2200 --lr 1e-3 --warmup 50   # a continuation (docs/default_model.md)
+    llava-serve train-default --init-from DIR --image-size 144 --patch-size 24 --out DIR2 ...
 
 Stage one: LLaVA starts from a pretrained CLIP tower; this one starts from nothing, so the vision
 tower is pretrained alone to say what each patch shows (``--vision-steps``, see vision_aux).
@@ -10,7 +11,10 @@ Stage two trains the projector and decoder on the dialogues (``--steps``), with 
 assistant's answers; the tower keeps training on its stage-one losses (``--aux-weight``; 0 freezes
 it, as LLaVA does). ``--init-from`` continues from a checkpoint (with ``--vision-steps`` > 0 the
 tower gets fresh heads and a vision stage first): the shipped model is a chain of such continuations
-from a model first trained on easier pictures (docs/default_model.md).
+from a model first trained on easier pictures (docs/default_model.md). ``--image-size`` and
+``--patch-size`` other than the checkpoint's convert its tower first (resize.py: FlexiViT's
+PI-resize of the patch kernel, the same patch grid, so the same number of image tokens), and
+training draws its pictures at that size.
 Reproducible for a given seed, thread count and torch build. Writes a complete checkpoint folder
 (weights, config, tokenizer, processor, chat template) that loads with plain transformers;
 ``--save-every N`` also writes OUT-stepN folders along the way.
@@ -41,6 +45,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     aux_weight: float = 0.5  # > 0: the tower keeps training in stage two, with its stage-one losses
     init_from: Path | None = None  # continue from this checkpoint (then usually --vision-steps 0)
+    image_size: int = 0  # the tower's input in px; 0: the checkpoint's (from scratch: build.ModelSize's, 96)
+    patch_size: int = 0  # its patch in px; 0 likewise (16). Other than --init-from's: converted (resize.py)
     question_weights: str = ""  # e.g. "colour=3,shape=1": how often each kind is asked (default KIND_WEIGHTS)
     save_every: int = 0  # > 0: also save the model every N dialogue steps, to OUT-stepN (for evaluation)
     seed: int = 0
@@ -53,6 +59,10 @@ class TrainConfig:
         parse_weights(self.question_weights)  # a bad spec fails now, not after the vision stage
         if self.steps < 1 or self.vision_steps < 0 or self.batch_size < 1 or self.vision_batch_size < 1:
             raise ValueError("steps and batch sizes must be positive, vision_steps not negative")
+        if (self.image_size > 0) != (self.patch_size > 0) or self.image_size < 0 or self.patch_size < 0:
+            raise ValueError("--image-size and --patch-size go together (both positive, or both 0)")
+        if self.image_size and self.image_size % self.patch_size:
+            raise ValueError("--image-size must be a multiple of --patch-size")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"--precision: {self.precision!r}; one of bf16, fp32")
 

@@ -114,7 +114,7 @@ def ask_text(loaded, question: str, **sampling) -> str:
 
 def issue_15_cases() -> list:
     """The shipped model counts the two squares and the three circles as shapes, but says "four circles"
-    (held-out count 60.5%, docs/default_model.md): that case is expected to fail; the rest must pass."""
+    (held-out count 69.0%, docs/default_model.md): that case is expected to fail; the rest must pass."""
     miscounted = pytest.mark.xfail(reason="three repeated circles are counted as four (issue 15)", strict=False)
     return [
         pytest.param(

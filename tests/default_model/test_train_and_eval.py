@@ -60,3 +60,21 @@ def test_eval_through_a_worker_it_starts() -> None:
 def test_eval_without_a_checkpoint_says_so(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no checkpoint at"), started_worker(tmp_path, "cpu", 1):
         pass
+
+
+def test_continuing_at_another_image_and_patch_size_converts_the_checkpoint(tmp_path: Path) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    with pytest.raises(ValueError, match="go together"):
+        TrainConfig(image_size=48)
+    with pytest.raises(ValueError, match="multiple"):
+        TrainConfig(image_size=50, patch_size=24)
+    small = {"vision_batch_size": 2, "batch_size": 2, "warmup": 1, "threads": 1}
+    train(TrainConfig(vision_steps=1, steps=1, out=tmp_path / "m", **small), TINY)
+    more = tmp_path / "m2"
+    train(TrainConfig(init_from=tmp_path / "m", image_size=48, patch_size=24, vision_steps=1, steps=1, out=more,
+                      **small), TINY)  # fmt: skip
+    model = LlavaForConditionalGeneration.from_pretrained(more)
+    assert (model.config.vision_config.image_size, model.config.vision_config.patch_size) == (48, 24)
+    assert model.model.vision_tower.embeddings.patch_embedding.weight.shape[-2:] == (24, 24)
+    assert AutoProcessor.from_pretrained(more).image_processor.size == {"height": 48, "width": 48}

@@ -1,0 +1,103 @@
+"""A checkpoint's vision tower converted to another input size and patch size, same patch grid.
+
+    python -m llava_serve.default_model.resize SRC DST --image-size 144 --patch-size 24
+
+FlexiViT's PI-resize (Beyer et al., 2023): the patch-embedding kernel (a conv with kernel = stride =
+patch size) is resized from p x p to q x q so that a patch upsampled by q / p gives the same
+embedding as the original patch: with ``B`` the (q*q, p*p) matrix of the bilinear upsampling,
+the new kernel is ``pinv(B.T) @ w``, the least-norm ``w'`` with ``B.T @ w' = w`` (exact for
+upsampling, since B has full column rank). The position embeddings are kept as they are, so the
+grid (``image_size / patch_size`` patches a side) must stay the same; the model config (vision
+``image_size`` and ``patch_size``) and the image processor (``size`` and ``crop_size``) and the
+processor's ``patch_size`` are updated, so the folder loads with plain transformers and sends the
+decoder the same number of image tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def resize_matrix(old: int, new: int) -> torch.Tensor:
+    """(new*new, old*old): column j is the bilinear resize of the j-th one-hot old x old patch."""
+    basis = torch.eye(old * old, dtype=torch.float64).reshape(old * old, 1, old, old)
+    resized = F.interpolate(basis, size=(new, new), mode="bilinear", align_corners=False, antialias=new < old)
+    return resized.reshape(old * old, new * new).T
+
+
+def pi_resize_kernel(kernel: torch.Tensor, new: int) -> torch.Tensor:
+    """(out, in, p, p) -> (out, in, new, new) with <resize(x), k'> = <x, k> for every p x p patch x."""
+    out_ch, in_ch, old, old_w = kernel.shape
+    if old != old_w:
+        raise ValueError(f"square kernels only, got {old}x{old_w}")
+    if new == old:
+        return kernel.clone()
+    pinv = torch.linalg.pinv(resize_matrix(old, new).T)  # (new*new, old*old)
+    flat = kernel.to(torch.float64).reshape(out_ch * in_ch, old * old)
+    return (flat @ pinv.T).reshape(out_ch, in_ch, new, new).to(kernel.dtype)
+
+
+def resize_model(model, image_size: int, patch_size: int) -> None:
+    """In place: a ``LlavaForConditionalGeneration``'s CLIP tower made to read ``image_size`` px in
+    ``patch_size`` px patches, on the same grid (position embeddings unchanged)."""
+    vision = model.config.vision_config
+    grid = vision.image_size // vision.patch_size
+    if image_size % patch_size or image_size // patch_size != grid:
+        raise ValueError(
+            f"{image_size} px in {patch_size} px patches is not the checkpoint's {grid}x{grid} grid "
+            f"({vision.image_size} px, patch {vision.patch_size})"
+        )
+    embeddings = model.model.vision_tower.embeddings
+    conv = embeddings.patch_embedding
+    new_conv = torch.nn.Conv2d(
+        conv.in_channels, conv.out_channels, patch_size, stride=patch_size, bias=conv.bias is not None
+    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        new_conv.weight.copy_(pi_resize_kernel(conv.weight.detach(), patch_size))
+        if conv.bias is not None:
+            new_conv.bias.copy_(conv.bias)
+    embeddings.patch_embedding = new_conv
+    embeddings.image_size = image_size
+    embeddings.patch_size = patch_size
+    vision.image_size = image_size
+    vision.patch_size = patch_size
+
+
+def resize_processor(processor, image_size: int, patch_size: int) -> None:
+    """In place: the ``LlavaProcessor``'s image processor resizes to ``image_size``; ``patch_size`` updated."""
+    ip = processor.image_processor
+    ip.size = {"height": image_size, "width": image_size}
+    ip.crop_size = {"height": image_size, "width": image_size}
+    processor.patch_size = patch_size
+
+
+def convert(src: Path, dst: Path, image_size: int, patch_size: int) -> None:
+    """Load the checkpoint at ``src``, resize its tower and processor, save to ``dst`` (float16 weights, as shipped)."""
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    from llava_serve.default_model.build import save_checkpoint
+
+    processor = LlavaProcessor.from_pretrained(src)
+    model = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval()
+    resize_model(model, image_size, patch_size)
+    resize_processor(processor, image_size, patch_size)
+    save_checkpoint(model, processor, dst)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", type=Path)
+    parser.add_argument("dst", type=Path)
+    parser.add_argument("--image-size", type=int, required=True)
+    parser.add_argument("--patch-size", type=int, required=True)
+    args = parser.parse_args(argv)
+    convert(args.src, args.dst, args.image_size, args.patch_size)
+    print(f"saved to {args.dst}")
+
+
+if __name__ == "__main__":
+    main()
