@@ -6,9 +6,10 @@ PyTorch's kernels for it read float32 weights at 13-16 GB/s (MKL's GEMV under `F
 20-25 GB/s (oneDNN's packed kernel) on this project's 2-core AMD EPYC, where a plain reduction
 over the same bytes reads at ~32 GB/s and OpenVINO's kernels stream a whole step at ~35. This
 kernel keeps the weight in its own row-major layout, gives each thread a contiguous block of rows
-(one linear stream per thread, which the hardware prefetcher follows) and takes four rows per
-pass over the input vector with AVX-512 FMAs: 33.7 GB/s against oneDNN's 25.5 on twelve
-bench-sized weights (`python benchmarks/linear_kernels.py --rows 1 --threads 2`).
+read one row at a time (one linear stream per thread, which the hardware prefetcher follows) with
+AVX-512 FMAs: 33.7 GB/s against oneDNN's 25.5 on twelve bench-sized weights (`python
+benchmarks/linear_kernels.py --rows 1 --threads 2`, when it took four rows per pass; one row at a
+time read the bench model's 48 weights 10-25% faster on 2026-12-03).
 
 It is compiled once with the machine's C++ compiler through `torch.utils.cpp_extension` (about
 40 s on 2 cores; cached under torch's extensions folder) when a model big enough to be bound by
@@ -81,35 +82,25 @@ static inline float dot_tail(const W* w, const float* x, int64_t k0, int64_t in,
   return _mm512_reduce_add_ps(acc);
 }
 
-// Y[out] = X[in] @ W[out, in].T for rows [r0, r1): four rows a pass over X.
+// Y[out] = X[in] @ W[out, in].T for rows [r0, r1): one row at a time with four accumulators over k,
+// so a thread reads its rows as one linear stream (four rows a pass, four streams 1-4 KB apart, read
+// 10-25% slower on the bench's weights)
 template <typename W>
 static void gemv_rows(const float* X, const W* Wt, float* Y, int64_t r0, int64_t r1, int64_t in) {
-  const int64_t body = in / 16 * 16;
-  int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {
-    const W* w0 = Wt + r * in;
-    const W* w1 = w0 + in;
-    const W* w2 = w1 + in;
-    const W* w3 = w2 + in;
+  const int64_t body4 = in / 64 * 64, body = in / 16 * 16;
+  for (int64_t r = r0; r < r1; ++r) {
+    const W* w = Wt + r * in;
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (int64_t k = 0; k < body; k += 16) {
-      const __m512 xv = _mm512_loadu_ps(X + k);
-      a0 = _mm512_fmadd_ps(load16(w0 + k), xv, a0);
-      a1 = _mm512_fmadd_ps(load16(w1 + k), xv, a1);
-      a2 = _mm512_fmadd_ps(load16(w2 + k), xv, a2);
-      a3 = _mm512_fmadd_ps(load16(w3 + k), xv, a3);
+    int64_t k = 0;
+    for (; k < body4; k += 64) {
+      a0 = _mm512_fmadd_ps(load16(w + k), _mm512_loadu_ps(X + k), a0);
+      a1 = _mm512_fmadd_ps(load16(w + k + 16), _mm512_loadu_ps(X + k + 16), a1);
+      a2 = _mm512_fmadd_ps(load16(w + k + 32), _mm512_loadu_ps(X + k + 32), a2);
+      a3 = _mm512_fmadd_ps(load16(w + k + 48), _mm512_loadu_ps(X + k + 48), a3);
     }
-    Y[r] = dot_tail(w0, X, body, in, a0);
-    Y[r + 1] = dot_tail(w1, X, body, in, a1);
-    Y[r + 2] = dot_tail(w2, X, body, in, a2);
-    Y[r + 3] = dot_tail(w3, X, body, in, a3);
-  }
-  for (; r < r1; ++r) {
-    const W* wr = Wt + r * in;
-    __m512 a = _mm512_setzero_ps();
-    for (int64_t k = 0; k < body; k += 16) a = _mm512_fmadd_ps(load16(wr + k), _mm512_loadu_ps(X + k), a);
-    Y[r] = dot_tail(wr, X, body, in, a);
+    for (; k < body; k += 16) a0 = _mm512_fmadd_ps(load16(w + k), _mm512_loadu_ps(X + k), a0);
+    Y[r] = dot_tail(w, X, body, in, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
   }
 }
 
@@ -133,36 +124,25 @@ __attribute__((target("avx512bf16"))) static inline float dp_row_tail(const uint
   return _mm512_reduce_add_ps(acc);
 }
 
+// as gemv_rows: one row at a time, four accumulators over k
 __attribute__((target("avx512bf16"))) static void gemv_rows_dp(const uint16_t* X, const uint16_t* Wt, float* Y,
-                                                                int64_t r0, int64_t r1, int64_t in) {
-  const int64_t body = in / 32 * 32;
+                                                                 int64_t r0, int64_t r1, int64_t in) {
+  const int64_t body4 = in / 128 * 128, body = in / 32 * 32;
   const __mmask32 tail = (__mmask32)((1ull << (in - body)) - 1ull);
-  int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {
-    const uint16_t* w0 = Wt + r * in;
-    const uint16_t* w1 = w0 + in;
-    const uint16_t* w2 = w1 + in;
-    const uint16_t* w3 = w2 + in;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* w = Wt + r * in;
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (int64_t k = 0; k < body; k += 32) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(X + k);
-      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w0 + k), xv);
-      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w1 + k), xv);
-      a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w2 + k), xv);
-      a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w3 + k), xv);
+    int64_t k = 0;
+    for (; k < body4; k += 128) {
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(X + k));
+      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + k + 32), (__m512bh)_mm512_loadu_si512(X + k + 32));
+      a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w + k + 64), (__m512bh)_mm512_loadu_si512(X + k + 64));
+      a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w + k + 96), (__m512bh)_mm512_loadu_si512(X + k + 96));
     }
-    Y[r] = dp_row_tail(w0, X, body, tail, a0);
-    Y[r + 1] = dp_row_tail(w1, X, body, tail, a1);
-    Y[r + 2] = dp_row_tail(w2, X, body, tail, a2);
-    Y[r + 3] = dp_row_tail(w3, X, body, tail, a3);
-  }
-  for (; r < r1; ++r) {
-    const uint16_t* wr = Wt + r * in;
-    __m512 a = _mm512_setzero_ps();
-    for (int64_t k = 0; k < body; k += 32)
-      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(X + k));
-    Y[r] = dp_row_tail(wr, X, body, tail, a);
+    for (; k < body; k += 32)
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(X + k));
+    Y[r] = dp_row_tail(w, X, body, tail, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
   }
 }
 
