@@ -19,5 +19,10 @@ def test_llava_test_message_prints_an_answer(stack: Stack) -> None:
     assert worker == WORKER and all(f.error_code == 0 for f in frames)
     final = frames[-1].text
     assert final.startswith(body["prompt"])  # LLaVA's echo
-    assert fixtures.llava_test_message_output(final)  # the separator " " did not stop it at once
+    answer = final[len(body["prompt"]) :]
+    # the separator " " did not stop it at once: an answer, of more than one token (below). test_message
+    # prints its last space-separated piece, which is empty when the sampled answer (temperature 0.7,
+    # no seed) happens to end in a space, as the bundled model's sometimes does
+    assert answer.strip(), answer
+    assert fixtures.llava_test_message_output(final) == answer.split(" ")[-1]
     assert frames[-1].usage is not None and frames[-1].usage.completion_tokens > 1
