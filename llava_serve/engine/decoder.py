@@ -59,7 +59,7 @@ class DecoderForward:
         # float32 decode rows attend through the compiled kernel where it is loaded: torch's CPU flash
         # kernel is built for long runs of queries and took ~1.4 ms a layer at 16 rows x ~150
         # positions (bench checkpoint, 16-row decode step in process: 66-81 -> 49-55 ms)
-        self.kernel_attention = weights.lm_head.row_kernel and weights.embed.dtype == torch.float32
+        self.kernel_attention = weights.row_step and weights.embed.dtype == torch.float32
 
     @torch.inference_mode()
     def __call__(self, tokens: list[int], positions: list[int], chunks: list[PromptChunk]) -> torch.Tensor:
