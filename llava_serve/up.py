@@ -62,7 +62,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str], int, str]]:
         )
     ]
     model_flags = []
-    for flag in ("model_base", "device", "dtype", "vision_tower", "conv_template"):
+    for flag in ("model_base", "device", "dtype", "quantization", "vision_tower", "conv_template"):
         value = getattr(args, flag)
         if value:
             model_flags += [f"--{flag.replace('_', '-')}", value]

@@ -176,6 +176,149 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
+// ---- int8 weights (W8A8, dynamic activation quantization) with AVX512-VNNI ----
+// A weight [N, K] is kept as int8 per output channel (w ~ q * scale[n], |q| <= 127), stored as
+// q + 128 (unsigned) in blocks of 16 outputs: [ceil(N/32)*2][K/4][16][4] bytes, so that one 64-byte
+// load holds four consecutive k of 16 outputs, which vpdpbusd multiplies with four int8 inputs
+// broadcast to every lane. Inputs are quantized per row in groups of G (128, 64 or 32) k:
+// x ~ xq * xs[g]; the unsigned offset is taken back with the group's sum of xq:
+//   y[m, n] = scale[n] * sum_g xs[m, g] * (sum_k (q + 128) xq - 128 * sum_k xq).
+static int64_t q8_group(int64_t K) {
+  for (int64_t g : {128, 64, 32})
+    if (K % g == 0) return g;
+  return 0;
+}
+
+struct QuantRows {
+  std::vector<int8_t> q;    // [M, K]
+  std::vector<float> s;     // [M, K / G]
+  std::vector<int32_t> c;   // [M, K / G]: 128 * sum of the group's q
+  int64_t K = 0, G = 0, groups = 0;
+};
+
+static void quantize_rows(const float* X, int64_t M, int64_t K, QuantRows& out) {
+  out.K = K;
+  out.G = q8_group(K);
+  out.groups = K / out.G;
+  out.q.resize(M * K);
+  out.s.resize(M * out.groups);
+  out.c.resize(M * out.groups);
+  const int64_t G = out.G;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < out.groups; ++g) {
+      const float* x = X + m * K + g * G;
+      __m512 mx = _mm512_setzero_ps();
+      for (int64_t i = 0; i < G; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+      const float amax = _mm512_reduce_max_ps(mx);
+      const float scale = amax > 0.f ? amax / 127.f : 1.f;
+      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t i = 0; i < G; i += 16) {
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv));  // nearest even
+        v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+        _mm_storeu_si128((__m128i*)(out.q.data() + m * K + g * G + i), _mm512_cvtepi32_epi8(v));
+        sum = _mm512_add_epi32(sum, v);
+      }
+      out.s[m * out.groups + g] = scale;
+      out.c[m * out.groups + g] = 128 * _mm512_reduce_add_epi32(sum);
+    }
+}
+
+// MB rows x 32 outputs (two 16-output blocks W0, W1) over all of K
+template <int MB>
+__attribute__((target("avx512vnni"))) static void q8_tile(const QuantRows& X, int64_t m0, const uint8_t* W0,
+                                                          const uint8_t* W1, const float* scale, int64_t n0,
+                                                          int64_t N, float* Y, int64_t ldy) {
+  const int64_t K = X.K, G = X.G, groups = X.groups;
+  __m512 f0[MB], f1[MB];
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) f0[m] = f1[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i i0[MB], i1[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) i0[m] = i1[m] = _mm512_setzero_si512();
+    const uint8_t* a = W0 + g * G * 16;
+    const uint8_t* b = W1 + g * G * 16;
+    const int8_t* x = X.q.data() + m0 * K + g * G;
+    for (int64_t k = 0; k < G; k += 4) {
+      const __m512i wa = _mm512_loadu_si512(a + k * 16), wb = _mm512_loadu_si512(b + k * 16);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        int32_t quad;
+        std::memcpy(&quad, x + m * K + k, 4);
+        const __m512i xb = _mm512_set1_epi32(quad);
+        i0[m] = _mm512_dpbusd_epi32(i0[m], wa, xb);
+        i1[m] = _mm512_dpbusd_epi32(i1[m], wb, xb);
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      const int64_t at = (m0 + m) * groups + g;
+      const __m512i c = _mm512_set1_epi32(X.c[at]);
+      const __m512 s = _mm512_set1_ps(X.s[at]);
+      f0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i0[m], c)), s, f0[m]);
+      f1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i1[m], c)), s, f1[m]);
+    }
+  }
+  const int64_t left = std::min<int64_t>(32, N - n0);
+  const __mmask16 k0 = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+  const __mmask16 k1 = left >= 32   ? (__mmask16)0xFFFF
+                       : left <= 16 ? (__mmask16)0
+                                    : (__mmask16)((1u << (left - 16)) - 1u);
+  const __m512 s0 = _mm512_maskz_loadu_ps(k0, scale + n0), s1 = _mm512_maskz_loadu_ps(k1, scale + n0 + 16);
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) {
+    _mm512_mask_storeu_ps(Y + (m0 + m) * ldy + n0, k0, _mm512_mul_ps(f0[m], s0));
+    _mm512_mask_storeu_ps(Y + (m0 + m) * ldy + n0 + 16, k1, _mm512_mul_ps(f1[m], s1));
+  }
+}
+
+// Y[M, N] (row stride ldy) = X[M, K] @ W.T for quantized rows X and a packed weight
+static void q8_matmul(const QuantRows& X, int64_t M, const uint8_t* Wp, const float* scale, int64_t N, float* Y,
+                      int64_t ldy) {
+  const int64_t K = X.K, pairs = (N + 31) / 32;
+  at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint8_t* W0 = Wp + (2 * p) * K * 16;
+      const uint8_t* W1 = W0 + K * 16;
+      int64_t m = 0;
+      for (; m + 6 <= M; m += 6) q8_tile<6>(X, m, W0, W1, scale, 32 * p, N, Y, ldy);
+      switch (M - m) {
+        case 5: q8_tile<5>(X, m, W0, W1, scale, 32 * p, N, Y, ldy); break;
+        case 4: q8_tile<4>(X, m, W0, W1, scale, 32 * p, N, Y, ldy); break;
+        case 3: q8_tile<3>(X, m, W0, W1, scale, 32 * p, N, Y, ldy); break;
+        case 2: q8_tile<2>(X, m, W0, W1, scale, 32 * p, N, Y, ldy); break;
+        case 1: q8_tile<1>(X, m, W0, W1, scale, 32 * p, N, Y, ldy); break;
+        default: break;
+      }
+    }
+  });
+}
+
+static bool has_vnni() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") != 0;
+  }();
+  return yes;
+}
+
+// x [M, K] float32 @ the packed int8 weight (q8_pack) -> [M, N] float32
+torch::Tensor q8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t N) {
+  TORCH_CHECK(has_vnni(), "int8 weights need AVX512-VNNI");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x: [M, K] contiguous float32");
+  TORCH_CHECK(packed.scalar_type() == torch::kByte && packed.is_contiguous(), "packed: uint8");
+  TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.numel() == N, "scale: float32 [N]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(q8_group(K) > 0 && packed.numel() == (N + 31) / 32 * 32 * K, "packed weight shape");
+  auto y = torch::empty({M, N}, x.options());
+  pybind11::gil_scoped_release no_gil;
+  QuantRows q;
+  quantize_rows(x.data_ptr<float>(), M, K, q);
+  q8_matmul(q, M, packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), N, y.data_ptr<float>(), N);
+  return y;
+}
+
 template <typename W>
 static inline float dot(const float* a, const W* b, int64_t n) {
   const int64_t body = n / 16 * 16;
@@ -265,21 +408,45 @@ static const W* ptr(const torch::Tensor& t) {
 
 using Tensors = std::vector<torch::Tensor>;
 
+// a linear weight's input width: [out, in], or int8 packed as [blocks, in / 4, 16, 4]
+static int64_t hidden_in(const torch::Tensor& w) { return w.dim() == 2 ? w.size(1) : w.size(1) * 4; }
+
+// one linear of a one-row step: float32 and bfloat16 weights through the GEMV, int8 (packed by
+// q8_pack, with per-output scales) through q8_matmul on the row quantized as q8_linear does
+struct RowLinear {
+  QuantRows q;
+  void operator()(const float* x, const torch::Tensor& w, const torch::Tensor* scale, float* y, int64_t out,
+                  int64_t in) {
+    if (w.scalar_type() == torch::kFloat32) {
+      gemv_into(x, ptr<float>(w), y, out, in);
+    } else if (w.scalar_type() == torch::kBFloat16) {
+      gemv_into(x, ptr<uint16_t>(w), y, out, in);
+    } else {
+      quantize_rows(x, 1, in, q);
+      q8_matmul(q, 1, ptr<uint8_t>(w), scale->data_ptr<float>(), out, y, out);
+    }
+  }
+};
+
+// W: the norms' and the cache's dtype (float32 or bfloat16); each linear's weight is W or int8
+// with its scale in `scales` (four a layer: QKV, output, gate-up, down; empty without int8)
 template <typename W>
 static void decode_row_impl(float* X, const Tensors& in_norm, const Tensors& qkv_w, const Tensors& qkv_b,
                             const Tensors& o_w, const Tensors& post_norm, const Tensors& gate_up_w,
-                            const Tensors& down_w, const Tensors& keys, const Tensors& values, const float* C,
-                            const float* S, int64_t pos, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t d,
-                            float eps) {
+                            const Tensors& down_w, const Tensors& scales, const Tensors& keys,
+                            const Tensors& values, const float* C, const float* S, int64_t pos, int64_t hidden,
+                            int64_t heads, int64_t kv_heads, int64_t d, float eps) {
+  RowLinear linear;
+  auto scale_of = [&](int64_t l, int which) { return scales.empty() ? nullptr : &scales[4 * l + which]; };
   const int64_t layers = (int64_t)qkv_w.size();
-  const int64_t qw = heads * d, kw = kv_heads * d, inter = down_w[0].size(1), group = heads / kv_heads;
+  const int64_t qw = heads * d, kw = kv_heads * d, inter = hidden_in(down_w[0]), group = heads / kv_heads;
   const int64_t cols = keys[0].size(2), len = pos + 1;
   std::vector<float> h(hidden), qkv(qw + 2 * kw), attn(qw), gu(2 * inter), act(inter), y(std::max(hidden, inter));
   std::vector<float> scores(heads * len);
   const float scale = 1.0f / std::sqrt((float)d);
   for (int64_t l = 0; l < layers; ++l) {
     rms_norm(X, ptr<W>(in_norm[l]), h.data(), hidden, eps);
-    gemv_into(h.data(), ptr<W>(qkv_w[l]), qkv.data(), qw + 2 * kw, hidden);
+    linear(h.data(), qkv_w[l], scale_of(l, 0), qkv.data(), qw + 2 * kw, hidden);
     if (!qkv_b.empty()) {
       const W* b = ptr<W>(qkv_b[l]);
       for (int64_t i = 0; i < qw + 2 * kw; ++i) qkv[i] += tof(b[i]);
@@ -297,40 +464,53 @@ static void decode_row_impl(float* X, const Tensors& in_norm, const Tensors& qkv
         attend<W>(qkv.data() + hd * d, K + (hd / group) * cols * d, V + (hd / group) * cols * d, len, d, scale,
                   scores.data() + hd * len, attn.data() + hd * d);
     });
-    gemv_into(attn.data(), ptr<W>(o_w[l]), y.data(), hidden, qw);
+    linear(attn.data(), o_w[l], scale_of(l, 1), y.data(), hidden, qw);
     for (int64_t i = 0; i < hidden; ++i) X[i] += y[i];
     rms_norm(X, ptr<W>(post_norm[l]), h.data(), hidden, eps);
-    gemv_into(h.data(), ptr<W>(gate_up_w[l]), gu.data(), 2 * inter, hidden);
+    linear(h.data(), gate_up_w[l], scale_of(l, 2), gu.data(), 2 * inter, hidden);
     for (int64_t i = 0; i < inter; ++i) {
       const float g = gu[i];
       act[i] = g / (1.0f + std::exp(-g)) * gu[inter + i];
     }
-    gemv_into(act.data(), ptr<W>(down_w[l]), y.data(), hidden, inter);
+    linear(act.data(), down_w[l], scale_of(l, 3), y.data(), hidden, inter);
     for (int64_t i = 0; i < hidden; ++i) X[i] += y[i];
   }
 }
 
 // One decode step of one row through every layer of a Llama/Mistral/Qwen2 decoder: the residual
-// stream x [hidden] (float32) is updated in place. Weights (fused QKV / gate-up matrices, norms,
-// QKV bias) and the cache are all float32 or all bfloat16; sums are float32 either way. The new key
-// and value go to row 0, position `pos` of each layer's cache [rows, kv_heads, cols, d], and the
+// stream x [hidden] (float32) is updated in place. Norms, the QKV bias and the cache are float32 or
+// bfloat16; the linear weights are that dtype too, or int8 packed by q8_pack with their float32
+// scales in `scales` (QKV, output, gate-up, down of each layer in turn); sums are float32. The new
+// key and value go to row 0, position `pos` of each layer's cache [rows, kv_heads, cols, d], and the
 // query attends over positions [0, pos]. cos/sin: float32 rows for `pos`.
 void decode_row(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::vector<torch::Tensor> qkv_w,
                 std::vector<torch::Tensor> qkv_b, std::vector<torch::Tensor> o_w,
                 std::vector<torch::Tensor> post_norm, std::vector<torch::Tensor> gate_up_w,
-                std::vector<torch::Tensor> down_w, std::vector<torch::Tensor> keys,
-                std::vector<torch::Tensor> values, torch::Tensor cos, torch::Tensor sin, int64_t pos,
-                int64_t heads, int64_t kv_heads, double eps) {
+                std::vector<torch::Tensor> down_w, std::vector<torch::Tensor> scales,
+                std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor cos,
+                torch::Tensor sin, int64_t pos, int64_t heads, int64_t kv_heads, double eps) {
   const int64_t layers = (int64_t)qkv_w.size();
   TORCH_CHECK(layers > 0 && x.is_contiguous() && x.dtype() == torch::kFloat32, "x: contiguous float32");
   TORCH_CHECK(cos.dtype() == torch::kFloat32 && sin.dtype() == torch::kFloat32, "cos/sin: float32");
   TORCH_CHECK(qkv_b.empty() || (int64_t)qkv_b.size() == layers, "qkv biases: none or one per layer");
+  TORCH_CHECK(scales.empty() || (int64_t)scales.size() == 4 * layers, "int8 scales: none or four per layer");
   TORCH_CHECK(pos < keys[0].size(2), "position beyond the cache");
-  const auto dtype = qkv_w[0].scalar_type();
-  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "weights: float32 or bfloat16");
+  const auto dtype = keys[0].scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "cache: float32 or bfloat16");
   for (int64_t l = 0; l < layers; ++l) {
-    for (auto* t : {&in_norm[l], &qkv_w[l], &o_w[l], &post_norm[l], &gate_up_w[l], &down_w[l], &keys[l], &values[l]})
-      TORCH_CHECK(t->is_contiguous() && t->scalar_type() == dtype, "weights and cache: contiguous, one dtype");
+    for (auto* t : {&in_norm[l], &post_norm[l], &keys[l], &values[l]})
+      TORCH_CHECK(t->is_contiguous() && t->scalar_type() == dtype, "norms and cache: contiguous, one dtype");
+    int which = 0;
+    for (auto* t : {&qkv_w[l], &o_w[l], &gate_up_w[l], &down_w[l]}) {
+      TORCH_CHECK(t->is_contiguous(), "weights: contiguous");
+      if (t->scalar_type() == torch::kByte) {
+        TORCH_CHECK(has_vnni() && !scales.empty() && scales[4 * l + which].dtype() == torch::kFloat32,
+                    "int8 weights: AVX512-VNNI and float32 scales");
+      } else {
+        TORCH_CHECK(t->scalar_type() == dtype, "weights: the cache's dtype or int8");
+      }
+      ++which;
+    }
     if (!qkv_b.empty()) TORCH_CHECK(qkv_b[l].is_contiguous() && qkv_b[l].scalar_type() == dtype, "qkv bias");
   }
   float* X = x.data_ptr<float>();
@@ -341,11 +521,11 @@ void decode_row(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::vector
   // new requests) and hand the GIL back to this thread only after Python's switch interval
   pybind11::gil_scoped_release no_gil;
   if (dtype == torch::kFloat32)
-    decode_row_impl<float>(X, in_norm, qkv_w, qkv_b, o_w, post_norm, gate_up_w, down_w, keys, values, C, S, pos,
-                           hidden, heads, kv_heads, d, (float)eps);
+    decode_row_impl<float>(X, in_norm, qkv_w, qkv_b, o_w, post_norm, gate_up_w, down_w, scales, keys, values, C, S,
+                           pos, hidden, heads, kv_heads, d, (float)eps);
   else
-    decode_row_impl<uint16_t>(X, in_norm, qkv_w, qkv_b, o_w, post_norm, gate_up_w, down_w, keys, values, C, S, pos,
-                              hidden, heads, kv_heads, d, (float)eps);
+    decode_row_impl<uint16_t>(X, in_norm, qkv_w, qkv_b, o_w, post_norm, gate_up_w, down_w, scales, keys, values, C,
+                              S, pos, hidden, heads, kv_heads, d, (float)eps);
 }
 """
 
@@ -381,7 +561,7 @@ def kernel() -> Any | None:
         return load_inline(
             "llava_serve_cpu_gemv",
             cpp_sources=SOURCE,
-            functions=["gemv", "decode_row", "decode_attention"],
+            functions=["gemv", "decode_row", "decode_attention", "q8_linear"],
             extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -410,11 +590,66 @@ def decode_row(
 ) -> None:
     """One row's decode step through every layer, in place on x [hidden] (float32; decoder.RowStep):
     `weights` are the per-layer lists (input norms, QKV, QKV biases or [], output, post norms,
-    gate-up, down), `kv` the slot cache (row 0), `shape` (heads, kv_heads, eps)."""
+    gate-up, down, int8 scales or []), `kv` the slot cache (row 0), `shape` (heads, kv_heads, eps)."""
     module = kernel()
     assert module is not None
     heads, kv_heads, eps = shape
     module.decode_row(x, *weights, kv.keys, kv.values, cos, sin, pos, heads, kv_heads, eps)
+
+
+def int8_unavailable() -> str | None:
+    """Why int8 weights cannot run here (None: they can): the compiled kernels and AVX512-VNNI."""
+    reason = wanted()
+    if reason is None and "avx512_vnni" not in _cpu_flags():
+        reason = "this CPU has no AVX512-VNNI"
+    if reason is None and kernel() is None:
+        reason = "the compiled kernels did not build (see the warning above)"
+    return reason
+
+
+@functools.cache
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def q8_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float weight [N, K] as int8 per output channel for `q8_linear` and `decode_row`: (packed
+    uint8 [ceil(N / 32) * 2, K / 4, 16, 4] holding q + 128, float32 scales [N]) with
+    weight ~ q * scale[:, None], |q| <= 127. K must be a multiple of 32."""
+    n, k = weight.shape
+    if k % 32:
+        raise ValueError(f"int8 weights need an input width that is a multiple of 32 (got {k})")
+    w = weight.detach().float()
+    scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    q = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int16).add_(128).to(torch.uint8)
+    padded = (n + 31) // 32 * 32
+    if padded != n:
+        q = torch.cat([q, q.new_full((padded - n, k), 128)])
+    packed = q.view(padded // 16, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+    return packed, scale.contiguous()
+
+
+def q8_dequantize(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [N, K] that a packed int8 weight stands for (tests, checks)."""
+    blocks, quads = packed.shape[:2]
+    q = packed.permute(0, 2, 1, 3).reshape(blocks * 16, quads * 4)[: scale.numel()]
+    return (q.to(torch.int16) - 128).float() * scale[:, None]
+
+
+def q8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] (float32) @ an int8 weight (q8_pack) -> [M, N]: x is quantized per row in groups of
+    128 (or 64, 32) inputs and multiplied in int32 with AVX512-VNNI (the kernel must be loaded)."""
+    module = kernel()
+    assert module is not None
+    y = module.q8_linear(x.contiguous(), packed, scale, scale.numel())
+    return y if bias is None else y.add_(bias)
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from llava_serve.engine import cpu_gemv
-from llava_serve.engine.decoder_weights import DecoderWeights, LayerWeights
+from llava_serve.engine.decoder_weights import DecoderWeights, LayerWeights, Linear
 from llava_serve.engine.slots import KVSlots
 
 
@@ -202,6 +202,7 @@ class RowStep:
             [layer.post_norm for layer in layers],
             [layer.gate_up.weight for layer in layers],
             [layer.down.weight for layer in layers],
+            [s for layer in layers for lin in _linears(layer) if (s := lin.scale) is not None],
         )
 
     @staticmethod
@@ -215,19 +216,25 @@ class RowStep:
         if qkv_biases and len(qkv_biases) != len(layers):
             return False
         tensors = [t for layer in layers for t in (layer.input_norm, layer.post_norm)] + qkv_biases
-        tensors += [lin.weight for layer in layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        linears = [lin for layer in layers for lin in _linears(layer)]
         dtype = w.embed.dtype
-        return dtype in (torch.float32, torch.bfloat16) and all(
-            t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu" for t in tensors
+        floats = all(t.dtype == dtype for t in tensors) and all(
+            lin.weight.dtype == dtype or (w.int8 and lin.scale is not None) for lin in linears
+        )
+        tensors += [lin.weight for lin in linears]
+        return (
+            dtype in (torch.float32, torch.bfloat16)
+            and floats
+            and all(t.is_contiguous() and t.device.type == "cpu" for t in tensors)
         )
 
     def __call__(self, token: int, pos: int, kv: KVSlots, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         w = self.w
         x = w.embed[token].to(torch.float32, copy=True)  # the residual stream stays float32 in the kernel
-        norms, qkv, qkv_b, o, post, gate_up, down = self.args
+        norms, qkv, qkv_b, o, post, gate_up, down, scales = self.args
         cpu_gemv.decode_row(
             x,
-            [norms, qkv, qkv_b, o, post, gate_up, down],
+            [norms, qkv, qkv_b, o, post, gate_up, down, scales],
             kv,
             cos[pos].float(),
             sin[pos].float(),
@@ -235,6 +242,10 @@ class RowStep:
             (w.heads, w.kv_heads, w.eps),
         )
         return x.view(1, -1).to(w.embed.dtype)
+
+
+def _linears(layer: LayerWeights) -> tuple[Linear, Linear, Linear, Linear]:
+    return layer.qkv, layer.o, layer.gate_up, layer.down
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):

@@ -26,6 +26,8 @@ FAMILIES = {"llama", "mistral", "qwen2"}
 # float32 decoders with more linear weight bytes than this (several times the last-level cache, so
 # a one-row step streams them from memory) use the compiled one-row GEMV (cpu_gemv.py)
 GEMV_MIN_BYTES = 64 << 20
+# what build_decoder_weights(quantization=...) takes (None: the checkpoint's own dtype)
+QUANTIZATIONS: tuple[str | None, ...] = (None, "int8")
 # rope types whose frequencies do not depend on the sequence length (dynamic/longrope do)
 STATIC_ROPE = {"default", "linear", "llama3"}
 
@@ -42,12 +44,15 @@ class Linear:
     it the other way (prepack.py). In bfloat16 the packed kernel is the fast one at every row count
     (AVX-512 BF16: 1 row 4.7 ms packed vs 56 ms `F.linear`)."""
 
-    weight: torch.Tensor
+    weight: torch.Tensor  # [out, in]; int8 weights: packed by cpu_gemv.q8_pack (uint8)
     bias: torch.Tensor | None = None
     packed: torch.Tensor | None = None
     row_kernel: bool = False  # one-row calls go to cpu_gemv's compiled kernel
+    scale: torch.Tensor | None = None  # int8 weights: float32 [out], weight ~ q * scale
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            return cpu_gemv.q8_linear(x, self.weight, self.scale, self.bias)
         if self.row_kernel and x.shape[0] == 1:
             return cpu_gemv.gemv(x, self.weight, self.bias)
         if self.packed is None:
@@ -56,6 +61,12 @@ class Linear:
 
     def pack(self, rows_hint: int) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, max(rows_hint, 2))
+
+    def quantize(self) -> None:
+        """int8 per output channel (cpu_gemv.q8_pack); the float weight is let go."""
+        self.weight, self.scale = cpu_gemv.q8_pack(self.weight)
+        self.packed = None
+        self.row_kernel = False
 
 
 @dataclass
@@ -82,6 +93,7 @@ class DecoderWeights:
     head_dim: int
     intermediate: int
     row_step: bool = False  # one-row decode steps run every layer in one call of cpu_gemv.decode_row
+    int8: bool = False  # the layers' linear weights are int8 (QUANTIZATIONS); lm_head stays float
 
     @property
     def num_layers(self) -> int:
@@ -119,8 +131,30 @@ def unsupported_reason(model: Any) -> str | None:
     return None
 
 
-def build_decoder_weights(model: Any, prepack_rows: int = 0) -> DecoderWeights:
-    """Fuse the decoder's weights (call `unsupported_reason` first); prepack for `prepack_rows` > 1."""
+def int8_unsupported_reason(model: Any) -> str | None:
+    """None when the decoder's layers can run with int8 weights here; else why not."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        return f"the decoder runner cannot run it ({reason})"
+    config, decoder, head = text_parts(model)
+    if head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
+        return f"int8 weights run on the CPU from float32 checkpoints loaded in float32 (got {head.weight.dtype})"
+    widths = {
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_attention_heads * decoder.layers[0].self_attn.head_dim,
+    }
+    if any(w % 32 for w in widths):
+        return f"int8 weights need layer widths that are multiples of 32 (got {sorted(widths)})"
+    return cpu_gemv.int8_unavailable()
+
+
+def build_decoder_weights(model: Any, prepack_rows: int = 0, quantization: str | None = None) -> DecoderWeights:
+    """Fuse the decoder's weights (call `unsupported_reason` first); prepack for `prepack_rows` > 1;
+    `quantization="int8"` (check `int8_unsupported_reason` first): the layers' linear weights become
+    int8, and the transformers modules lose theirs (the model runs only through the runner then)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; use one of {QUANTIZATIONS[1:]}")
     config, decoder, head = text_parts(model)
     with torch.no_grad():
         layers = [_fuse_layer(layer) for layer in decoder.layers]
@@ -138,6 +172,10 @@ def build_decoder_weights(model: Any, prepack_rows: int = 0) -> DecoderWeights:
         head_dim=attn.head_dim,
         intermediate=config.intermediate_size,
     )
+    if quantization == "int8":
+        _quantize(weights, decoder)
+        log.info("the decoder's layers run with int8 weights (%d layers)", len(layers))
+        return weights
     bf16 = head.weight.dtype == torch.bfloat16
     if (prepack_rows > 1 or bf16) and _can_prepack(head.weight):
         for lin in _linears(weights):
@@ -156,6 +194,27 @@ def build_decoder_weights(model: Any, prepack_rows: int = 0) -> DecoderWeights:
         weights.row_step = True
         log.info("one-row decode steps use the compiled %s kernels (%d MB of weights)", head.weight.dtype, size >> 20)
     return weights
+
+
+def _quantize(weights: DecoderWeights, decoder: Any) -> None:
+    """int8 layer weights: vpdpbusd takes 64 int8 products an instruction where an FMA takes 16
+    float32 ones, and a one-row step reads a quarter of the bytes. lm_head stays float32 (as
+    bitsandbytes' --load-8bit keeps it) and is prepacked like float32 models' weights."""
+    for layer in weights.layers:
+        for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            lin.quantize()
+    head = weights.lm_head
+    if _can_prepack(head.weight):
+        head.pack(2)
+    head.row_kernel = head.weight.is_contiguous()  # one-row calls: the compiled GEMV
+    # the transformers modules held views of the float weights: point them at empty meta tensors so
+    # the float copies are freed and any use outside the runner fails loudly instead of silently
+    for layer in decoder.layers:
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight = torch.nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
+    weights.int8 = True
+    weights.row_step = True
 
 
 def _fuse_layer(layer: Any) -> LayerWeights:

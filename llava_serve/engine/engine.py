@@ -42,10 +42,13 @@ class BatchEngine(EngineBase):
         prepack: bool = True,
         prefix_cache_bytes: int = 256 << 20,
         runner: str = "auto",
+        quantization: str | None = None,
     ) -> None:
         super().__init__(lm, max_running, max_waiting)
         self.inbox: queue.Queue[Request | None] = queue.Queue()
-        self.runner = build_runner(lm, max_running, feature_cache_size, prepack, prefix_cache_bytes, runner)
+        self.runner = build_runner(
+            lm, max_running, feature_cache_size, prepack, prefix_cache_bytes, runner, quantization
+        )
         chunk_budget = step_tokens if self.runner.chunked else None
         self.scheduler = Scheduler(max_running, self.runner, chunk_budget, max_step_tokens)
         on_cpu = adapt_threads and lm.device.type == "cpu"

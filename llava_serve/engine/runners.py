@@ -11,7 +11,12 @@ import logging
 import os
 
 from llava_serve.engine.decoder_runner import DecoderRunner
-from llava_serve.engine.decoder_weights import build_decoder_weights, unsupported_reason
+from llava_serve.engine.decoder_weights import (
+    QUANTIZATIONS,
+    build_decoder_weights,
+    int8_unsupported_reason,
+    unsupported_reason,
+)
 from llava_serve.engine.prepack import prepack_linears
 from llava_serve.engine.runner import HFRunner, RunnerBase
 from llava_serve.errors import ModelLoadError
@@ -30,10 +35,19 @@ def build_runner(
     prepack: bool = True,
     prefix_cache_bytes: int = 256 << 20,
     kind: str = "auto",
+    quantization: str | None = None,
 ) -> RunnerBase:
     kind = os.environ.get(RUNNER_ENV, "auto") if kind == "auto" else kind
     if kind not in RUNNER_KINDS:
         raise ModelLoadError(f"unknown runner {kind!r}; use one of {', '.join(RUNNER_KINDS)}")
+    if quantization is not None:
+        if quantization not in QUANTIZATIONS:
+            raise ModelLoadError(f"unknown --quantization {quantization!r}; use int8")
+        problem = "it needs the decoder runner" if kind == "transformers" else int8_unsupported_reason(lm.model)
+        if problem is not None:
+            raise ModelLoadError(f"--quantization {quantization} cannot be used for {lm.name}: {problem}")
+        weights = build_decoder_weights(lm.model, quantization=quantization)
+        return DecoderRunner(lm, weights, max_rows, feature_cache_size, prefix_cache_bytes)
     reason = unsupported_reason(lm.model)
     if kind == "decoder" and reason is not None:
         raise ModelLoadError(f"the decoder runner cannot run {lm.name}: {reason}")

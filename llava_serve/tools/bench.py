@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--engines",
         default="batch,generate",
         help="workers to start: batch, generate (none: peers only); ENGINE@N runs it with OMP_NUM_THREADS=N, "
-        "ENGINE:DTYPE with --dtype DTYPE (e.g. batch,batch:bfloat16)",
+        "ENGINE:DTYPE with --dtype DTYPE, ENGINE:int8 with --quantization int8 (e.g. batch,batch:bfloat16,batch:int8)",
     )
     p.add_argument("--no-static", action="store_true", help="skip the static model.generate batch")
     p.add_argument("--limit-model-concurrency", type=int, default=32, help="passed to every worker alike")
@@ -83,8 +83,8 @@ def ensure_model(args: argparse.Namespace) -> Path:
 
 
 class Worker(Child):
-    """`spec` is batch or generate, optionally :DTYPE (the worker's --dtype) and @N (OMP_NUM_THREADS=N),
-    e.g. batch:bfloat16 or generate@1."""
+    """`spec` is batch or generate, optionally :DTYPE (the worker's --dtype, or int8 for --quantization
+    int8) and @N (OMP_NUM_THREADS=N), e.g. batch:bfloat16, batch:int8 or generate@1."""
 
     def __init__(self, spec: str, model: Path, args: argparse.Namespace) -> None:
         self.port = free_port()
@@ -95,7 +95,10 @@ class Worker(Child):
         argv = ["llava_serve.model_worker", "--no-register", "--host", "127.0.0.1", "--port", str(self.port)]
         argv += ["--model-path", str(model), "--engine", engine, "--device", args.device, "--log-level", "warning"]
         argv += ["--limit-model-concurrency", str(args.limit_model_concurrency), "--max-queue", str(args.max_queue)]
-        argv += ["--dtype", dtype] if dtype else []
+        if dtype == "int8":  # the batch engine's int8 weights
+            argv += ["--quantization", "int8"]
+        elif dtype:
+            argv += ["--dtype", dtype]
         env = {"OMP_NUM_THREADS": threads} if threads else None
         log = args.out / f"worker-{spec.replace(':', '-')}.log"
         super().__init__(f"{spec} worker", argv, log, env=env, stdout=subprocess.DEVNULL)

@@ -26,6 +26,7 @@ class WorkerConfig:
     dtype: str | None = None
     load_8bit: bool = False
     load_4bit: bool = False
+    quantization: str | None = None  # "int8": the batch engine's int8 weights (CPU, AVX512-VNNI)
     vision_tower: str | None = None
     conv_template: str | None = None
     trust_remote_code: bool = False
@@ -56,6 +57,12 @@ class WorkerConfig:
             raise ValueError("--max-queue must be >= 0")
         if self.engine not in ("batch", "generate"):
             raise ValueError("--engine must be 'batch' or 'generate'")
+        if self.quantization not in (None, "int8"):
+            raise ValueError("--quantization must be int8")
+        if self.quantization and self.engine != "batch":
+            raise ValueError("--quantization int8 runs in the batch engine (--engine batch)")
+        if self.quantization and (self.load_8bit or self.load_4bit):
+            raise ValueError("--quantization int8 and --load-8bit/--load-4bit are exclusive; pick one")
         if self.threads < 0:
             raise ValueError("--threads must be >= 0")
         if self.heart_beat_interval <= 0:
@@ -100,6 +107,7 @@ MODEL_KEYS = (
     "dtype",
     "load_8bit",
     "load_4bit",
+    "quantization",
     "vision_tower",
     "conv_template",
     "trust_remote_code",
@@ -119,6 +127,13 @@ def add_model_args(parser: argparse.ArgumentParser, several: bool = False) -> No
     quant = parser.add_mutually_exclusive_group()
     quant.add_argument("--load-8bit", action="store_true")
     quant.add_argument("--load-4bit", action="store_true")
+    quant.add_argument(
+        "--quantization",
+        choices=["int8"],
+        default=None,
+        help="int8: the decoder's weights in int8, run by the batch engine's compiled kernels "
+        "(CPU with AVX512-VNNI; Llama/Mistral/Qwen2 decoders; docs/models.md)",
+    )
     parser.add_argument("--vision-tower", default=None, help="local vision tower folder (original LLaVA)")
     parser.add_argument("--conv-template", default=None, help="override the conversation template")
     parser.add_argument("--trust-remote-code", action="store_true")

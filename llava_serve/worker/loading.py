@@ -80,4 +80,5 @@ def build_engine(config: WorkerConfig, lm: LoadedModel) -> EngineBase:
         feature_cache_size=config.feature_cache_size,
         prepack=not config.no_prepack,
         adapt_threads=not config.threads,
+        quantization=config.quantization,
     )

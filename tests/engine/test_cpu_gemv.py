@@ -63,7 +63,7 @@ def tokenizer():
     return build_tokenizer(SIZES["tiny"].vocab)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_one_row_steps_in_one_kernel_call_match_the_layer_by_layer_path(
     built, tokenizer, family, dtype, monkeypatch
@@ -71,14 +71,22 @@ def test_one_row_steps_in_one_kernel_call_match_the_layer_by_layer_path(
     """decode_row (every layer of a one-row step in one call) against the torch ops it replaces, at
     every position of three requests (grouped-query heads; Qwen2's QKV bias), then against
     transformers through the engine. In bfloat16 the kernel keeps the residual stream and its sums
-    in float32 where the layer-by-layer path rounds after every op, hence the wider tolerance."""
+    in float32 where the layer-by-layer path rounds after every op, hence the wider tolerance. With
+    int8 weights both paths quantize each linear's input the same way (q8_linear)."""
+    if dtype == "int8" and cpu_gemv.int8_unavailable():
+        pytest.skip(f"int8 weights: {cpu_gemv.int8_unavailable()}")
     monkeypatch.setattr(decoder_weights, "GEMV_MIN_BYTES", 0)
     lm = tiny_lm(tokenizer, family)
+    quantization = dtype if isinstance(dtype, str) else None
+    dtype = torch.float32 if quantization else dtype
     lm.model.to(dtype)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.05}
-    eng = BatchEngine(lm, max_running=1, max_waiting=8, adapt_threads=False, prefix_cache_bytes=0)
+    eng = BatchEngine(
+        lm, max_running=1, max_waiting=8, adapt_threads=False, prefix_cache_bytes=0, quantization=quantization
+    )
     forward = eng.runner.forward
     assert forward.row_step is not None
+    assert forward.w.int8 == (quantization == "int8")
     assert forward.w.heads != forward.w.kv_heads  # the tiny config has grouped-query heads
     calls = 0
     row_step = forward.row_step
@@ -110,7 +118,7 @@ def test_one_row_steps_in_one_kernel_call_match_the_layer_by_layer_path(
     reqs = [request(p, n) for p, n in zip(prompts(3, base=6), [7, 5, 9])]
     seen = [s for req in reqs for s in drive(eng, {0: [req]})]  # one at a time: decode-only steps
     assert calls == 7 + 5 + 9 - 3  # every step after each prompt's (which samples the first token)
-    if dtype != torch.float32:
+    if dtype != torch.float32 or quantization:
         return  # transformers' bfloat16 forward rounds like the layer-by-layer path (compared above)
     with torch.inference_mode():
         full = {id(r): lm.model(torch.tensor([r.prompt.input_ids + r.output_ids])).logits[0] for r in reqs}
@@ -167,3 +175,81 @@ def test_decode_rows_through_the_attention_kernel_match_transformers(built, toke
         full = {id(r): lm.model(torch.tensor([r.prompt.input_ids + r.output_ids])).logits[0] for r in reqs}
     for req, pos, logits in seen:
         torch.testing.assert_close(logits, full[id(req)][pos], atol=1e-4, rtol=1e-4)
+
+
+int8 = pytest.mark.skipif(
+    cpu_gemv.wanted() is None and cpu_gemv.int8_unavailable() is not None,
+    reason=f"int8 weights: {cpu_gemv.wanted() or cpu_gemv.int8_unavailable()}",
+)
+
+
+def quantized_rows(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x as q8_linear sees it: each row's groups of `group` inputs scaled to [-127, 127] and rounded
+    (half to even), then scaled back."""
+    g = x.view(x.shape[0], -1, group)
+    amax = g.abs().amax(-1, keepdim=True)
+    q = torch.where(amax > 0, (g * (127 / amax)).round().clamp(-127, 127), torch.zeros_like(g))
+    return (q * torch.where(amax > 0, amax / 127, torch.ones_like(amax))).view_as(x)
+
+
+@int8
+@pytest.mark.parametrize(("out", "inp", "rows", "group"), [(96, 128, 1, 128), (37, 96, 7, 32), (70, 64, 13, 64)])
+def test_int8_linear_is_the_int8_weight_times_the_row_quantized_input(built, out, inp, rows, group) -> None:
+    """q8_linear against the same arithmetic in torch: the packed weight dequantized, the input
+    quantized per row in groups (128, 64 or 32 wide, the largest that divides the width); outputs
+    not a multiple of 32 (padding), rows not a multiple of the kernel's six."""
+    gen = torch.Generator().manual_seed(out + inp)
+    w, b = torch.randn(out, inp, generator=gen), torch.randn(out, generator=gen)
+    x = torch.randn(rows, inp, generator=gen) * torch.linspace(0.1, 4, inp)  # uneven ranges across groups
+    x[0, :group] = 0  # an all-zero group
+    packed, scale = cpu_gemv.q8_pack(w)
+    dequantized = cpu_gemv.q8_dequantize(packed, scale)
+    assert (dequantized - w).abs().max() <= scale.max() / 2 + 1e-6  # round to nearest
+    expected = F.linear(quantized_rows(x, group), dequantized, b)
+    got = cpu_gemv.q8_linear(x, packed, scale, b)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # and it is a usable approximation of the float layer (~1% of the output's range)
+    assert (got - F.linear(x, w, b)).abs().max() < 0.02 * F.linear(x, w, b).abs().max()
+
+
+@int8
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_int8_engine_tracks_the_float_model_and_frees_its_float_weights(built, tokenizer, family) -> None:
+    """The batch engine with int8 weights (several rows a step, prompt chunks beside them): logits
+    stay within a few percent of transformers' float32 ones at every sampled position, the decoder's
+    float layer weights are gone from the transformers modules (meta tensors), lm_head is kept."""
+    reference = tiny_lm(tokenizer, family)
+    lm = tiny_lm(tokenizer, family)
+    eng = BatchEngine(
+        lm, max_running=3, max_waiting=8, step_tokens=12, adapt_threads=False, prefix_cache_bytes=0, quantization="int8"
+    )
+    w = eng.runner.forward.w
+    assert w.int8 and w.layers[0].qkv.weight.dtype == torch.uint8 and w.lm_head.scale is None
+    layer = lm.model.model.layers[0]
+    assert layer.self_attn.q_proj.weight.is_meta and layer.mlp.down_proj.weight.is_meta
+    assert not lm.model.lm_head.weight.is_meta
+    reqs = [request(p, n) for p, n in zip(prompts(4, base=6), [9, 4, 12, 6])]
+    seen = drive(eng, {0: reqs[:2], 3: reqs[2:]})
+    with torch.inference_mode():
+        full = {id(r): reference.model(torch.tensor([r.prompt.input_ids + r.output_ids])).logits[0] for r in reqs}
+    worst = max(float((got - full[id(r)][pos]).abs().max() / full[id(r)][pos].abs().max()) for r, pos, got in seen)
+    assert worst < 0.02, f"int8 logits are {worst:.1%} of the logits' range away from float32"
+
+
+@int8
+def test_int8_is_refused_where_it_cannot_run(tokenizer) -> None:
+    """A bfloat16 model, the transformers runner, a config flag combination: clear errors, no engine."""
+    from llava_serve.engine.runners import build_runner
+    from llava_serve.errors import ModelLoadError
+    from llava_serve.worker.config import WorkerConfig
+
+    lm = tiny_lm(tokenizer, "llama")
+    lm.model.to(torch.bfloat16)
+    with pytest.raises(ModelLoadError, match="float32"):
+        build_runner(lm, 2, quantization="int8")
+    with pytest.raises(ModelLoadError, match="decoder runner"):
+        build_runner(tiny_lm(tokenizer, "llama"), 2, kind="transformers", quantization="int8")
+    with pytest.raises(ValueError, match="batch engine"):
+        WorkerConfig(quantization="int8", engine="generate")
+    with pytest.raises(ValueError, match="exclusive"):
+        WorkerConfig(quantization="int8", load_8bit=True)
