@@ -54,8 +54,17 @@ class PhaseTimer:
         setattr(obj, name, timed)
 
 
-def run_engine(lm, n: int, tokens: int, round_id: int, profile_steps: int, runner: str, max_running: int = 0) -> None:
-    eng = BatchEngine(lm, max_running=max_running or max(n, 1), max_waiting=64, runner=runner, prefix_cache_bytes=0)
+def run_engine(
+    lm, n: int, tokens: int, round_id: int, profile_steps: int, runner: str, max_running: int = 0, quantization=None
+) -> None:
+    eng = BatchEngine(
+        lm,
+        max_running=max_running or max(n, 1),
+        max_waiting=64,
+        runner=runner,
+        prefix_cache_bytes=0,
+        quantization=quantization,
+    )
     timer = PhaseTimer()
     for obj, name, label in [
         (eng.runner, "run", "forward"),
@@ -123,15 +132,21 @@ def main() -> None:
     p.add_argument("--static", action="store_true", help="also time the static model.generate batch")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--runner", default="auto", choices=["auto", "decoder", "transformers"])
+    p.add_argument("--quantization", default=None, choices=["int8"], help="the engine's int8 weights")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(LoadOptions(model_path=args.model_path, device="cpu"))
+
+    def model():  # int8 weights replace the float ones: a fresh model for each engine then
+        return load_model(LoadOptions(model_path=args.model_path, device="cpu"))
+
+    lm = model()
     rows = [int(x) for x in args.rows.split(",")]
     # warm-up; prepacking happens once per model, sized for the largest batch, as in the worker
-    run_engine(lm, 2, 4, -1, 0, args.runner, max_running=max(rows))
+    run_engine(lm, 2, 4, -1, 0, args.runner, max_running=max(rows), quantization=args.quantization)
     for i, n in enumerate(rows):
-        run_engine(lm, n, args.tokens, i, args.profile_steps, args.runner, max_running=max(rows))
+        lm = model() if args.quantization else lm
+        run_engine(lm, n, args.tokens, i, args.profile_steps, args.runner, max(rows), args.quantization)
         if args.static:
             run_static(lm, n, args.tokens, i, args.profile_steps)
 

@@ -1,6 +1,7 @@
 """Decode-step times of one request over its whole length, in process (no HTTP, no worker).
 
-    python benchmarks/step_times.py --model-path /tmp/bench-llava --tokens 256 --threads 2 [--dtype bfloat16]
+    python benchmarks/step_times.py --model-path /tmp/bench-llava --tokens 256 --threads 2 \
+        [--dtype bfloat16 | --quantization int8]
 
 Steps one request (its own image and prompt) to the end, twice, and prints the median step time
 of each 32-step window: how a one-row step grows with the context. For an A/B of two versions of
@@ -26,11 +27,12 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--quantization", default=None, choices=["int8"])
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(LoadOptions(model_path=args.model_path, dtype=args.dtype))
-    eng = BatchEngine(lm, max_running=1, adapt_threads=False, prefix_cache_bytes=0)
+    eng = BatchEngine(lm, max_running=1, adapt_threads=False, prefix_cache_bytes=0, quantization=args.quantization)
     for rnd in range(args.rounds):
         req = engine_requests(lm, 1, args.tokens, round_id=200 + rnd)[0]
         eng.submit(req)

@@ -126,6 +126,8 @@ def unsupported_reason(model: Any) -> str | None:
     linears = [m for layer in decoder.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     if any(type(m) is not torch.nn.Linear for m in [*linears, head]):
         return "quantized or adapted linear layers"
+    if any(m.weight.is_meta for m in linears):
+        return "an engine with int8 weights has taken its float weights (load the model again)"
     if head.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"weights in {head.weight.dtype}"
     return None
