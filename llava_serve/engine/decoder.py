@@ -33,7 +33,8 @@ class StepInputs:
     """Per-step tensors shared by every layer."""
 
     rows: int  # decode rows
-    cos: torch.Tensor  # [N, 1, head_dim]
+    positions: torch.Tensor  # [B] each decode row's position
+    cos: torch.Tensor  # [N, 1, head_dim] (compiled rows: the prompt chunks' rows only)
     sin: torch.Tensor
     kv_index: torch.Tensor  # [B * kv_heads] where each decode row's new key/value goes, as rows of the
     # flat [rows * kv_heads * cols, head_dim] cache (index_copy_: ~10 us, advanced indexing ~135 us)
@@ -58,7 +59,9 @@ class DecoderForward:
         self.row_step = RowStep(weights) if RowStep.applies(weights) else None
         # float32 decode rows attend through the compiled kernel where it is loaded: torch's CPU flash
         # kernel is built for long runs of queries and took ~1.4 ms a layer at 16 rows x ~150
-        # positions (bench checkpoint, 16-row decode step in process: 66-81 -> 49-55 ms)
+        # positions (bench checkpoint, 16-row decode step in process: 66-81 -> 49-55 ms). The same
+        # kernel does their rotary and cache write, and norms and SwiGLU of every row are compiled
+        # too: ~10 torch ops a layer, each 10-100 us at 16 rows, become three calls
         self.kernel_attention = weights.row_step and weights.embed.dtype == torch.float32
 
     @torch.inference_mode()
@@ -67,7 +70,7 @@ class DecoderForward:
         chunk's last position, in order."""
         if self.row_step is not None and len(tokens) == 1 and not chunks:
             x = self.row_step(tokens[0], positions[0], self.kv, self.cos, self.sin)
-            return self.w.lm_head(rms_norm(x, self.w.norm, self.w.eps))
+            return self.w.lm_head(self._norm(x, self.w.norm))
         step = self._inputs(tokens, positions, chunks)
         x = self._embed(tokens, chunks)
         for layer, keys, values in zip(self.w.layers, self.kv.keys, self.kv.values):
@@ -80,8 +83,12 @@ class DecoderForward:
                 if chunk.want_logits:
                     keep.append(end - 1)
             x = x[keep] if len(keep) < x.shape[0] else x
-        x = rms_norm(x, self.w.norm, self.w.eps)
-        return self.w.lm_head(x)
+        return self.w.lm_head(self._norm(x, self.w.norm))
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.kernel_attention:
+            return cpu_gemv.rms_norm(x, weight, self.w.eps)
+        return rms_norm(x, weight, self.w.eps)
 
     def _inputs(self, tokens: list[int], positions: list[int], chunks: list[PromptChunk]) -> StepInputs:
         device = self.w.embed.device
@@ -92,6 +99,19 @@ class DecoderForward:
         rows = len(tokens)
         decode_pos = pos[:rows]
         decode_len = max(positions) + 1 if rows else 0
+        if self.kernel_attention:  # the decode rows' rotary, cache write and mask are in the kernel
+            chunk_pos = pos[rows:]
+            return StepInputs(
+                rows=rows,
+                positions=decode_pos,
+                cos=self.cos[chunk_pos].unsqueeze(1),
+                sin=self.sin[chunk_pos].unsqueeze(1),
+                kv_index=decode_pos,
+                decode_len=decode_len,
+                mask=None,
+                lengths=decode_pos + 1,
+                chunks=chunks,
+            )
         mask = None
         if rows:
             beyond = torch.arange(decode_len, device=device) > decode_pos[:, None]
@@ -101,6 +121,7 @@ class DecoderForward:
             mask = mask.view(rows, 1, 1, decode_len)
         return StepInputs(
             rows=rows,
+            positions=decode_pos,
             cos=self.cos[pos].unsqueeze(1),
             sin=self.sin[pos].unsqueeze(1),
             kv_index=self._kv_index(decode_pos),
@@ -125,19 +146,37 @@ class DecoderForward:
     def _layer(
         self, layer: LayerWeights, keys: torch.Tensor, values: torch.Tensor, x: torch.Tensor, step: StepInputs
     ) -> torch.Tensor:
-        h = rms_norm(x, layer.input_norm, self.w.eps)
+        h = self._norm(x, layer.input_norm)
         qkv = layer.qkv(h)
+        b = step.rows
+        outs = []
+        if self.kernel_attention:  # decode rows: rotary, cache write and attention in one call
+            if b:
+                shape = (self.w.heads, self.w.kv_heads)
+                outs.append(
+                    cpu_gemv.decode_rows_attention(qkv[:b], self.cos, self.sin, step.positions, (keys, values), shape)
+                )
+            if step.chunks:
+                q, k, v = self._rotated(qkv[b:], step)
+                outs.append(self._chunks_attention(q, k, v, keys, values, step.chunks))
+            attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+        else:
+            q, k, v = self._rotated(qkv, step)
+            attn = self._attention(q, k, v, keys, values, step)
+        x = x + layer.o(attn)
+        h = self._norm(x, layer.post_norm)
+        if self.kernel_attention:
+            return x + layer.down(cpu_gemv.silu_mul(layer.gate_up(h)))
+        gate, up = layer.gate_up(h).chunk(2, dim=-1)
+        return x + layer.down(F.silu(gate) * up)
+
+    def _rotated(self, qkv: torch.Tensor, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [n, heads, d], k and v [n, kv_heads, d] from QKV rows, rotary applied (step.cos/sin rows)."""
         n, d = qkv.shape[0], self.w.head_dim
         qk = qkv[:, : self.q_width + self.kv_width].view(n, -1, d)
         qk = qk * step.cos + rotate_half(qk) * step.sin
-        q = qk[:, : self.w.heads]
-        k = qk[:, self.w.heads :]
         v = qkv[:, self.q_width + self.kv_width :].view(n, self.w.kv_heads, d)
-        attn = self._attention(q, k, v, keys, values, step)
-        x = x + layer.o(attn)
-        h = rms_norm(x, layer.post_norm, self.w.eps)
-        gate, up = layer.gate_up(h).chunk(2, dim=-1)
-        return x + layer.down(F.silu(gate) * up)
+        return qk[:, : self.w.heads], qk[:, self.w.heads :], v
 
     def _attention(self, q, k, v, keys: torch.Tensor, values: torch.Tensor, step: StepInputs) -> torch.Tensor:
         b = step.rows
@@ -147,17 +186,22 @@ class DecoderForward:
             keys.view(-1, d).index_copy_(0, step.kv_index, k[:b].reshape(-1, d))
             values.view(-1, d).index_copy_(0, step.kv_index, v[:b].reshape(-1, d))
             k_rows, v_rows = keys[:b, :, : step.decode_len], values[:b, :, : step.decode_len]
-            if self.kernel_attention:
-                outs.append(cpu_gemv.attention(q[:b], keys, values, step.lengths))
-            elif self.manual_decode:
+            if self.manual_decode:
                 outs.append(decode_attention(q[:b], k_rows, v_rows, step.mask))
             else:
                 out = F.scaled_dot_product_attention(
                     q[:b].unsqueeze(2), k_rows, v_rows, attn_mask=step.mask, enable_gqa=self.gqa
                 )
                 outs.append(out.reshape(b, self.q_width))
-        at = b
-        for chunk in step.chunks:
+        if step.chunks:
+            outs.append(self._chunks_attention(q[b:], k[b:], v[b:], keys, values, step.chunks))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _chunks_attention(self, q, k, v, keys: torch.Tensor, values: torch.Tensor, chunks: list[PromptChunk]):
+        """Each prompt chunk's rows (in order, from row 0 of q, k, v) causally over its cache row."""
+        outs = []
+        at = 0
+        for chunk in chunks:
             c = chunk.embeds.shape[0]
             sl = slice(at, at + c)
             outs.append(self._chunk_attention(q[sl], k[sl], v[sl], keys, values, chunk.row, chunk.start))

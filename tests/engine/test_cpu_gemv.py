@@ -166,8 +166,8 @@ def test_decode_rows_through_the_attention_kernel_match_transformers(built, toke
     eng = BatchEngine(lm, max_running=3, max_waiting=8, step_tokens=12, adapt_threads=False, prefix_cache_bytes=0)
     assert eng.runner.forward.kernel_attention
     calls = []
-    real = cpu_gemv.attention
-    monkeypatch.setattr(cpu_gemv, "attention", lambda q, *a: calls.append(q.shape[0]) or real(q, *a))
+    real = cpu_gemv.decode_rows_attention
+    monkeypatch.setattr(cpu_gemv, "decode_rows_attention", lambda qkv, *a: calls.append(qkv.shape[0]) or real(qkv, *a))
     reqs = [request(p, n) for p, n in zip(prompts(5, base=6), [9, 4, 12, 6, 7])]
     seen = drive(eng, {0: reqs[:2], 3: reqs[2:4], 6: reqs[4:]})
     assert max(calls) == 3
