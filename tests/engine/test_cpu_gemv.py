@@ -253,3 +253,23 @@ def test_int8_is_refused_where_it_cannot_run(tokenizer) -> None:
         WorkerConfig(quantization="int8", engine="generate")
     with pytest.raises(ValueError, match="exclusive"):
         WorkerConfig(quantization="int8", load_8bit=True)
+
+
+@int8
+def test_an_int8_worker_lets_go_of_the_checkpoint_file_and_generates(built, tiny_llava, tmp_path) -> None:
+    """The worker's loading path with --quantization int8: the engine runs int8 layers, the float
+    tensors that stay were copied off the memory-mapped checkpoint (no mapping of its file is left,
+    so the float32 pages fusing read are not held), and a request runs to its token limit."""
+    import shutil
+
+    from llava_serve.worker.config import WorkerConfig
+    from llava_serve.worker.loading import load_model_and_engine
+
+    folder = shutil.copytree(tiny_llava, tmp_path / "int8-checkpoint")  # a file only this model maps
+    lm, eng = load_model_and_engine(WorkerConfig(model_path=str(folder), device="cpu", quantization="int8"))
+    assert isinstance(eng, BatchEngine) and eng.runner.forward.w.int8
+    with open("/proc/self/maps") as maps:
+        assert str(folder) not in maps.read()
+    req = request(lm.tokenizer("a short prompt")["input_ids"], 6)
+    drive(eng, {0: [req]})
+    assert len(req.output_ids) == 6
