@@ -158,6 +158,13 @@ def build_decoder_weights(model: Any, prepack_rows: int = 0, quantization: str |
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; use one of {QUANTIZATIONS[1:]}")
     config, decoder, head = text_parts(model)
+    if quantization is None and head.weight.device.type == "cpu":
+        # fusing copies QKV and gate-up; the other float tensors are copied off the memory-mapped
+        # checkpoint first, so no mapping is left holding the file pages fusing read (~600 MiB of
+        # float32 pages on the bench checkpoint, besides the copies)
+        from llava_serve.models.quant import detach_from_checkpoint
+
+        detach_from_checkpoint(model)
     with torch.no_grad():
         layers = [_fuse_layer(layer) for layer in decoder.layers]
     attn = decoder.layers[0].self_attn
