@@ -63,6 +63,10 @@ class WorkerConfig:
             raise ValueError("--quantization int8 runs in the batch engine (--engine batch)")
         if self.quantization and (self.load_8bit or self.load_4bit):
             raise ValueError("--quantization int8 and --load-8bit/--load-4bit are exclusive; pick one")
+        if self.quantization and self.dtype not in (None, "float32"):
+            raise ValueError("--quantization int8 quantizes float32 weights; drop --dtype (or use --dtype float32)")
+        if self.quantization and self.device not in ("auto", "cpu"):
+            raise ValueError("--quantization int8 runs on the CPU (--device cpu)")
         if self.threads < 0:
             raise ValueError("--threads must be >= 0")
         if self.heart_beat_interval <= 0:
@@ -184,8 +188,13 @@ def worker_parser() -> argparse.ArgumentParser:
 
 
 def worker_config(argv: list[str] | None = None) -> WorkerConfig:
-    args = vars(worker_parser().parse_args(argv))
+    """The config from the command line; a bad combination of flags exits with usage and the reason."""
+    parser = worker_parser()
+    args = vars(parser.parse_args(argv))
     args["api_key"] = tuple(args["api_key"])
     args["connections"] = pop_connection_limits(args)
     names = {f.name for f in fields(WorkerConfig)}
-    return WorkerConfig(**{k: v for k, v in args.items() if k in names})
+    try:
+        return WorkerConfig(**{k: v for k, v in args.items() if k in names})
+    except ValueError as exc:
+        parser.error(str(exc))

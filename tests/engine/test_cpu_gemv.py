@@ -253,6 +253,10 @@ def test_int8_is_refused_where_it_cannot_run(tokenizer) -> None:
         WorkerConfig(quantization="int8", engine="generate")
     with pytest.raises(ValueError, match="exclusive"):
         WorkerConfig(quantization="int8", load_8bit=True)
+    with pytest.raises(ValueError, match="float32"):
+        WorkerConfig(quantization="int8", dtype="bfloat16")
+    with pytest.raises(ValueError, match="CPU"):
+        WorkerConfig(quantization="int8", device="cuda")
 
 
 @int8

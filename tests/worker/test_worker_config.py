@@ -11,9 +11,17 @@ from llava_serve.worker.config import worker_config
 from llava_serve.worker.loading import build_engine
 
 
-def test_bad_thread_count_is_refused() -> None:
-    with pytest.raises(ValueError, match="--threads"):
-        worker_config(["--threads", "-1"])
+def test_bad_flags_exit_with_usage_and_the_reason(capsys) -> None:
+    for argv, reason in [
+        (["--threads", "-1"], "--threads"),
+        (["--quantization", "int8", "--engine", "generate"], "batch engine"),
+        (["--quantization", "int8", "--dtype", "bfloat16"], "float32"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            worker_config(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "usage: llava-serve worker" in err and reason in err
 
 
 def prepacked(engine) -> bool:  # type: ignore[no-untyped-def]
