@@ -4,8 +4,9 @@
 
 Times one call on each of `--weights` distinct 2816x1024 weights (distinct, so they stream from
 memory as a decode step's do): float32 and bfloat16 through `F.linear` and through oneDNN's packed
-kernel (what the decoder runner uses), and weight-only int8 (`aten._weight_int8pack_mm`, per-row
-scales, float32 and bfloat16 input). Prints ms per pass over all weights.
+kernel (what the decoder runner uses), weight-only int8 (`aten._weight_int8pack_mm`, per-row
+scales, float32 and bfloat16 input), and the project's int8 kernel (`cpu_gemv.q8_linear`, what
+`--quantization int8` runs; where it can be built). Prints ms per pass over all weights.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from llava_serve.engine import cpu_gemv
 
 OUT, IN = 2816, 1024
 
@@ -39,7 +42,11 @@ def kernels(weights: list[torch.Tensor], rows: int) -> dict[str, Callable[[], ob
     q = [torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8) for w, s in zip(weights, scales)]
     scales_b = [s.bfloat16() for s in scales]
     pointwise = torch.ops.mkldnn._linear_pointwise
-    return {
+    own = {}
+    if cpu_gemv.int8_unavailable() is None:
+        q8 = [cpu_gemv.q8_pack(w) for w in weights]
+        own["int8 llava-serve (VNNI)"] = lambda: [cpu_gemv.q8_linear(x, pw, s, None) for pw, s in q8]
+    return own | {
         "float32 F.linear": lambda: [F.linear(x, w) for w in weights],
         "float32 packed": lambda: [pointwise(x, p, None, "none", [], "") for p in packed],
         "bfloat16 F.linear": lambda: [F.linear(xb, w) for w in wb],
