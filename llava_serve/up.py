@@ -20,7 +20,7 @@ import httpx
 
 from llava_serve.common.attest import SECRET_ENV, new_secret
 from llava_serve.common.connections import port_free
-from llava_serve.worker.config import add_model_args
+from llava_serve.worker.config import MODEL_KEYS, WorkerConfig, add_model_args
 
 
 @dataclass
@@ -161,6 +161,11 @@ def stop_all(services: list[Service]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    try:  # the workers' model flags, checked together before any process starts
+        WorkerConfig(**{key: getattr(args, key) for key in MODEL_KEYS})
+    except ValueError as exc:
+        print(f"llava-serve up: {exc}", file=sys.stderr)
+        return 2
     items = plan(args)
     taken = [f"{name} port {port}" for name, _, port, _ in items if not port_free(args.host, port)]
     if taken:
