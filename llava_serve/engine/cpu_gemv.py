@@ -436,41 +436,13 @@ torch::Tensor silu_mul(torch::Tensor gu) {
   return out;
 }
 
-// Attention of B decode rows straight from their fused QKV output [B, (heads + 2 kv_heads) d]: rotary
-// on each row's query and key at its position (cos/sin tables [positions, d]), the key and value
-// written to cache row b at that position, then every query head over the row's positions [0, pos]
-// (float32 cache [rows, kv_heads, cols, d]) -> [B, heads d]. Replaces the per-layer rotary ops, the
-// cache's index_copy_ and decode_attention's own call.
-torch::Tensor decode_rows_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
-                                    torch::Tensor positions, torch::Tensor keys, torch::Tensor values,
-                                    int64_t heads, int64_t kv_heads) {
-  TORCH_CHECK(qkv.dtype() == torch::kFloat32 && qkv.dim() == 2 && qkv.stride(1) == 1, "qkv: [B, width] float32");
-  TORCH_CHECK(cos.dtype() == torch::kFloat32 && sin.dtype() == torch::kFloat32 && cos.is_contiguous() &&
-                  sin.is_contiguous(), "cos/sin: contiguous float32 tables");
-  TORCH_CHECK(keys.dtype() == torch::kFloat32 && values.dtype() == torch::kFloat32 && keys.is_contiguous() &&
-                  values.is_contiguous(), "cache: contiguous float32");
-  const int64_t B = qkv.size(0), d = cos.size(1), qw = heads * d, kw = kv_heads * d;
-  TORCH_CHECK(qkv.size(1) == qw + 2 * kw && keys.size(1) == kv_heads && keys.size(3) == d, "widths");
-  TORCH_CHECK(B <= keys.size(0), "more decode rows than cache rows");
-  const int64_t cols = keys.size(2), group = heads / kv_heads, ld = qkv.stride(0);
-  auto pos = positions.to(torch::kLong).contiguous();
-  const int64_t* P = pos.data_ptr<int64_t>();
-  int64_t longest = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(P[b] >= 0 && P[b] < cols && P[b] < cos.size(0), "a row's position is outside the cache");
-    longest = std::max(longest, P[b] + 1);
-  }
-  auto q = torch::empty({B, qw}, qkv.options());
-  auto out = torch::empty({B, qw}, qkv.options());
-  const float* QKV = qkv.data_ptr<float>();
-  const float* C = cos.data_ptr<float>();
-  const float* S = sin.data_ptr<float>();
-  float* Q = q.data_ptr<float>();
-  float* K = keys.data_ptr<float>();
-  float* V = values.data_ptr<float>();
-  float* O = out.data_ptr<float>();
+// rotary, cache write and attention of B decode rows (see decode_rows_attention); Q [B, heads d] is
+// scratch for the rotated queries, O [B, heads d] the output
+static void rows_attention_into(const float* QKV, int64_t ld, int64_t B, const float* C, const float* S,
+                                const int64_t* P, float* K, float* V, int64_t cols, int64_t heads,
+                                int64_t kv_heads, int64_t d, int64_t longest, float* Q, float* O) {
+  const int64_t qw = heads * d, kw = kv_heads * d, group = heads / kv_heads;
   const float scale = 1.0f / std::sqrt((float)d);
-  pybind11::gil_scoped_release no_gil;
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* src = QKV + b * ld;
@@ -494,6 +466,38 @@ torch::Tensor decode_rows_attention(torch::Tensor qkv, torch::Tensor cos, torch:
       attend(Q + t * d, K + off, V + off, P[b] + 1, d, scale, sc.data(), O + t * d);
     }
   });
+}
+
+// Attention of B decode rows straight from their fused QKV output [B, (heads + 2 kv_heads) d]: rotary
+// on each row's query and key at its position (cos/sin tables [positions, d]), the key and value
+// written to cache row b at that position, then every query head over the row's positions [0, pos]
+// (float32 cache [rows, kv_heads, cols, d]) -> [B, heads d]. Replaces the per-layer rotary ops, the
+// cache's index_copy_ and decode_attention's own call.
+torch::Tensor decode_rows_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                                    torch::Tensor positions, torch::Tensor keys, torch::Tensor values,
+                                    int64_t heads, int64_t kv_heads) {
+  TORCH_CHECK(qkv.dtype() == torch::kFloat32 && qkv.dim() == 2 && qkv.stride(1) == 1, "qkv: [B, width] float32");
+  TORCH_CHECK(cos.dtype() == torch::kFloat32 && sin.dtype() == torch::kFloat32 && cos.is_contiguous() &&
+                  sin.is_contiguous(), "cos/sin: contiguous float32 tables");
+  TORCH_CHECK(keys.dtype() == torch::kFloat32 && values.dtype() == torch::kFloat32 && keys.is_contiguous() &&
+                  values.is_contiguous(), "cache: contiguous float32");
+  const int64_t B = qkv.size(0), d = cos.size(1), qw = heads * d, kw = kv_heads * d;
+  TORCH_CHECK(qkv.size(1) == qw + 2 * kw && keys.size(1) == kv_heads && keys.size(3) == d, "widths");
+  TORCH_CHECK(B <= keys.size(0), "more decode rows than cache rows");
+  const int64_t cols = keys.size(2), ld = qkv.stride(0);
+  auto pos = positions.to(torch::kLong).contiguous();
+  const int64_t* P = pos.data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(P[b] >= 0 && P[b] < cols && P[b] < cos.size(0), "a row's position is outside the cache");
+    longest = std::max(longest, P[b] + 1);
+  }
+  auto q = torch::empty({B, qw}, qkv.options());
+  auto out = torch::empty({B, qw}, qkv.options());
+  pybind11::gil_scoped_release no_gil;
+  rows_attention_into(qkv.data_ptr<float>(), ld, B, cos.data_ptr<float>(), sin.data_ptr<float>(), P,
+                      keys.data_ptr<float>(), values.data_ptr<float>(), cols, heads, kv_heads, d, longest,
+                      q.data_ptr<float>(), out.data_ptr<float>());
   return out;
 }
 
@@ -623,6 +627,89 @@ void decode_row(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::vector
     decode_row_impl<uint16_t>(X, in_norm, qkv_w, qkv_b, o_w, post_norm, gate_up_w, down_w, scales, keys, values, C,
                               S, pos, hidden, heads, kv_heads, d, (float)eps);
 }
+
+// One decode step of B rows (one token each, row b of the cache at positions[b]) through every layer
+// of a decoder with int8 linear weights, the residual stream x [B, hidden] (float32) updated in
+// place: decode_row's work for several rows, with each int8 matmul taking all B rows at once. A
+// batched step's ~8 calls a layer from Python (norms, matmuls, attention, SwiGLU, residual adds)
+// become one call a step. Norms, the QKV bias, the cache and cos/sin tables ([positions, d]): float32.
+void decode_rows_q8(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::vector<torch::Tensor> qkv_w,
+                    std::vector<torch::Tensor> qkv_b, std::vector<torch::Tensor> o_w,
+                    std::vector<torch::Tensor> post_norm, std::vector<torch::Tensor> gate_up_w,
+                    std::vector<torch::Tensor> down_w, std::vector<torch::Tensor> scales,
+                    std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor cos,
+                    torch::Tensor sin, torch::Tensor positions, int64_t heads, int64_t kv_heads, double eps) {
+  const int64_t layers = (int64_t)qkv_w.size();
+  TORCH_CHECK(has_vnni(), "int8 weights need AVX512-VNNI");
+  TORCH_CHECK(layers > 0 && x.dim() == 2 && x.is_contiguous() && x.dtype() == torch::kFloat32,
+              "x: [B, hidden] contiguous float32");
+  TORCH_CHECK((int64_t)scales.size() == 4 * layers, "int8 scales: four per layer");
+  TORCH_CHECK(qkv_b.empty() || (int64_t)qkv_b.size() == layers, "qkv biases: none or one per layer");
+  TORCH_CHECK(cos.dtype() == torch::kFloat32 && sin.dtype() == torch::kFloat32 && cos.is_contiguous() &&
+                  sin.is_contiguous(), "cos/sin: contiguous float32 tables");
+  for (int64_t l = 0; l < layers; ++l) {
+    for (auto* t : {&in_norm[l], &post_norm[l], &keys[l], &values[l]})
+      TORCH_CHECK(t->is_contiguous() && t->scalar_type() == torch::kFloat32, "norms and cache: float32");
+    for (auto* t : {&qkv_w[l], &o_w[l], &gate_up_w[l], &down_w[l]})
+      TORCH_CHECK(t->is_contiguous() && t->scalar_type() == torch::kByte, "weights: int8 (q8_pack)");
+    if (!qkv_b.empty()) TORCH_CHECK(qkv_b[l].is_contiguous() && qkv_b[l].scalar_type() == torch::kFloat32, "bias");
+  }
+  const int64_t B = x.size(0), H = x.size(1), d = cos.size(1), qw = heads * d, kw = kv_heads * d;
+  const int64_t nqkv = qw + 2 * kw, inter = hidden_in(down_w[0]), cols = keys[0].size(2);
+  TORCH_CHECK(B <= keys[0].size(0) && hidden_in(qkv_w[0]) == H, "rows or widths do not match the cache/weights");
+  auto pos = positions.to(torch::kLong).contiguous();
+  TORCH_CHECK(pos.numel() == B, "one position per row");
+  const int64_t* P = pos.data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(P[b] >= 0 && P[b] < cols && P[b] < cos.size(0), "a row's position is outside the cache");
+    longest = std::max(longest, P[b] + 1);
+  }
+  float* X = x.data_ptr<float>();
+  const float* C = cos.data_ptr<float>();
+  const float* S = sin.data_ptr<float>();
+  pybind11::gil_scoped_release no_gil;
+  std::vector<float> h(B * H), qkv(B * nqkv), q(B * qw), attn(B * qw), gu(B * 2 * inter), act(B * inter);
+  std::vector<float> y(B * H);
+  QuantRows qr;
+  auto norm_rows = [&](const torch::Tensor& w) {
+    at::parallel_for(0, B, 4, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) rms_norm(X + r * H, w.data_ptr<float>(), h.data() + r * H, H, (float)eps);
+    });
+  };
+  auto matmul = [&](const float* in, int64_t width, const torch::Tensor& w, const torch::Tensor& sc, float* out,
+                    int64_t n) {
+    quantize_rows(in, B, width, qr);
+    q8_matmul(qr, B, w.data_ptr<uint8_t>(), sc.data_ptr<float>(), n, out, n);
+  };
+  auto add_y = [&]() {
+    for (int64_t i = 0; i < B * H; ++i) X[i] += y[i];
+  };
+  for (int64_t l = 0; l < layers; ++l) {
+    norm_rows(in_norm[l]);
+    matmul(h.data(), H, qkv_w[l], scales[4 * l], qkv.data(), nqkv);
+    if (!qkv_b.empty()) {
+      const float* bias = qkv_b[l].data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < nqkv; ++i) qkv[b * nqkv + i] += bias[i];
+    }
+    rows_attention_into(qkv.data(), nqkv, B, C, S, P, keys[l].data_ptr<float>(), values[l].data_ptr<float>(), cols,
+                        heads, kv_heads, d, longest, q.data(), attn.data());
+    matmul(attn.data(), qw, o_w[l], scales[4 * l + 1], y.data(), H);
+    add_y();
+    norm_rows(post_norm[l]);
+    matmul(h.data(), H, gate_up_w[l], scales[4 * l + 2], gu.data(), 2 * inter);
+    at::parallel_for(0, B, 4, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t i = 0; i < inter; ++i) {
+          const float g = gu[r * 2 * inter + i];
+          act[r * inter + i] = g / (1.0f + std::exp(-g)) * gu[r * 2 * inter + inter + i];
+        }
+    });
+    matmul(act.data(), inter, down_w[l], scales[4 * l + 3], y.data(), H);
+    add_y();
+  }
+}
 """
 
 
@@ -665,6 +752,7 @@ def kernel() -> Any | None:
                 "rms_norm_rows",
                 "silu_mul",
                 "decode_rows_attention",
+                "decode_rows_q8",
             ],
             extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
@@ -783,6 +871,23 @@ def decode_rows_attention(
     module = kernel()
     assert module is not None
     return module.decode_rows_attention(qkv, cos, sin, positions, kv[0], kv[1], heads[0], heads[1])
+
+
+def decode_rows_q8(
+    x: torch.Tensor,
+    weights: list[list[torch.Tensor]],
+    kv: Any,
+    tables: tuple[torch.Tensor, torch.Tensor],
+    positions: torch.Tensor,
+    shape: tuple[int, int, float],
+) -> None:
+    """A decode step of B rows through every int8 layer in one call, in place on x [B, hidden]
+    (float32): `weights` as decode_row's (scales included), `kv` the slot cache (rows 0..B-1),
+    `tables` the (cos, sin) tables by position, `shape` (heads, kv_heads, eps)."""
+    module = kernel()
+    assert module is not None
+    heads, kv_heads, eps = shape
+    module.decode_rows_q8(x, *weights, kv.keys, kv.values, *tables, positions, heads, kv_heads, eps)
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

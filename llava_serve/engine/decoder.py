@@ -71,6 +71,9 @@ class DecoderForward:
         if self.row_step is not None and len(tokens) == 1 and not chunks:
             x = self.row_step(tokens[0], positions[0], self.kv, self.cos, self.sin)
             return self.w.lm_head(self._norm(x, self.w.norm))
+        if self.row_step is not None and self.w.int8 and tokens and not chunks:  # int8: the whole step in one call
+            x = self.row_step.rows(tokens, positions, self.kv, self.cos, self.sin)
+            return self.w.lm_head(self._norm(x, self.w.norm))
         step = self._inputs(tokens, positions, chunks)
         x = self._embed(tokens, chunks)
         for layer, keys, values in zip(self.w.layers, self.kv.keys, self.kv.values):
@@ -271,6 +274,14 @@ class RowStep:
             and floats
             and all(t.is_contiguous() and t.device.type == "cpu" for t in tensors)
         )
+
+    def rows(self, tokens: list[int], positions: list[int], kv: KVSlots, cos: torch.Tensor, sin: torch.Tensor):
+        """A decode step of several rows (int8 weights: cpu_gemv.decode_rows_q8) -> x [B, hidden]."""
+        w = self.w
+        x = F.embedding(torch.tensor(tokens), w.embed).float()
+        pos = torch.tensor(positions)
+        cpu_gemv.decode_rows_q8(x, list(self.args), kv, (cos, sin), pos, (w.heads, w.kv_heads, w.eps))
+        return x
 
     def __call__(self, token: int, pos: int, kv: KVSlots, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         w = self.w

@@ -277,3 +277,41 @@ def test_an_int8_worker_lets_go_of_the_checkpoint_file_and_generates(built, tiny
     req = request(lm.tokenizer("a short prompt")["input_ids"], 6)
     drive(eng, {0: [req]})
     assert len(req.output_ids) == 6
+
+
+@int8
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_int8_batched_steps_in_one_call_match_the_layer_by_layer_path(built, tokenizer, family) -> None:
+    """decode_rows_q8 (a decode step of several rows through every int8 layer in one call) against
+    the layer-by-layer path on copies of the cache, at every such step of requests joining and
+    leaving (rows at different positions; Qwen2's QKV bias): both quantize each matmul's input the
+    same way, so they agree to float32 rounding."""
+    lm = tiny_lm(tokenizer, family)
+    eng = BatchEngine(
+        lm, max_running=3, max_waiting=8, step_tokens=12, adapt_threads=False, prefix_cache_bytes=0, quantization="int8"
+    )
+    forward = eng.runner.forward
+    row_step = forward.row_step
+    assert row_step is not None
+    real_rows = row_step.rows
+    batch_sizes = []
+
+    def compared(tokens, positions, kv, cos, sin):
+        batch_sizes.append(len(tokens))
+        keys = [k.clone() for k in kv.keys]
+        values = [v.clone() for v in kv.values]
+        step = forward._inputs(tokens, positions, [])
+        x = forward._embed(tokens, [])
+        for layer, k, v in zip(forward.w.layers, keys, values, strict=True):
+            x = forward._layer(layer, k, v, x, step)
+        fused = real_rows(tokens, positions, kv, cos, sin)
+        torch.testing.assert_close(fused, x, atol=1e-4, rtol=1e-4)
+        for a, b in zip([*kv.keys, *kv.values], [*keys, *values], strict=True):
+            for row, pos in enumerate(positions):
+                torch.testing.assert_close(a[row, :, : pos + 1], b[row, :, : pos + 1], atol=1e-5, rtol=1e-5)
+        return fused
+
+    row_step.rows = compared  # type: ignore[method-assign]
+    reqs = [request(p, n) for p, n in zip(prompts(5, base=6), [9, 4, 12, 6, 7])]
+    drive(eng, {0: reqs[:2], 3: reqs[2:4], 6: reqs[4:]})
+    assert max(batch_sizes) == 3 and min(batch_sizes) >= 2
