@@ -1,6 +1,6 @@
 """ITL of running streams while image requests keep arriving: what chunked prefill is for.
 
-    python benchmarks/arrivals_itl.py --model-path M --step-tokens 0,32,64 --seconds 12
+    python benchmarks/arrivals_itl.py --model-path M --step-tokens 0,32,64 --seconds 12 [--quantization int8]
 
 For each setting of the engine's `step_tokens` (0 = never chunk: a newcomer's whole prompt in one
 step, what the engine did before), in-process: 8 streams decode alone for `--idle-seconds` once
@@ -49,9 +49,16 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def one_setting(lm, step_tokens: int, seconds: float, idle_seconds: float, round_id: int) -> dict[str, float]:
+def one_setting(
+    lm, step_tokens: int, seconds: float, idle_seconds: float, round_id: int, quantization: str | None = None
+) -> dict[str, float]:
     eng = BatchEngine(
-        lm, max_running=16, max_waiting=64, step_tokens=step_tokens or 10**9, prefix_cache_bytes=0
+        lm,
+        max_running=16,
+        max_waiting=64,
+        step_tokens=step_tokens or 10**9,
+        prefix_cache_bytes=0,
+        quantization=quantization,
     ).start()
     streams = [Stream() for _ in range(8)]
     for stream, req in zip(streams, engine_requests(lm, 8, 100_000, round_id)):
@@ -85,12 +92,13 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=12)
     p.add_argument("--idle-seconds", type=float, default=8)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--quantization", default=None, choices=["int8"], help="the engine's int8 weights")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(LoadOptions(model_path=args.model_path, device="cpu"))
     for i, budget in enumerate(int(x) for x in args.step_tokens.split(",")):
-        r = one_setting(lm, budget, args.seconds, args.idle_seconds, 50 + 10 * i)
+        lm = load_model(LoadOptions(model_path=args.model_path, device="cpu"))  # int8 takes its float weights
+        r = one_setting(lm, budget, args.seconds, args.idle_seconds, 50 + 10 * i, args.quantization)
         print(
             f"step_tokens {budget or 'off':>4}: ITL idle p50/p95 {r['idle_p50']:.0f}/{r['idle_p95']:.0f} ms, "
             f"with arrivals {r['busy_p50']:.0f}/{r['busy_p95']:.0f} ms, p95 ratio {r['busy_p95'] / r['idle_p95']:.2f}",
