@@ -315,3 +315,18 @@ def test_int8_batched_steps_in_one_call_match_the_layer_by_layer_path(built, tok
     reqs = [request(p, n) for p, n in zip(prompts(5, base=6), [9, 4, 12, 6, 7])]
     drive(eng, {0: reqs[:2], 3: reqs[2:4], 6: reqs[4:]})
     assert max(batch_sizes) == 3 and min(batch_sizes) >= 2
+
+
+def test_the_environment_switch_picks_where_the_kernels_run(built, tokenizer, monkeypatch) -> None:
+    """LLAVA_SERVE_CPU_GEMV: unset, a model this small stays on oneDNN (its weights sit in cache);
+    `all` puts it on the compiled kernels; `0` refuses int8, which has no other path."""
+    from llava_serve.engine.runners import build_runner
+    from llava_serve.errors import ModelLoadError
+
+    monkeypatch.delenv("LLAVA_SERVE_CPU_GEMV", raising=False)
+    assert not decoder_weights.build_decoder_weights(tiny_lm(tokenizer, "llama").model).row_step
+    monkeypatch.setenv("LLAVA_SERVE_CPU_GEMV", "all")
+    assert decoder_weights.build_decoder_weights(tiny_lm(tokenizer, "llama").model).row_step
+    monkeypatch.setenv("LLAVA_SERVE_CPU_GEMV", "0")
+    with pytest.raises(ModelLoadError, match="LLAVA_SERVE_CPU_GEMV=0"):
+        build_runner(tiny_lm(tokenizer, "llama"), 2, quantization="int8")
