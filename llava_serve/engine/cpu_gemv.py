@@ -436,11 +436,13 @@ torch::Tensor silu_mul(torch::Tensor gu) {
   return out;
 }
 
-// rotary, cache write and attention of B decode rows (see decode_rows_attention); Q [B, heads d] is
-// scratch for the rotated queries, O [B, heads d] the output
+// rotary, cache write and attention of B rows (see decode_rows_attention): row b goes to cache row
+// R[b] (nullptr: row b) at position P[b] and attends over that cache row's positions [0, P[b]], so
+// several rows in one cache row at consecutive positions are a causal prompt chunk (every key is
+// written before any row attends); Q [B, heads d] is scratch for the rotated queries, O the output
 static void rows_attention_into(const float* QKV, int64_t ld, int64_t B, const float* C, const float* S,
-                                const int64_t* P, float* K, float* V, int64_t cols, int64_t heads,
-                                int64_t kv_heads, int64_t d, int64_t longest, float* Q, float* O) {
+                                const int64_t* P, const int64_t* R, float* K, float* V, int64_t cols,
+                                int64_t heads, int64_t kv_heads, int64_t d, int64_t longest, float* Q, float* O) {
   const int64_t qw = heads * d, kw = kv_heads * d, group = heads / kv_heads;
   const float scale = 1.0f / std::sqrt((float)d);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -451,10 +453,11 @@ static void rows_attention_into(const float* QKV, int64_t ld, int64_t B, const f
       std::memcpy(Q + b * qw, src, qw * sizeof(float));
       for (int64_t h = 0; h < heads; ++h) rope(Q + b * qw + h * d, c, s, d);
       for (int64_t g = 0; g < kv_heads; ++g) {
-        float* k = K + ((b * kv_heads + g) * cols + P[b]) * d;
+        const int64_t row = R ? R[b] : b;
+        float* k = K + ((row * kv_heads + g) * cols + P[b]) * d;
         std::memcpy(k, src + qw + g * d, d * sizeof(float));
         rope(k, c, s, d);
-        std::memcpy(V + ((b * kv_heads + g) * cols + P[b]) * d, src + qw + kw + g * d, d * sizeof(float));
+        std::memcpy(V + ((row * kv_heads + g) * cols + P[b]) * d, src + qw + kw + g * d, d * sizeof(float));
       }
     }
   });
@@ -462,7 +465,7 @@ static void rows_attention_into(const float* QKV, int64_t ld, int64_t B, const f
     std::vector<float> sc(longest);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / heads, hd = t % heads;
-      const int64_t off = ((b * kv_heads) + hd / group) * cols * d;
+      const int64_t off = (((R ? R[b] : b) * kv_heads) + hd / group) * cols * d;
       attend(Q + t * d, K + off, V + off, P[b] + 1, d, scale, sc.data(), O + t * d);
     }
   });
@@ -495,7 +498,7 @@ torch::Tensor decode_rows_attention(torch::Tensor qkv, torch::Tensor cos, torch:
   auto q = torch::empty({B, qw}, qkv.options());
   auto out = torch::empty({B, qw}, qkv.options());
   pybind11::gil_scoped_release no_gil;
-  rows_attention_into(qkv.data_ptr<float>(), ld, B, cos.data_ptr<float>(), sin.data_ptr<float>(), P,
+  rows_attention_into(qkv.data_ptr<float>(), ld, B, cos.data_ptr<float>(), sin.data_ptr<float>(), P, nullptr,
                       keys.data_ptr<float>(), values.data_ptr<float>(), cols, heads, kv_heads, d, longest,
                       q.data_ptr<float>(), out.data_ptr<float>());
   return out;
@@ -628,9 +631,10 @@ void decode_row(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::vector
                               S, pos, hidden, heads, kv_heads, d, (float)eps);
 }
 
-// One decode step of B rows (one token each, row b of the cache at positions[b]) through every layer
-// of a decoder with int8 linear weights, the residual stream x [B, hidden] (float32) updated in
-// place: decode_row's work for several rows, with each int8 matmul taking all B rows at once. A
+// One step of B rows through every layer of a decoder with int8 linear weights, the residual stream
+// x [B, hidden] (float32) updated in place: row b is a token at positions[b] of cache row
+// cache_rows[b], so decode rows (one each in their own cache row) and prompt chunks (consecutive
+// positions of one cache row, causal) share the step; each int8 matmul takes all B rows at once. A
 // batched step's ~8 calls a layer from Python (norms, matmuls, attention, SwiGLU, residual adds)
 // become one call a step. Norms, the QKV bias, the cache and cos/sin tables ([positions, d]): float32.
 void decode_rows_q8(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::vector<torch::Tensor> qkv_w,
@@ -638,7 +642,8 @@ void decode_rows_q8(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::ve
                     std::vector<torch::Tensor> post_norm, std::vector<torch::Tensor> gate_up_w,
                     std::vector<torch::Tensor> down_w, std::vector<torch::Tensor> scales,
                     std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor cos,
-                    torch::Tensor sin, torch::Tensor positions, int64_t heads, int64_t kv_heads, double eps) {
+                    torch::Tensor sin, torch::Tensor positions, torch::Tensor cache_rows, int64_t heads,
+                    int64_t kv_heads, double eps) {
   const int64_t layers = (int64_t)qkv_w.size();
   TORCH_CHECK(has_vnni(), "int8 weights need AVX512-VNNI");
   TORCH_CHECK(layers > 0 && x.dim() == 2 && x.is_contiguous() && x.dtype() == torch::kFloat32,
@@ -656,13 +661,16 @@ void decode_rows_q8(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::ve
   }
   const int64_t B = x.size(0), H = x.size(1), d = cos.size(1), qw = heads * d, kw = kv_heads * d;
   const int64_t nqkv = qw + 2 * kw, inter = hidden_in(down_w[0]), cols = keys[0].size(2);
-  TORCH_CHECK(B <= keys[0].size(0) && hidden_in(qkv_w[0]) == H, "rows or widths do not match the cache/weights");
+  TORCH_CHECK(hidden_in(qkv_w[0]) == H, "x's width does not match the weights");
   auto pos = positions.to(torch::kLong).contiguous();
-  TORCH_CHECK(pos.numel() == B, "one position per row");
+  auto crow = cache_rows.to(torch::kLong).contiguous();
+  TORCH_CHECK(pos.numel() == B && crow.numel() == B, "one position and one cache row per row");
   const int64_t* P = pos.data_ptr<int64_t>();
+  const int64_t* R = crow.data_ptr<int64_t>();
   int64_t longest = 0;
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(P[b] >= 0 && P[b] < cols && P[b] < cos.size(0), "a row's position is outside the cache");
+    TORCH_CHECK(R[b] >= 0 && R[b] < keys[0].size(0), "a row's cache row is outside the cache");
     longest = std::max(longest, P[b] + 1);
   }
   float* X = x.data_ptr<float>();
@@ -693,8 +701,8 @@ void decode_rows_q8(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::ve
       for (int64_t b = 0; b < B; ++b)
         for (int64_t i = 0; i < nqkv; ++i) qkv[b * nqkv + i] += bias[i];
     }
-    rows_attention_into(qkv.data(), nqkv, B, C, S, P, keys[l].data_ptr<float>(), values[l].data_ptr<float>(), cols,
-                        heads, kv_heads, d, longest, q.data(), attn.data());
+    rows_attention_into(qkv.data(), nqkv, B, C, S, P, R, keys[l].data_ptr<float>(), values[l].data_ptr<float>(),
+                        cols, heads, kv_heads, d, longest, q.data(), attn.data());
     matmul(attn.data(), qw, o_w[l], scales[4 * l + 1], y.data(), H);
     add_y();
     norm_rows(post_norm[l]);
@@ -878,16 +886,16 @@ def decode_rows_q8(
     weights: list[list[torch.Tensor]],
     kv: Any,
     tables: tuple[torch.Tensor, torch.Tensor],
-    positions: torch.Tensor,
+    rows: tuple[torch.Tensor, torch.Tensor],
     shape: tuple[int, int, float],
 ) -> None:
-    """A decode step of B rows through every int8 layer in one call, in place on x [B, hidden]
-    (float32): `weights` as decode_row's (scales included), `kv` the slot cache (rows 0..B-1),
-    `tables` the (cos, sin) tables by position, `shape` (heads, kv_heads, eps)."""
+    """A step of B rows through every int8 layer in one call, in place on x [B, hidden] (float32):
+    `weights` as decode_row's (scales included), `kv` the slot cache, `tables` the (cos, sin) tables
+    by position, `rows` each row's (positions, cache rows), `shape` (heads, kv_heads, eps)."""
     module = kernel()
     assert module is not None
     heads, kv_heads, eps = shape
-    module.decode_rows_q8(x, *weights, kv.keys, kv.values, *tables, positions, heads, kv_heads, eps)
+    module.decode_rows_q8(x, *weights, kv.keys, kv.values, *tables, *rows, heads, kv_heads, eps)
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,8 @@ class DecoderForward:
         # kernel does their rotary and cache write, and norms and SwiGLU of every row are compiled
         # too: ~10 torch ops a layer, each 10-100 us at 16 rows, become three calls
         self.kernel_attention = weights.row_step and weights.embed.dtype == torch.float32
+        # int8: every step with several rows (decode rows and prompt chunks) runs in one compiled call
+        self.int8_steps = weights.int8 and self.row_step is not None
 
     @torch.inference_mode()
     def __call__(self, tokens: list[int], positions: list[int], chunks: list[PromptChunk]) -> torch.Tensor:
@@ -71,16 +73,22 @@ class DecoderForward:
         if self.row_step is not None and len(tokens) == 1 and not chunks:
             x = self.row_step(tokens[0], positions[0], self.kv, self.cos, self.sin)
             return self.w.lm_head(self._norm(x, self.w.norm))
-        if self.row_step is not None and self.w.int8 and tokens and not chunks:  # int8: the whole step in one call
-            x = self.row_step.rows(tokens, positions, self.kv, self.cos, self.sin)
-            return self.w.lm_head(self._norm(x, self.w.norm))
-        step = self._inputs(tokens, positions, chunks)
-        x = self._embed(tokens, chunks)
-        for layer, keys, values in zip(self.w.layers, self.kv.keys, self.kv.values):
-            x = self._layer(layer, keys, values, x, step)
+        if self.int8_steps and self.row_step is not None:
+            x = self._embed(tokens, chunks).to(torch.float32, copy=True)  # updated in place
+            all_pos, cache_rows = list(positions), list(range(len(tokens)))
+            for chunk in chunks:
+                c = chunk.embeds.shape[0]
+                all_pos.extend(range(chunk.start, chunk.start + c))
+                cache_rows.extend([chunk.row] * c)
+            self.row_step.rows(x, all_pos, cache_rows, self.kv, self.cos, self.sin)
+        else:
+            step = self._inputs(tokens, positions, chunks)
+            x = self._embed(tokens, chunks)
+            for layer, keys, values in zip(self.w.layers, self.kv.keys, self.kv.values):
+                x = self._layer(layer, keys, values, x, step)
         if chunks:
-            keep = list(range(step.rows))
-            end = step.rows
+            keep = list(range(len(tokens)))
+            end = len(tokens)
             for chunk in chunks:
                 end += chunk.embeds.shape[0]
                 if chunk.want_logits:
@@ -275,13 +283,20 @@ class RowStep:
             and all(t.is_contiguous() and t.device.type == "cpu" for t in tensors)
         )
 
-    def rows(self, tokens: list[int], positions: list[int], kv: KVSlots, cos: torch.Tensor, sin: torch.Tensor):
-        """A decode step of several rows (int8 weights: cpu_gemv.decode_rows_q8) -> x [B, hidden]."""
+    def rows(
+        self,
+        x: torch.Tensor,
+        positions: list[int],
+        cache_rows: list[int],
+        kv: KVSlots,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> None:
+        """A step of several rows (int8 weights: cpu_gemv.decode_rows_q8), in place on x [N, hidden]
+        (float32): row i is at positions[i] of cache row cache_rows[i]."""
         w = self.w
-        x = F.embedding(torch.tensor(tokens), w.embed).float()
-        pos = torch.tensor(positions)
-        cpu_gemv.decode_rows_q8(x, list(self.args), kv, (cos, sin), pos, (w.heads, w.kv_heads, w.eps))
-        return x
+        rows = (torch.tensor(positions), torch.tensor(cache_rows))
+        cpu_gemv.decode_rows_q8(x, list(self.args), kv, (cos, sin), rows, (w.heads, w.kv_heads, w.eps))
 
     def __call__(self, token: int, pos: int, kv: KVSlots, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         w = self.w

@@ -114,6 +114,7 @@ def test_one_row_steps_in_one_kernel_call_match_the_layer_by_layer_path(
             torch.testing.assert_close(a[0, :, : pos + 1], b[0, :, : pos + 1], **tol)
         return fused
 
+    compared.rows = row_step.rows  # type: ignore[attr-defined]  # int8 prompt steps: one call too
     forward.row_step = compared
     reqs = [request(p, n) for p, n in zip(prompts(3, base=6), [7, 5, 9])]
     seen = [s for req in reqs for s in drive(eng, {0: [req]})]  # one at a time: decode-only steps
@@ -282,39 +283,44 @@ def test_an_int8_worker_lets_go_of_the_checkpoint_file_and_generates(built, tiny
 @int8
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_int8_batched_steps_in_one_call_match_the_layer_by_layer_path(built, tokenizer, family) -> None:
-    """decode_rows_q8 (a decode step of several rows through every int8 layer in one call) against
-    the layer-by-layer path on copies of the cache, at every such step of requests joining and
-    leaving (rows at different positions; Qwen2's QKV bias): both quantize each matmul's input the
-    same way, so they agree to float32 rounding."""
-    lm = tiny_lm(tokenizer, family)
-    eng = BatchEngine(
-        lm, max_running=3, max_waiting=8, step_tokens=12, adapt_threads=False, prefix_cache_bytes=0, quantization="int8"
-    )
-    forward = eng.runner.forward
-    row_step = forward.row_step
-    assert row_step is not None
-    real_rows = row_step.rows
-    batch_sizes = []
+    """decode_rows_q8 (a step of several rows, decode rows and prompt chunks, through every int8
+    layer in one call) against the layer-by-layer int8 path: two engines on the same weights, the
+    same requests joining and leaving (Qwen2's QKV bias); both quantize each matmul's input the
+    same way, so their logits agree to float32 rounding at every sampled position."""
 
-    def compared(tokens, positions, kv, cos, sin):
-        batch_sizes.append(len(tokens))
-        keys = [k.clone() for k in kv.keys]
-        values = [v.clone() for v in kv.values]
-        step = forward._inputs(tokens, positions, [])
-        x = forward._embed(tokens, [])
-        for layer, k, v in zip(forward.w.layers, keys, values, strict=True):
-            x = forward._layer(layer, k, v, x, step)
-        fused = real_rows(tokens, positions, kv, cos, sin)
-        torch.testing.assert_close(fused, x, atol=1e-4, rtol=1e-4)
-        for a, b in zip([*kv.keys, *kv.values], [*keys, *values], strict=True):
-            for row, pos in enumerate(positions):
-                torch.testing.assert_close(a[row, :, : pos + 1], b[row, :, : pos + 1], atol=1e-5, rtol=1e-5)
-        return fused
+    def engine(one_call: bool) -> BatchEngine:
+        eng = BatchEngine(
+            tiny_lm(tokenizer, family),
+            max_running=3,
+            max_waiting=8,
+            step_tokens=12,
+            adapt_threads=False,
+            prefix_cache_bytes=0,
+            quantization="int8",
+        )
+        eng.runner.forward.int8_steps = one_call
+        return eng
 
-    row_step.rows = compared  # type: ignore[method-assign]
-    reqs = [request(p, n) for p, n in zip(prompts(5, base=6), [9, 4, 12, 6, 7])]
-    drive(eng, {0: reqs[:2], 3: reqs[2:4], 6: reqs[4:]})
-    assert max(batch_sizes) == 3 and min(batch_sizes) >= 2
+    fast, reference = engine(True), engine(False)
+    assert fast.runner.forward.row_step is not None
+    calls = []
+    real_rows = fast.runner.forward.row_step.rows
+
+    def counted(x, positions, cache_rows, *rest):
+        calls.append((len(positions), len(set(cache_rows))))
+        return real_rows(x, positions, cache_rows, *rest)
+
+    fast.runner.forward.row_step.rows = counted  # type: ignore[method-assign]
+    results = []
+    for eng in (fast, reference):
+        reqs = [request(p, n) for p, n in zip(prompts(5, base=6), [9, 4, 12, 6, 7])]
+        results.append(drive(eng, {0: reqs[:2], 3: reqs[2:4], 6: reqs[4:]}))
+    assert any(n > rows for n, rows in calls)  # steps with prompt chunks went through the one call
+    assert any(n == rows and n > 1 for n, rows in calls)  # and decode-only steps of several rows
+    assert len(results[0]) == len(results[1])
+    for (_, pos_a, got), (_, pos_b, expected) in zip(*results, strict=True):
+        assert pos_a == pos_b
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_the_environment_switch_picks_where_the_kernels_run(built, tokenizer, monkeypatch) -> None:
