@@ -17,7 +17,10 @@ PI-resize of the patch kernel, the same patch grid, so the same number of image 
 training draws its pictures at that size.
 Reproducible for a given seed, thread count and torch build. Writes a complete checkpoint folder
 (weights, config, tokenizer, processor, chat template) that loads with plain transformers;
-``--save-every N`` also writes OUT-stepN folders along the way.
+``--save-every N`` also writes OUT-stepN folders along the way. ``--easy-steps N`` draws the vision
+stage's first N steps' pictures plain, fewer as they go (a curriculum); ``--count-weight W`` adds
+count targets to the tower's heads (vision_aux.count_targets). Both are off by default: neither
+helped in the runs of docs/default_model.md ("Round 4").
 """
 
 from __future__ import annotations
