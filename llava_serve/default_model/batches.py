@@ -22,7 +22,7 @@ from transformers import LlavaProcessor
 from llava_serve.default_model.build import ModelSize
 from llava_serve.default_model.data import Scene, render, sample_scene
 from llava_serve.default_model.questions import QA, random_qa, text_only_qa
-from llava_serve.default_model.vision_aux import centre_labels, patch_labels, region_labels
+from llava_serve.default_model.vision_aux import centre_labels, count_targets, patch_labels, region_labels
 
 IGNORE_INDEX = -100
 # Conversations of 1-4 question/answer turns: later turns reuse the prompt and the picture's 36 tokens,
@@ -140,23 +140,32 @@ def image_seq_length(processor: LlavaProcessor) -> int:
 
 
 def image_batches(
-    seed: int, processor: LlavaProcessor, size: ModelSize, batch_size: int
+    seed: int, processor: LlavaProcessor, size: ModelSize, batch_size: int, easy_batches: int = 0
 ) -> Iterator[tuple[torch.Tensor, ...]]:
-    """(pixel_values, patch, region and centre labels) of fresh scenes, for the vision tower alone."""
+    """(pixel_values, patch, region and centre labels, counts) of fresh scenes, for the vision tower alone.
+
+    A curriculum over the first ``easy_batches`` batches: a picture is drawn plain (``render`` without a
+    style: the reference colours, solid, on a light background) with a chance falling from 1 to 0
+    over them, else in the varied styles training draws from then on."""
     rng = random.Random(seed)
+    produced = 0
     while True:
+        easy = max(0.0, 1.0 - produced / easy_batches) if easy_batches else 0.0
         scenes = [sample_scene(rng) for _ in range(batch_size)]
-        images = [render(scene, rng) for scene in scenes]
+        images = [render(scene, None if rng.random() < easy else rng) for scene in scenes]
         pixels = pixel_values(images, processor)
+        produced += 1
         yield (pixels, *vision_targets(scenes, size))
 
 
-def vision_targets(scenes: list[Scene], size: ModelSize) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-patch shape classes, per-patch shape positions and shape-centre flags (see vision_aux)."""
+def vision_targets(scenes: list[Scene], size: ModelSize) -> tuple[torch.Tensor, ...]:
+    """Per-patch shape classes, per-patch shape positions, shape-centre flags and per-picture counts
+    (see vision_aux)."""
     labels = torch.stack([patch_labels(s, size.image_size, size.patch_size) for s in scenes])
     regions = torch.stack([region_labels(s, patch) for s, patch in zip(scenes, labels, strict=True)])
     centres = torch.stack([centre_labels(s, size.image_size, size.patch_size) for s in scenes])
-    return labels, regions, centres
+    counts = torch.stack([count_targets(s) for s in scenes])
+    return labels, regions, centres, counts
 
 
 def answer_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, processor: LlavaProcessor) -> torch.Tensor:

@@ -64,14 +64,17 @@ class Trainer:
         self.heads = heads = VisionHeads(self.size.vision_hidden).to(cfg.device)
         self.tap = tap = FeatureTap(self.model)
         optimizer = _optimizer([tower, heads], cfg)
-        batches = prefetched(image_batches(cfg.seed + 1, self.processor, self.size, cfg.vision_batch_size))
+        batches = prefetched(
+            image_batches(cfg.seed + 1, self.processor, self.size, cfg.vision_batch_size, cfg.easy_steps)
+        )
         bar = tqdm(range(cfg.vision_steps), desc="vision", mininterval=2.0)
         for step in bar:
-            pixels, labels, regions, centres = (t.to(cfg.device) for t in next(batches))
+            pixels, labels, regions, centres, counts = (t.to(cfg.device) for t in next(batches))
             with self._autocast():
                 tower(pixel_values=pixels)
-                out = heads.losses(tap.features, labels, regions, centres)
-            _step(optimizer, vision_loss(out), learning_rate(cfg.vision_lr, step, cfg.vision_steps, cfg))
+                out = heads.losses(tap.features, labels, regions, centres, counts if cfg.count_weight else None)
+            loss = vision_loss(out, cfg.count_weight)
+            _step(optimizer, loss, learning_rate(cfg.vision_lr, step, cfg.vision_steps, cfg))
             bar.set_postfix(kind=f"{out['kind_acc']:.3f}", shape=f"{out['shape_acc']:.3f}")
             if step % 100 == 0 or step == cfg.vision_steps - 1:
                 accuracies = "  ".join(f"{k} {v.item():.3f}" for k, v in out.items() if k.endswith("acc"))
@@ -94,8 +97,10 @@ class Trainer:
                 loss = self.model(**{k: v.to(cfg.device) for k, v in batch.items()}).loss
                 total = loss
                 if heads is not None and self.tap is not None and self.tap.features is not None and targets is not None:
-                    on_device = (t.to(cfg.device) for t in targets)
-                    total = loss + cfg.aux_weight * vision_loss(heads.losses(self.tap.features, *on_device))
+                    labels, regions, centres, counts = (t.to(cfg.device) for t in targets)
+                    counts = counts if cfg.count_weight else None
+                    aux = heads.losses(self.tap.features, labels, regions, centres, counts)
+                    total = loss + cfg.aux_weight * vision_loss(aux, cfg.count_weight)
             _step(optimizer, total, learning_rate(cfg.lr, step, cfg.steps, cfg))
             ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
             bar.set_postfix(loss=f"{ema:.4f}")
@@ -121,8 +126,9 @@ class Trainer:
             yield collate(chunk, self.processor), targets
 
 
-def vision_loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
-    return out["colour"] + out["kind"] + out["centre"] + out["shape"] + out["region"]
+def vision_loss(out: dict[str, torch.Tensor], count_weight: float = 0.0) -> torch.Tensor:
+    loss = out["colour"] + out["kind"] + out["centre"] + out["shape"] + out["region"]
+    return loss + count_weight * out["count"] if "count" in out else loss
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:

@@ -17,7 +17,10 @@ PI-resize of the patch kernel, the same patch grid, so the same number of image 
 training draws its pictures at that size.
 Reproducible for a given seed, thread count and torch build. Writes a complete checkpoint folder
 (weights, config, tokenizer, processor, chat template) that loads with plain transformers;
-``--save-every N`` also writes OUT-stepN folders along the way.
+``--save-every N`` also writes OUT-stepN folders along the way. ``--easy-steps N`` draws the vision
+stage's first N steps' pictures plain, fewer as they go (a curriculum); ``--count-weight W`` adds
+count targets to the tower's heads (vision_aux.count_targets). Both are off by default: neither
+helped in the runs of docs/default_model.md ("Round 4").
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.05
     aux_weight: float = 0.5  # > 0: the tower keeps training in stage two, with its stage-one losses
+    easy_steps: int = 0  # a curriculum: plain pictures over the first N vision steps, fewer as they go
+    count_weight: float = 0.0  # > 0: the tower's heads also learn every count of the picture, on each patch
     init_from: Path | None = None  # continue from this checkpoint (then usually --vision-steps 0)
     image_size: int = 0  # the tower's input in px; 0: the checkpoint's (from scratch: build.ModelSize's, 96)
     patch_size: int = 0  # its patch in px; 0 likewise (16). Other than --init-from's: converted (resize.py)
@@ -57,6 +62,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         parse_weights(self.question_weights)  # a bad spec fails now, not after the vision stage
+        if self.easy_steps < 0 or self.count_weight < 0:
+            raise ValueError("--easy-steps and --count-weight must not be negative")
         if self.steps < 1 or self.vision_steps < 0 or self.batch_size < 1 or self.vision_batch_size < 1:
             raise ValueError("steps and batch sizes must be positive, vision_steps not negative")
         if (self.image_size > 0) != (self.patch_size > 0) or self.image_size < 0 or self.patch_size < 0:

@@ -8,7 +8,11 @@ three heads on its patch features (the features the projector reads):
 - colour of the shape under each patch, or background (dense, easy);
 - kind of each shape, from the mean feature of its patches (object level: an interior patch of a
   big square cannot tell it from a big circle, but the shape's patches together can);
-- which patch holds each shape's centre (for counting and position).
+- which patch holds each shape's centre (for counting and position);
+- on every patch, how many shapes the picture holds, and how many of each kind and of each colour
+  (``count_targets``): the number a count question asks for, readable from any image token, which
+  the tower must work out by attending across the picture (the decoder alone learnt to count
+  poorly: docs/default_model.md).
 
 The heads are used only in training and are not part of the saved checkpoint.
 """
@@ -77,6 +81,17 @@ def centre_labels(scene: Scene, image_size: int, patch_size: int) -> torch.Tenso
     return labels
 
 
+N_COUNTS = 1 + len(SHAPES) + len(COLOURS)  # the total, then per kind, then per colour
+MAX_COUNT = 6
+
+
+def count_targets(scene: Scene) -> torch.Tensor:
+    """[shapes, per kind in SHAPES order, per colour in COLOURS order], each 0..MAX_COUNT."""
+    kinds = [sum(s.kind == k for s in scene.shapes) for k in SHAPES]
+    colours = [sum(s.colour == c for s in scene.shapes) for c in COLOURS]
+    return torch.tensor([len(scene.shapes), *kinds, *colours]).clamp(max=MAX_COUNT)
+
+
 class VisionHeads(torch.nn.Module):
     def __init__(self, hidden: int) -> None:
         super().__init__()
@@ -86,24 +101,31 @@ class VisionHeads(torch.nn.Module):
         self.centre = torch.nn.Linear(hidden, 1)
         self.shape = torch.nn.Linear(hidden, N_CLASSES)
         self.region = torch.nn.Linear(hidden, 1 + len(POSITIONS))
+        self.count = torch.nn.Linear(hidden, N_COUNTS * (MAX_COUNT + 1))
 
     def losses(
-        self, features: torch.Tensor, labels: torch.Tensor, regions: torch.Tensor, centres: torch.Tensor
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        regions: torch.Tensor,
+        centres: torch.Tensor,
+        counts: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``features``: the tower's last hidden state (CLS first); returns losses and accuracies."""
+        """``features``: the tower's last hidden state (CLS first); ``counts``: count_targets per picture
+        (None: no count loss); returns losses and accuracies."""
         x = self.norm(features[:, 1:])
         colour_target = torch.where(labels > 0, (labels - 1) // len(SHAPES) + 1, 0)
         colour_logits = self.colour(x)
         one_hot = F.one_hot(labels, N_CLASSES)[..., 1:].to(x.dtype)  # batch, patch, shape class
-        counts = one_hot.sum(1)
-        present = counts > 0
-        pooled = torch.einsum("bpc,bpd->bcd", one_hot, x) / counts.clamp(min=1).unsqueeze(-1)
-        kind_target = (torch.arange(N_CLASSES - 1, device=x.device) % len(SHAPES)).expand_as(counts)[present]
+        areas = one_hot.sum(1)
+        present = areas > 0
+        pooled = torch.einsum("bpc,bpd->bcd", one_hot, x) / areas.clamp(min=1).unsqueeze(-1)
+        kind_target = (torch.arange(N_CLASSES - 1, device=x.device) % len(SHAPES)).expand_as(areas)[present]
         kind_logits = self.kind(pooled[present])
         centre_logits = self.centre(x).squeeze(-1)
         shape_logits = self.shape(x)
         region_logits = self.region(x)
-        return {
+        out = {
             "shape": F.cross_entropy(shape_logits.flatten(0, 1), labels.flatten()),
             "region": F.cross_entropy(region_logits.flatten(0, 1), regions.flatten()),
             "colour": F.cross_entropy(colour_logits.flatten(0, 1), colour_target.flatten()),
@@ -115,6 +137,12 @@ class VisionHeads(torch.nn.Module):
             "region_acc": (region_logits.argmax(-1) == regions)[labels > 0].float().mean().detach(),
             "centre_acc": ((centre_logits > 0) == (centres > 0.5)).all(-1).float().mean().detach(),
         }
+        if counts is not None:  # every patch predicts every count of its picture
+            logits = self.count(x).unflatten(-1, (N_COUNTS, MAX_COUNT + 1))  # batch, patch, count, value
+            target = counts.unsqueeze(1).expand(-1, logits.shape[1], -1)
+            out["count"] = F.cross_entropy(logits.flatten(0, 2), target.flatten())
+            out["count_acc"] = (logits[:, :, 0].mean(1).argmax(-1) == counts[:, 0]).float().mean().detach()
+        return out
 
 
 class FeatureTap:

@@ -24,7 +24,7 @@ from llava_serve.default_model.data import (
 )
 from llava_serve.default_model.questions import GENERATORS, KINDS, TEXT_ONLY_ANSWER, text_only_qa
 from llava_serve.default_model.scoring import is_correct, stated_number, stated_position
-from llava_serve.default_model.vision_aux import centre_labels, class_of, patch_labels
+from llava_serve.default_model.vision_aux import N_COUNTS, VisionHeads, centre_labels, class_of, count_targets, patch_labels
 
 
 def scenes(n: int, seed: int = 0) -> list[Scene]:
@@ -104,6 +104,47 @@ def test_patch_labels_follow_the_padded_image() -> None:
     assert labels[2:4, 0:3].eq(square).all() and labels[0].eq(0).all() and labels[:, 4:].eq(0).all()
     centres = centre_labels(wide, image_size=96, patch_size=16).view(6, 6)
     assert centres.sum() == 1 and centres[3, 1] == 1
+
+
+def test_count_targets_give_the_total_and_each_kind_and_colour() -> None:
+    import torch
+
+    squares = (Shape("square", "blue", 0.2, 0.5, 0.2, 0.2), Shape("square", "blue", 0.8, 0.5, 0.2, 0.2))
+    scene = Scene(200, 200, (250, 250, 250), (*squares, Shape("circle", "red", 0.5, 0.2, 0.2, 0.2)))
+    counts = count_targets(scene)
+    assert counts.shape == (N_COUNTS,) and counts[0] == 3
+    assert counts[1 + SHAPES.index("square")] == 2 and counts[1 + SHAPES.index("circle")] == 1
+    assert counts[1 + len(SHAPES) + list(COLOURS).index("blue")] == 2 and counts[1:1 + len(SHAPES)].sum() == 3
+    heads = VisionHeads(8)
+    labels = torch.stack([patch_labels(scene, 96, 16)])
+    features = torch.randn(1, 37, 8)
+    out = heads.losses(features, labels, torch.zeros_like(labels), torch.zeros(1, 36), counts[None])
+    assert out["count"].item() > 0 and 0 <= out["count_acc"].item() <= 1
+    assert "count" not in heads.losses(features, labels, torch.zeros_like(labels), torch.zeros(1, 36))
+
+
+def test_the_vision_curriculum_starts_plain_and_ends_varied() -> None:
+    from llava_serve.default_model import batches as b
+
+    calls: list[bool] = []
+    real = b.render
+
+    def spy(scene, rng=None):
+        calls.append(rng is None)
+        return real(scene, rng)
+
+    from unittest import mock
+
+    from llava_serve.default_model.build import ModelSize, build_processor
+    from llava_serve.default_model.tokenizer import build_tokenizer
+
+    processor = build_processor(ModelSize(), build_tokenizer())
+    with mock.patch.object(b, "render", spy):
+        stream = b.image_batches(1, processor, ModelSize(), 8, easy_batches=4)
+        for _ in range(5):
+            batch = next(stream)
+    assert len(batch) == 5 and batch[-1].shape == (8, N_COUNTS)
+    assert all(calls[:8]) and not any(calls[-8:])  # batch 0 all plain, batch 4 none
 
 
 def test_repeats_are_described_with_their_number_and_scored() -> None:
