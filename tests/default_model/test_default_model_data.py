@@ -24,7 +24,14 @@ from llava_serve.default_model.data import (
 )
 from llava_serve.default_model.questions import GENERATORS, KINDS, TEXT_ONLY_ANSWER, text_only_qa
 from llava_serve.default_model.scoring import is_correct, stated_number, stated_position
-from llava_serve.default_model.vision_aux import N_COUNTS, VisionHeads, centre_labels, class_of, count_targets, patch_labels
+from llava_serve.default_model.vision_aux import (
+    N_COUNTS,
+    VisionHeads,
+    centre_labels,
+    class_of,
+    count_targets,
+    patch_labels,
+)
 
 
 def scenes(n: int, seed: int = 0) -> list[Scene]:
@@ -114,7 +121,7 @@ def test_count_targets_give_the_total_and_each_kind_and_colour() -> None:
     counts = count_targets(scene)
     assert counts.shape == (N_COUNTS,) and counts[0] == 3
     assert counts[1 + SHAPES.index("square")] == 2 and counts[1 + SHAPES.index("circle")] == 1
-    assert counts[1 + len(SHAPES) + list(COLOURS).index("blue")] == 2 and counts[1:1 + len(SHAPES)].sum() == 3
+    assert counts[1 + len(SHAPES) + list(COLOURS).index("blue")] == 2 and counts[1 : 1 + len(SHAPES)].sum() == 3
     heads = VisionHeads(8)
     labels = torch.stack([patch_labels(scene, 96, 16)])
     features = torch.randn(1, 37, 8)
