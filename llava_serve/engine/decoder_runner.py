@@ -55,16 +55,19 @@ class DecoderRunner(RunnerBase):
         tokens = [req.output_ids[-1] for req in rows]
         positions = [req.kv_len for req in rows]
         end = max(positions, default=-1) + 1
-        chunks = []
+        chunks, reading = [], []
         for i, (req, size) in enumerate(zip(batch.prefill, batch.chunks, strict=True)):
             assert req.prompt_embeds is not None
+            if size <= 0:  # only its images this step (the scheduler's cost rule)
+                continue
             start = req.num_computed
             stop = min(req.prompt_len, start + size)
             chunks.append(PromptChunk(req.prompt_embeds[start:stop], start, stop == req.prompt_len, len(rows) + i))
+            reading.append(req)
             end = max(end, stop)
-        self.kv.ensure(len(rows) + len(chunks), end)
+        self.kv.ensure(len(rows) + len(batch.prefill), end)
         logits = self.forward(tokens, positions, chunks)
-        for req, chunk in zip(batch.prefill, chunks, strict=True):
+        for req, chunk in zip(reading, chunks, strict=True):
             req.num_computed = chunk.start + chunk.embeds.shape[0]
             if req.prefilled:
                 req.prompt_embeds = None

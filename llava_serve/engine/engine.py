@@ -14,6 +14,7 @@ from llava_serve.engine.request import FinishReason, Request
 from llava_serve.engine.runners import build_runner
 from llava_serve.engine.sampler import sample
 from llava_serve.engine.scheduler import Batch, Scheduler
+from llava_serve.engine.step_costs import StepCosts
 from llava_serve.engine.threads import ThreadTuner
 from llava_serve.errors import EngineDead, OutOfMemory, ServeError
 from llava_serve.models.base import LoadedModel
@@ -50,7 +51,8 @@ class BatchEngine(EngineBase):
             lm, max_running, feature_cache_size, prepack, prefix_cache_bytes, runner, quantization
         )
         chunk_budget = step_tokens if self.runner.chunked else None
-        self.scheduler = Scheduler(max_running, self.runner, chunk_budget, max_step_tokens)
+        self.costs = StepCosts()
+        self.scheduler = Scheduler(max_running, self.runner, chunk_budget, max_step_tokens, self.costs)
         on_cpu = adapt_threads and lm.device.type == "cpu"
         self.tuner = ThreadTuner(torch.get_num_threads() if on_cpu else 1)
         self.failed_steps = 0
@@ -136,7 +138,10 @@ class BatchEngine(EngineBase):
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> None:
         batch = self.scheduler.schedule()
-        self._prepare(batch)
+        started = time.perf_counter()
+        newcomers = self._prepare(batch)
+        prepared = time.perf_counter()
+        self.costs.observe_images(newcomers, prepared - started)
         if not batch.decode and not batch.prefill:
             return
         try:
@@ -145,12 +150,13 @@ class BatchEngine(EngineBase):
             log.exception("out of memory in a step")
             self._fail(self._in_batch(), OutOfMemory("out of memory while generating; retry with less"))
             return
+        self.costs.observe_step(len(batch.decode), batch.prompt_tokens, time.perf_counter() - prepared)
         self.failed_steps = 0
         self._postprocess(batch, logits)
 
-    def _prepare(self, batch: Batch) -> None:
-        """Newcomers' images and embeddings; a request that fails here leaves the batch and takes
-        no other with it."""
+    def _prepare(self, batch: Batch) -> int:
+        """Newcomers' images and embeddings (returns how many began); a request that fails here
+        leaves the batch and takes no other with it."""
         fresh = [r for r in batch.prefill if r.prompt_embeds is None and not r.num_computed]
         # the batch's newcomers' images go in one vision batch; with nothing decoding, the next
         # waiting ones' too
@@ -165,6 +171,7 @@ class BatchEngine(EngineBase):
             except ServeError as exc:
                 batch.drop(req)
                 self._leave(req, "error", exc)
+        return len(fresh)
 
     # the tuner probes thread counts on decode-only steps (short: a bad count costs one step);
     # steps that read a prompt run at the count it chose

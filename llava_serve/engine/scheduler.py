@@ -12,6 +12,9 @@ token, up to `max_step_tokens` a step, less the decode rows: one newcomer beside
 is read in small chunks, so they keep their pace (the chunked-prefill ITL target); a crowd of
 newcomers (a burst of clients) is read in large steps, as vLLM's and OpenVINO's token budgets do,
 so they all start sooner and decode together instead of trickling in one small chunk at a time.
+With fewer newcomers than running streams and the step costs known (`StepCosts`, timed by the
+engine), a step reads only the prompt tokens that add at most `slack` of a decode step, so the
+streams' inter-token latency stays within (1 + slack) of its idle value whatever the model's speed.
 With nothing decoding, a step reads at least the whole first prompt. `step_tokens=None` never
 chunks and reads one whole prompt a step (the transformers path).
 """
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from llava_serve.engine.request import Request, Status
+from llava_serve.engine.step_costs import StepCosts
 
 MIN_CHUNK = 8  # a prompt always advances by at least this many tokens per step
 
@@ -53,9 +57,15 @@ class Batch:
 
 class Scheduler:
     def __init__(
-        self, max_running: int, rows: RowStore, step_tokens: int | None = None, max_step_tokens: int | None = None
+        self,
+        max_running: int,
+        rows: RowStore,
+        step_tokens: int | None = None,
+        max_step_tokens: int | None = None,
+        costs: StepCosts | None = None,
     ) -> None:
         self.max_running = max_running
+        self.costs = costs
         self.rows = rows
         self.step_tokens = step_tokens
         self.max_step_tokens = max(step_tokens or 0, max_step_tokens or 0)
@@ -79,6 +89,12 @@ class Scheduler:
                 batch.prefill, batch.chunks = [req], [req.prompt_len - req.num_computed]
             return batch
         budget = self._budget()
+        if budget == 0 and self.running and (self.prefilling or self.waiting) and len(self.running) < self.max_running:
+            # the step's allowance goes to the next newcomer's images: it starts, reading no tokens yet
+            if not self.prefilling:
+                self._admit()
+            batch.prefill, batch.chunks = [self.prefilling[0]], [0]
+            return batch
         i = 0
         while budget > 0:
             if i == len(self.prefilling):
@@ -105,7 +121,16 @@ class Scheduler:
         if not self.running:  # nothing to keep pace with: at least the whole first prompt
             first = self.prefilling[0] if self.prefilling else self.waiting[0]
             return max(budget, first.prompt_len - first.num_computed)
-        return max(MIN_CHUNK, budget - len(self.running))
+        budget = max(MIN_CHUNK, budget - len(self.running))
+        if self.costs is not None and pending < len(self.running):
+            first = self.prefilling[0] if self.prefilling else self.waiting[0]
+            newcomer = int(first.prompt_embeds is None and not first.num_computed)  # its images run this step
+            fits = self.costs.chunk_tokens(len(self.running), newcomer)
+            if fits is not None and newcomer and fits < MIN_CHUNK:
+                return 0  # its images alone take the allowance (see schedule)
+            if fits is not None:
+                budget = min(budget, max(MIN_CHUNK, fits))
+        return budget
 
     def _admit(self) -> None:
         req = self.waiting.popleft()

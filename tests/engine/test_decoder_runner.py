@@ -17,6 +17,8 @@ from llava_serve.engine.engine import BatchEngine
 from llava_serve.engine.params import SamplingParams
 from llava_serve.engine.request import Request
 from llava_serve.engine.runner import HFRunner
+from llava_serve.engine.scheduler import MIN_CHUNK
+from llava_serve.engine.step_costs import StepCosts
 from llava_serve.errors import ModelLoadError
 from llava_serve.models.base import EncodedPrompt, LoadedModel
 from llava_serve.models.hf import wrap_hf_model
@@ -198,3 +200,36 @@ def test_decode_attention_equals_sdpa(dtype, kv_heads):
     ).reshape(b, heads * d)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(decode_attention(q, keys, values, mask).float(), expected, atol=tol, rtol=tol)
+
+
+class FixedCosts(StepCosts):
+    """Chunk sizes as the cost rule would give them on a model whose images are slow."""
+
+    def chunk_tokens(self, rows: int, newcomers: int = 0) -> int | None:
+        return 0 if newcomers else 3
+
+
+def test_cost_sized_chunks_and_image_only_steps_match_transformers(tokenizer):
+    lm = tiny_lm(tokenizer, "llama")
+    eng = BatchEngine(lm, max_running=4, max_waiting=8, step_tokens=32, adapt_threads=False, prefix_cache_bytes=0)
+    eng.scheduler.costs = FixedCosts()
+    chunks: list[list[int]] = []
+    schedule = eng.scheduler.schedule
+
+    def recording_schedule():
+        batch = schedule()
+        if batch.decode:
+            chunks.append(list(batch.chunks))
+        return batch
+
+    eng.scheduler.schedule = recording_schedule  # type: ignore[method-assign]
+    ids = prompts(4, base=20)
+    reqs = [request(p, n) for p, n in zip(ids, [16, 14, 9, 6])]
+    seen = drive(eng, {0: reqs[:2], 3: reqs[2:3], 9: reqs[3:]})
+    assert [0] in chunks, "a newcomer started beside decode rows with no tokens (its images only)"
+    assert [MIN_CHUNK] in chunks, "then read in the smallest chunks"
+    with torch.inference_mode():
+        full = {id(r): lm.model(torch.tensor([r.prompt.input_ids + r.output_ids])).logits[0] for r in reqs}
+    for req, pos, logits in seen:
+        torch.testing.assert_close(logits, full[id(req)][pos], atol=1e-4, rtol=1e-4)
+    assert all(len(r.output_ids) == r.max_tokens for r in reqs)
