@@ -76,9 +76,11 @@ def main() -> None:
             conversation(eng, lm, req.image(), i, args.tokens)
             for i, req in enumerate(make_requests(args.conversations, 77 + (cache_bytes > 0)))
         ]
-        hits = eng.runner.prefixes.reused_tokens if hasattr(eng.runner, "prefixes") else 0
+        prefixes = getattr(eng.runner, "prefixes", None)
+        hits = prefixes.reused_tokens if prefixes is not None else 0
+        answers = prefixes.answer_matches if prefixes is not None else 0
         eng.shutdown()
-        print(f"{label}: {hits} prompt tokens reused from the prefix cache")
+        print(f"{label}: {hits} prompt tokens reused from the prefix cache ({answers} answers matched by their text)")
         t1 = statistics.median(a for a, _ in pairs) * 1000
         t2 = statistics.median(b for _, b in pairs) * 1000
         ratios = ", ".join(f"{b / a:.2f}" for a, b in pairs)

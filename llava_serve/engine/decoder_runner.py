@@ -9,6 +9,7 @@ next turn reads only its new tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -38,14 +39,22 @@ class DecoderRunner(RunnerBase):
         self.kv = KVSlots(weights.num_layers, weights.kv_heads, weights.head_dim, max_rows, lm.context_length)
         self.kv.configure(weights.embed.dtype, weights.embed.device)
         self.forward = DecoderForward(weights, self.kv, lm.context_length)
-        self.prefixes = PrefixCache(prefix_cache_bytes, lm.image_token_id)
+        decode = getattr(lm.tokenizer, "decode", None)
+        self.prefixes = PrefixCache(
+            prefix_cache_bytes,
+            lm.image_token_id,
+            decode=(lambda ids: decode(ids, skip_special_tokens=False)) if decode is not None else None,
+        )
 
     def begin_prefill(self, req: Request, row: int, upcoming: Sequence[Request] = ()) -> None:
+        length, entry = 0, None
+        if self.prefixes.enabled:  # first: a match may give the prompt an earlier answer's own ids
+            keys = [u.key for u in req.prompt.images]
+            room = self.lm.context_length - req.max_tokens  # the prompt may grow into what generation leaves
+            length, entry, ids = self.prefixes.lookup(req.prompt.input_ids, keys, max(room, req.prompt_len))
+            if ids is not req.prompt.input_ids:
+                req.prompt = replace(req.prompt, input_ids=ids)
         super().begin_prefill(req, row, upcoming)
-        if not self.prefixes.enabled:
-            return
-        keys = [u.key for u in req.prompt.images]
-        length, entry = self.prefixes.lookup(req.prompt.input_ids, keys)
         if entry is not None and length > 0:
             self.kv.write_row(row, entry.kv, length)
             req.num_computed = length
@@ -78,7 +87,8 @@ class DecoderRunner(RunnerBase):
         if not self.prefixes.enabled or length <= 0 or row >= self.kv.rows:
             return
         tokens = (req.prompt.input_ids + req.output_ids)[:length]
-        self.prefixes.store(tokens, [u.key for u in req.prompt.images], self.kv.read_row(row, length))
+        keys = [u.key for u in req.prompt.images]
+        self.prefixes.store(tokens, keys, self.kv.read_row(row, length), answer_start=req.prompt_len)
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         self.kv.move_row(src, dst, length)

@@ -141,6 +141,33 @@ def test_second_turn_reuses_the_first_turns_kv(tokenizer):
         torch.testing.assert_close(logits, full[pos], atol=1e-4, rtol=1e-4)
 
 
+def test_second_turn_reuses_the_answer_it_gets_back_as_text(tokenizer):
+    """A random model's answer is bytes and pieces the tokenizer would not produce from its text:
+    turn 2 (the answer sent back as text) still reuses all of turn 1, with the answer's own ids,
+    and generates what transformers computes for the ids it ran, which render the client's text."""
+    lm = tiny_lm(tokenizer, "llama")
+    eng = BatchEngine(lm, max_running=2, max_waiting=4, adapt_threads=False)
+    first = request(prompts(1, base=30)[0], 24)
+    drive(eng, {0: [first]})
+    answer = tokenizer.decode(first.output_ids)
+    retokenized = tokenizer.encode(answer, add_special_tokens=False)
+    assert retokenized != first.output_ids, "the case this test is for: the text does not give the ids back"
+    turn2_ids = first.prompt.input_ids + retokenized + [17, 18, 19]
+    second = request(turn2_ids, 5)
+    seen = drive(eng, {0: [second]})
+    runner = eng.runner
+    assert isinstance(runner, DecoderRunner)
+    ran = second.prompt.input_ids
+    assert runner.prefixes.answer_matches == 1
+    assert ran[: first.prompt_len + 23] == first.prompt.input_ids + first.output_ids[:23]
+    assert tokenizer.decode(ran) == tokenizer.decode(turn2_ids)
+    assert runner.prefixes.reused_tokens >= first.prompt_len + 20
+    with torch.inference_mode():
+        full = lm.model(torch.tensor([ran + second.output_ids])).logits[0]
+    for _req, pos, logits in seen:
+        torch.testing.assert_close(logits, full[pos], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("family", "overrides", "reason"),
     [

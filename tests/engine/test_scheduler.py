@@ -146,3 +146,50 @@ def test_prefix_cache_is_bounded_by_bytes() -> None:
     assert [e.tokens[0] for e in cache.entries] == [100, 200, 300]  # the oldest went
     cache.store(list(range(100, 115)), [], kv(15))  # extends the entry for 100, which goes
     assert [e.tokens[0] for e in cache.entries] == [300, 100]  # and 200 makes room
+
+
+PIECES = {1: "<s>", 2: "Q:", 3: " a", 4: "b", 5: " ab", 6: "?", 7: "\ufffd", 8: "\xef", 9: "\xbf", 10: "\xbd"}
+
+
+def render(ids: list[int]) -> str:
+    return "".join(PIECES[i] for i in ids)
+
+
+def test_an_answer_sent_back_as_text_reuses_the_answers_own_ids() -> None:
+    """The model said " a" "b" (ids 3, 4); the client sends the text " ab" back, which tokenizes as
+    id 5. Token matching stops there; the text of 3, 4 equals that of 5, so the prompt takes 3, 4
+    and the whole first turn is reused."""
+    cache = PrefixCache(max_bytes=1 << 20, image_token_id=None, decode=render)
+    turn1 = [1, 2, 3, 4]  # prompt [1, 2], the model's answer [3, 4] (its last token is fed in turn 2)
+    cache.store(turn1, [], kv(4), answer_start=2)
+    turn2 = [1, 2, 5, 2, 6]
+    assert cache.lookup(turn2, [])[2] == turn2, "one id longer than the prompt: not without room for it"
+    n, entry, ids = cache.lookup(turn2, [], max_len=6)
+    assert ids == [1, 2, 3, 4, 2, 6] and n == 4 and entry is not None
+    assert render(ids) == render(turn2)
+    strict = PrefixCache(max_bytes=1 << 20, image_token_id=None, decode=render, match_answers=False)
+    strict.store(turn1, [], kv(4), answer_start=2)
+    assert strict.lookup(turn2, [], max_len=6) == (2, strict.entries[0], turn2)
+
+
+def test_an_answer_is_matched_only_where_the_text_is_the_same() -> None:
+    cache = PrefixCache(max_bytes=1 << 20, image_token_id=None, decode=render)
+    cache.store([1, 2, 3, 4, 4], [], kv(5), answer_start=2)  # " abb"
+    # the client stripped or edited the answer: " ab" then "?" -> the longest answer prefix whose
+    # text the prompt has (" a" "b" = " ab") is taken, the rest is read
+    n, _, ids = cache.lookup([1, 2, 5, 6, 6], [], max_len=6)
+    assert ids == [1, 2, 3, 4, 6, 6] and n == 4
+    # nothing of the answer's text in the prompt: token matching only
+    n, _, ids = cache.lookup([1, 2, 6, 6], [])
+    assert ids == [1, 2, 6, 6] and n == 2
+
+
+def test_a_lossy_answer_reuses_its_ids_only_if_the_whole_prompt_renders_the_same() -> None:
+    """Bytes that are not UTF-8 stream as U+FFFD (id 7 here), which tokenizes back to other ids."""
+    def lossy(ids: list[int]) -> str:  # ids 8, 9, 10 alone are invalid bytes and render as U+FFFD
+        return "".join("\ufffd" if i in (8, 9, 10) else PIECES[i] for i in ids)
+
+    cache = PrefixCache(max_bytes=1 << 20, image_token_id=None, decode=lossy)
+    cache.store([1, 2, 8, 3, 4], [], kv(5), answer_start=2)
+    n, _, ids = cache.lookup([1, 2, 7, 3, 4, 6], [])
+    assert ids == [1, 2, 8, 3, 4, 6] and n == 5
