@@ -13,8 +13,9 @@ is read in small chunks, so they keep their pace (the chunked-prefill ITL target
 newcomers (a burst of clients) is read in large steps, as vLLM's and OpenVINO's token budgets do,
 so they all start sooner and decode together instead of trickling in one small chunk at a time.
 With fewer newcomers than running streams and the step costs known (`StepCosts`, timed by the
-engine), a step reads only the prompt tokens that add at most `slack` of a decode step, so the
-streams' inter-token latency stays within (1 + slack) of its idle value whatever the model's speed.
+engine), a step reads only the prompt tokens that add at most `slack` of a decode step per newcomer,
+so beside one newcomer the streams' inter-token latency stays within (1 + slack) of its idle value
+whatever the model's speed.
 With nothing decoding, a step reads at least the whole first prompt. `step_tokens=None` never
 chunks and reads one whole prompt a step (the transformers path).
 """
@@ -128,8 +129,9 @@ class Scheduler:
             fits = self.costs.chunk_tokens(len(self.running), newcomer)
             if fits is not None and newcomer and fits < MIN_CHUNK:
                 return 0  # its images alone take the allowance (see schedule)
-            if fits is not None:
-                budget = min(budget, max(MIN_CHUNK, fits))
+            if fits is not None:  # like the token budget, an allowance per request waiting to start
+                more = (pending - 1) * (self.costs.chunk_tokens(len(self.running)) or 0)
+                budget = min(budget, max(MIN_CHUNK, fits + more))
         return budget
 
     def _admit(self) -> None:

@@ -115,3 +115,15 @@ def test_a_crowd_of_newcomers_keeps_the_token_budget() -> None:
         sched.add(request(100))
     batch = sched.schedule()
     assert sum(batch.chunks) == 32 * 4 - 4
+
+
+def test_each_newcomer_waiting_to_start_adds_an_allowance() -> None:
+    costs = learnt(decode=0.030, per_token=0.001)
+    sched = Scheduler(max_running=16, rows=Rows(), step_tokens=32, max_step_tokens=256, costs=costs)
+    running(sched, 8)
+    first, second = request(100), request(100)
+    for req in (first, second):
+        req.prompt_embeds = object()  # type: ignore[assignment]  # begun: no images this step
+        sched.add(req)
+    batch = sched.schedule()
+    assert sum(batch.chunks) == 2 * 12
