@@ -22,10 +22,10 @@ Sums are taken in another order than oneDNN's (differences ~1e-6 relative).
 Built on the GEMV, `decode_row` runs a one-row step through every layer in one call (RMS norms,
 fused QKV, rotary, the cache write, attention, output projection, SiLU MLP; decoder.RowStep),
 so the ~350 small torch ops of the layer-by-layer path and their dispatch are gone from the
-step; `decode_attention` is attention for decode rows (one query per row, each over its own
-length of the slot cache), which torch's CPU flash kernel does slowly (it blocks queries for
-long query runs). Both release the GIL while they run, so the worker's event loop keeps
-streaming.
+step; `decode_rows_attention` is the rotary, cache write and attention of batched decode rows
+(one query per row, each over its own length of the slot cache), which torch's CPU flash kernel
+does slowly (it blocks queries for long query runs). They release the GIL while they run, so the
+worker's event loop keeps streaming.
 """
 
 from __future__ import annotations
@@ -367,40 +367,6 @@ static void attend(const float* q, const W* K, const W* V, int64_t len, int64_t 
   }
 }
 
-// Decode attention of B rows, one query each: q [B, heads, d] over row b's first lengths[b]
-// positions of the cache [rows, kv_heads, cols, d] (grouped-query heads share a KV head) -> [B, heads * d].
-// torch's CPU flash kernel splits one query into blocks meant for long query runs; at one query per
-// row it took ~1.4 ms a layer for 16 rows x 16 heads x 150 positions
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor lengths) {
-  TORCH_CHECK(q.is_contiguous() && keys.is_contiguous() && values.is_contiguous(), "contiguous inputs");
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && keys.dtype() == torch::kFloat32, "float32 only");
-  const int64_t B = q.size(0), heads = q.size(1), d = q.size(2);
-  const int64_t kv_heads = keys.size(1), cols = keys.size(2), group = heads / kv_heads;
-  auto lens = lengths.to(torch::kLong).contiguous();
-  const int64_t* L = lens.data_ptr<int64_t>();
-  int64_t longest = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(L[b] >= 1 && L[b] <= cols, "a row's length is outside the cache");
-    longest = std::max(longest, L[b]);
-  }
-  auto out = torch::empty({B, heads * d}, q.options());
-  const float* Q = q.data_ptr<float>();
-  const float* K = keys.data_ptr<float>();
-  const float* V = values.data_ptr<float>();
-  float* O = out.data_ptr<float>();
-  const float scale = 1.0f / std::sqrt((float)d);
-  pybind11::gil_scoped_release no_gil;
-  at::parallel_for(0, B * heads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> sc(longest);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / heads, hd = t % heads;
-      const int64_t off = ((b * kv_heads) + hd / group) * cols * d;
-      attend(Q + t * d, K + off, V + off, L[b], d, scale, sc.data(), O + t * d);
-    }
-  });
-  return out;
-}
-
 // RMSNorm of every row of x [N, H] with the weight w [H] (float32): the batched steps' norms in one
 // call instead of the five torch ops of F.rms_norm's CPU path (~100 us a call at 16 x 1024)
 torch::Tensor rms_norm_rows(torch::Tensor x, torch::Tensor w, double eps) {
@@ -475,7 +441,7 @@ static void rows_attention_into(const float* QKV, int64_t ld, int64_t B, const f
 // on each row's query and key at its position (cos/sin tables [positions, d]), the key and value
 // written to cache row b at that position, then every query head over the row's positions [0, pos]
 // (float32 cache [rows, kv_heads, cols, d]) -> [B, heads d]. Replaces the per-layer rotary ops, the
-// cache's index_copy_ and decode_attention's own call.
+// cache's index_copy_ and an attention call.
 torch::Tensor decode_rows_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
                                     torch::Tensor positions, torch::Tensor keys, torch::Tensor values,
                                     int64_t heads, int64_t kv_heads) {
@@ -755,7 +721,6 @@ def kernel() -> Any | None:
             functions=[
                 "gemv",
                 "decode_row",
-                "decode_attention",
                 "q8_linear",
                 "rms_norm_rows",
                 "silu_mul",
@@ -896,11 +861,3 @@ def decode_rows_q8(
     assert module is not None
     heads, kv_heads, eps = shape
     module.decode_rows_q8(x, *weights, kv.keys, kv.values, *tables, *rows, heads, kv_heads, eps)
-
-
-def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Decode attention, one query per row: q [B, heads, d] over each row's first `lengths[b]`
-    positions of the cache [rows, kv_heads, cols, d] -> [B, heads * d] (float32)."""
-    module = kernel()
-    assert module is not None
-    return module.decode_attention(q.contiguous(), keys, values, lengths)
