@@ -20,7 +20,7 @@ from PIL import Image
 from transformers import LlavaProcessor
 
 from llava_serve.default_model.build import ModelSize
-from llava_serve.default_model.data import Scene, render, sample_scene
+from llava_serve.default_model.data import SAME_SHARE, Scene, render, sample_scene
 from llava_serve.default_model.questions import QA, random_qa, text_only_qa
 from llava_serve.default_model.vision_aux import centre_labels, count_targets, patch_labels, region_labels
 
@@ -54,20 +54,36 @@ def conversation(turns: tuple[QA, ...] | list[QA], with_answers: bool = True, wi
     return messages
 
 
-def sample_example(rng: random.Random, weights: dict[str, float] | None = None) -> Example:
-    if rng.random() < TEXT_ONLY:
-        return Example(None, None, tuple(text_only_qa(rng) for _ in range(rng.choice((1, 1, 2)))))
-    scene = sample_scene(rng)
+def sample_example(
+    rng: random.Random,
+    weights: dict[str, float] | None = None,
+    text_only: float = TEXT_ONLY,
+    varied: float = 0.0,
+    same_share: float = SAME_SHARE,
+) -> Example:
+    """``text_only``: the share of conversations with no picture; ``varied``: the chance that each of their
+    questions is reworded (questions.text_only_qa); ``same_share``: of the pictures of two or more shapes,
+    the share with every shape one kind and colour (data.sample_scene)."""
+    if rng.random() < text_only:
+        return Example(None, None, tuple(text_only_qa(rng, varied) for _ in range(rng.choice((1, 1, 2)))))
+    scene = sample_scene(rng, same_share=same_share)
     n_turns = rng.choices(range(1, len(TURN_WEIGHTS) + 1), weights=TURN_WEIGHTS)[0]
     qas = tuple(random_qa(scene, rng, weights or KIND_WEIGHTS) for _ in range(n_turns))
     return Example(scene, render(scene, rng), qas)
 
 
-def examples(seed: int, weights: dict[str, float] | None = None) -> Iterator[Example]:
-    """Fresh examples forever; ``weights``: how often each kind of question is asked (KIND_WEIGHTS)."""
+def examples(
+    seed: int,
+    weights: dict[str, float] | None = None,
+    text_only: float = TEXT_ONLY,
+    varied: float = 0.0,
+    same_share: float = SAME_SHARE,
+) -> Iterator[Example]:
+    """Fresh examples forever; ``weights``: how often each kind of question is asked (KIND_WEIGHTS);
+    ``text_only``, ``varied`` and ``same_share``: see sample_example."""
     rng = random.Random(seed)
     while True:
-        yield sample_example(rng, weights)
+        yield sample_example(rng, weights, text_only, varied, same_share)
 
 
 def by_length(stream: Iterator[Example], batch_size: int, seed: int, pool: int = 8) -> Iterator[list[Example]]:

@@ -49,6 +49,7 @@ MAX_SHAPES = 6
 N_SHAPES_WEIGHTS = (0.2, 0.17, 0.16, 0.16, 0.16, 0.15)  # of 1..6 shapes
 MIN_FRACTION, MAX_FRACTION = 0.08, 0.60  # shape size, as a fraction of the shorter image side
 MAX_OVERLAP = 0.3  # of the smaller shape's bounding box
+SAME_SHARE = 0.1  # of the scenes of two or more shapes: all one kind and colour
 MAX_ANGLE = 20.0  # rotation of squares, triangles and stars, degrees
 POSITIONS = (
     "top left",
@@ -149,12 +150,12 @@ def sample_background(rng: random.Random) -> tuple[int, int, int]:
     return tuple(min(255, max(210, base + rng.randint(-12, 12))) for _ in range(3))  # type: ignore[return-value]
 
 
-def sample_scene(rng: random.Random, n_shapes: int | None = None) -> Scene:
+def sample_scene(rng: random.Random, n_shapes: int | None = None, same_share: float = SAME_SHARE) -> Scene:
     """A scene with 1-6 shapes that overlap at most a little; kinds and colours may repeat
-    (a tenth of the scenes are all one kind and colour: "three blue circles")."""
+    (``same_share`` of the scenes of two or more are all one kind and colour: "three blue circles")."""
     width, height = sample_canvas(rng)
     n = n_shapes or rng.choices(range(1, MAX_SHAPES + 1), weights=N_SHAPES_WEIGHTS)[0]
-    same = n > 1 and rng.random() < 0.1
+    same = n > 1 and rng.random() < same_share
     shapes: list[Shape] = []
     while len(shapes) < n:
         if shapes and (same or rng.random() < 0.15):  # a repeat of a shape already there
@@ -164,7 +165,7 @@ def sample_scene(rng: random.Random, n_shapes: int | None = None) -> Scene:
             kind, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
         shape = _place(rng, kind, colour, width, height, shapes, max_fraction(n))
         if shape is None:  # too crowded: start again
-            return sample_scene(rng, n)
+            return sample_scene(rng, n, same_share)
         shapes.append(shape)
     return Scene(width, height, sample_background(rng), tuple(shapes))
 

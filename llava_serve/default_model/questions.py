@@ -317,8 +317,34 @@ def position_qa(scene: Scene, rng: random.Random) -> QA:
     return QA("position", question, answer, positions_accepted(shape))
 
 
-def text_only_qa(rng: random.Random) -> QA:
-    """A question with no picture sent: a greeting, or any other text."""
+# Greetings of TEXT_ONLY_QUESTIONS that may open another of its questions ("Hey, what are you?").
+GREETING_OPENINGS = ("Hello", "Hi", "Hey", "hey there", "Good morning", "hello", "hi")
+
+
+def varied_text_question(rng: random.Random) -> str:
+    """A text-only question of training's own lists, reworded: a greeting before it, its first letter or
+    all of it in lower case, its end punctuation dropped or changed. Training's wording is fixed; people
+    greet in other ways (the eval's held-out greetings are worded unlike training's)."""
+    if rng.random() < 0.3:  # as text_only_qa: a question about a picture that is not there
+        question = rng.choice(COUNT_QUESTIONS + DESCRIBE_QUESTIONS + SHAPE_QUESTIONS + IT_COLOUR_QUESTIONS)
+    else:
+        question = rng.choice(TEXT_ONLY_QUESTIONS)
+    if rng.random() < 0.6 and question not in GREETING_OPENINGS:
+        opening = rng.choice(GREETING_OPENINGS) + rng.choice((", ", "! ", " ", ". "))
+        question = opening + question[0].lower() + question[1:]
+    roll = rng.random()
+    if roll < 0.2:
+        question = question.lower()
+    elif roll < 0.4:
+        question = question.rstrip("?!.") + rng.choice(("", "?", "!", "??", " :)"))
+    return question
+
+
+def text_only_qa(rng: random.Random, varied: float = 0.0) -> QA:
+    """A question with no picture sent: a greeting, or any other text; ``varied``: the chance it is
+    reworded (varied_text_question). 0 draws exactly what training always drew."""
+    if varied and rng.random() < varied:
+        return QA("text", varied_text_question(rng), TEXT_ONLY_ANSWER, None)
     if rng.random() < 0.3:  # a question about a picture that is not there
         scene_question = rng.choice(COUNT_QUESTIONS + DESCRIBE_QUESTIONS + SHAPE_QUESTIONS + IT_COLOUR_QUESTIONS)
         return QA("text", scene_question, TEXT_ONLY_ANSWER, None)

@@ -67,6 +67,27 @@ def resize_model(model, image_size: int, patch_size: int) -> None:
     vision.patch_size = patch_size
 
 
+def grow_tower(model, extra: int) -> None:
+    """In place: ``extra`` encoder layers appended to a ``LlavaForConditionalGeneration``'s CLIP tower,
+    each a copy of its last layer with the attention's and the MLP's output projections zeroed, so
+    that it starts as the identity (both sit on the residual stream) and the model answers exactly
+    as before; training then gives the tower more depth (config ``num_hidden_layers`` updated)."""
+    import copy
+
+    if extra < 0:
+        raise ValueError(f"cannot remove layers ({extra})")
+    layers = model.model.vision_tower.encoder.layers
+    for _ in range(extra):
+        layer = copy.deepcopy(layers[-1])
+        with torch.no_grad():
+            for linear in (layer.self_attn.out_proj, layer.mlp.fc2):
+                linear.weight.zero_()
+                if linear.bias is not None:
+                    linear.bias.zero_()
+        layers.append(layer)
+    model.config.vision_config.num_hidden_layers = len(layers)
+
+
 def resize_processor(processor, image_size: int, patch_size: int) -> None:
     """In place: the ``LlavaProcessor``'s image processor resizes to ``image_size``; ``patch_size`` updated."""
     ip = processor.image_processor

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from llava_serve.default_model.batches import by_length, collate, examples, image_batches, prefetched, vision_targets
 from llava_serve.default_model.build import ModelSize, build_model, build_processor, count_parameters, save_checkpoint
-from llava_serve.default_model.resize import resize_model, resize_processor
+from llava_serve.default_model.resize import grow_tower, resize_model, resize_processor
 from llava_serve.default_model.tokenizer import build_tokenizer
 from llava_serve.default_model.train_config import TrainConfig, parse_args, parse_weights
 from llava_serve.default_model.vision_aux import FeatureTap, VisionHeads
@@ -46,6 +46,10 @@ class Trainer:
                 print(f"converting the tower: {old} -> {wanted[0]} px, patch {wanted[1]}")
                 resize_model(model, *wanted)
                 resize_processor(self.processor, *wanted)
+            if self.cfg.grow_tower:
+                depth = vision.num_hidden_layers
+                print(f"growing the tower: {depth} -> {depth + self.cfg.grow_tower} layers")
+                grow_tower(model, self.cfg.grow_tower)
             self.size = replace(self.size, image_size=vision.image_size, patch_size=vision.patch_size,
                                 vision_hidden=vision.hidden_size)  # fmt: skip
             self.model = model.to(self.cfg.device)
@@ -87,7 +91,8 @@ class Trainer:
         self.model.model.vision_tower.requires_grad_(heads is not None)
         modules = [self.model] if heads is None else [self.model, heads]
         optimizer = _optimizer(modules, cfg, [p for m in modules for p in m.parameters() if p.requires_grad])
-        stream = examples(cfg.seed, parse_weights(cfg.question_weights))
+        weights = parse_weights(cfg.question_weights)
+        stream = examples(cfg.seed, weights, cfg.text_only, cfg.varied_greetings, cfg.same_scenes)
         batches = prefetched(self._dialogue_batches(stream, with_targets=heads is not None))
         bar = tqdm(range(cfg.steps), desc="dialogue", mininterval=2.0)
         ema = None

@@ -20,7 +20,13 @@ Reproducible for a given seed, thread count and torch build. Writes a complete c
 ``--save-every N`` also writes OUT-stepN folders along the way. ``--easy-steps N`` draws the vision
 stage's first N steps' pictures plain, fewer as they go (a curriculum); ``--count-weight W`` adds
 count targets to the tower's heads (vision_aux.count_targets). Both are off by default: neither
-helped in the runs of docs/default_model.md ("Round 4").
+helped in the runs of docs/default_model.md ("Round 4"). ``--text-only F`` sets the share of dialogues
+with no picture (default 0.05); ``--varied-greetings P`` rewords each of their questions with chance P
+(a greeting before another question, lower case, other punctuation; default 0: training's own list).
+``--same-scenes P``: the share of the dialogue stage's pictures of two or more shapes that are all one
+kind and colour ("three blue circles"; default 0.1, as always).
+``--grow-tower N`` (with ``--init-from``) appends N encoder layers to the checkpoint's tower, each
+starting as the identity (resize.grow_tower; default 0).
 """
 
 from __future__ import annotations
@@ -50,8 +56,12 @@ class TrainConfig:
     easy_steps: int = 0  # a curriculum: plain pictures over the first N vision steps, fewer as they go
     count_weight: float = 0.0  # > 0: the tower's heads also learn every count of the picture, on each patch
     init_from: Path | None = None  # continue from this checkpoint (then usually --vision-steps 0)
+    grow_tower: int = 0  # > 0 (with --init-from): N more tower layers, starting as the identity (resize.grow_tower)
     image_size: int = 0  # the tower's input in px; 0: the checkpoint's (from scratch: build.ModelSize's, 96)
     patch_size: int = 0  # its patch in px; 0 likewise (16). Other than --init-from's: converted (resize.py)
+    text_only: float = 0.05  # the share of dialogues with no picture (batches.TEXT_ONLY)
+    varied_greetings: float = 0.0  # > 0: the chance a no-picture question is reworded (questions.varied_text_question)
+    same_scenes: float = 0.1  # of the dialogues' pictures of 2+ shapes, all one kind and colour (data.SAME_SHARE)
     question_weights: str = ""  # e.g. "colour=3,shape=1": how often each kind is asked (default KIND_WEIGHTS)
     save_every: int = 0  # > 0: also save the model every N dialogue steps, to OUT-stepN (for evaluation)
     seed: int = 0
@@ -62,6 +72,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         parse_weights(self.question_weights)  # a bad spec fails now, not after the vision stage
+        if not all(0 <= share <= 1 for share in (self.text_only, self.varied_greetings, self.same_scenes)):
+            raise ValueError("--text-only, --varied-greetings and --same-scenes are shares, from 0 to 1")
+        if self.grow_tower < 0 or (self.grow_tower and self.init_from is None):
+            raise ValueError("--grow-tower N: N >= 0, and only with --init-from (a tower to grow)")
         if self.easy_steps < 0 or self.count_weight < 0:
             raise ValueError("--easy-steps and --count-weight must not be negative")
         if self.steps < 1 or self.vision_steps < 0 or self.batch_size < 1 or self.vision_batch_size < 1:

@@ -22,7 +22,14 @@ from llava_serve.default_model.data import (
     render,
     sample_scene,
 )
-from llava_serve.default_model.questions import GENERATORS, KINDS, TEXT_ONLY_ANSWER, text_only_qa
+from llava_serve.default_model.questions import (
+    GENERATORS,
+    KINDS,
+    TEXT_ONLY_ANSWER,
+    TEXT_ONLY_QUESTIONS,
+    text_only_qa,
+    varied_text_question,
+)
 from llava_serve.default_model.scoring import is_correct, stated_number, stated_position
 from llava_serve.default_model.vision_aux import (
     N_COUNTS,
@@ -181,6 +188,20 @@ def test_text_only_questions_get_the_fixed_answer() -> None:
         qa = text_only_qa(rng)
         assert qa.answer == TEXT_ONLY_ANSWER
     assert "picture" in TEXT_ONLY_ANSWER and "colour, shape, count or position" in TEXT_ONLY_ANSWER
+
+
+def test_varied_text_only_questions_are_off_by_default_and_reworded_when_asked() -> None:
+    plain, off = random.Random(4), random.Random(4)
+    assert [text_only_qa(plain) for _ in range(50)] == [text_only_qa(off, 0.0) for _ in range(50)]
+    rng = random.Random(5)
+    varied = [text_only_qa(rng, 1.0) for _ in range(300)]
+    assert all(qa.answer == TEXT_ONLY_ANSWER and qa.kind == "text" and qa.question.strip() for qa in varied)
+    reworded = [qa.question for qa in varied if qa.question not in TEXT_ONLY_QUESTIONS]
+    assert len(reworded) > 150
+    assert any(q.lower().startswith(("hi, ", "hello, ", "hey, ")) for q in reworded)  # a greeting opens it
+    assert any(q == q.lower() for q in reworded)
+    rng = random.Random(6)
+    assert all(isinstance(varied_text_question(rng), str) for _ in range(100))
 
 
 def test_training_draws_varied_styles_and_up_to_six_shapes() -> None:

@@ -12,6 +12,7 @@ import torch
 import llava_serve.default_model as default_model
 from llava_serve.default_model import heldout
 from llava_serve.default_model.batches import (
+    TEXT_ONLY,
     Example,
     collate,
     conversation,
@@ -56,6 +57,24 @@ def test_training_streams_never_call_the_heldout_renderer() -> None:
         collate([next(stream) for _ in range(16)], processor)
         next(image_batches(1, processor, ModelSize(), 4))
     boom.assert_not_called()
+
+
+def test_text_only_share_of_the_training_stream() -> None:
+    def first(n: int, **kw) -> list:
+        stream = examples(3, **kw)
+        return [next(stream) for _ in range(n)]
+
+    default = first(200)
+    same = first(200, text_only=TEXT_ONLY, varied=0.0)
+    assert [(ex.scene, ex.turns) for ex in default] == [(ex.scene, ex.turns) for ex in same]  # flags off: unchanged
+    assert 0 < sum(ex.image is None for ex in default) < 30
+    assert sum(ex.image is None for ex in first(200, text_only=0.3)) > 40
+    assert all(ex.image is None and ex.scene is None for ex in first(20, text_only=1.0, varied=1.0))
+    assert all(ex.image is not None for ex in first(50, text_only=0.0))
+    same = [ex.scene for ex in first(200, text_only=0.0, same_share=1.0) if len(ex.scene.shapes) > 1]
+    assert same and all(len({s.name for s in scene.shapes}) == 1 for scene in same)
+    mixed = [ex.scene for ex in default if ex.scene is not None and len(ex.scene.shapes) > 1]
+    assert any(len({s.name for s in scene.shapes}) > 1 for scene in mixed)
 
 
 def test_heldout_scenes_are_reproducible_and_cover_one_to_six_shapes() -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from llava_serve.default_model.build import ModelSize, build_model, build_processor, save_checkpoint
 from llava_serve.default_model.data import Scene, Shape, render
-from llava_serve.default_model.resize import convert, pi_resize_kernel, resize_model, resize_processor
+from llava_serve.default_model.resize import convert, grow_tower, pi_resize_kernel, resize_model, resize_processor
 from llava_serve.default_model.tokenizer import build_tokenizer
 
 SMALL = ModelSize(image_size=48, patch_size=16, vision_hidden=32, vision_layers=2, vision_heads=2,
@@ -77,3 +77,31 @@ def test_resize_processor_sets_size_crop_and_patch() -> None:
     assert processor.image_processor.size == {"height": 72, "width": 72}
     assert processor.image_processor.crop_size == {"height": 72, "width": 72}
     assert processor.patch_size == 24
+
+
+def test_grown_tower_starts_as_the_identity_and_saves_with_its_new_depth(tmp_path: Path) -> None:
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    model = build_model(SMALL, tokenizer, seed=0).eval()
+    processor = build_processor(SMALL, tokenizer)
+    scene = Scene(200, 160, (246, 244, 240), (Shape("triangle", "green", 0.4, 0.5, 0.4, 0.5),))
+    inputs = processor(text="USER: <image>\nWhat? ASSISTANT:", images=[render(scene)], return_tensors="pt")
+    with torch.inference_mode():
+        before = model(**inputs).logits
+    grow_tower(model, 2)
+    with torch.inference_mode():
+        after = model(**inputs).logits
+    assert model.config.vision_config.num_hidden_layers == SMALL.vision_layers + 2
+    assert len(model.model.vision_tower.encoder.layers) == SMALL.vision_layers + 2
+    torch.testing.assert_close(after, before)
+    new = model.model.vision_tower.encoder.layers[-1]
+    assert new.self_attn.out_proj.weight.abs().max() == 0 and new.mlp.fc2.weight.abs().max() == 0
+    assert new.self_attn.q_proj.weight.abs().max() > 0  # not zero everywhere: the copy of the last layer
+    save_checkpoint(model, processor, tmp_path / "grown")
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "grown").eval()
+    assert loaded.config.vision_config.num_hidden_layers == SMALL.vision_layers + 2
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(**inputs).logits, after, rtol=1e-2, atol=1e-2)  # float16 on disk
+    with pytest.raises(ValueError, match="cannot remove"):
+        grow_tower(model, -1)

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from llava_serve.default_model import default_model_path
+from llava_serve.default_model.batches import TEXT_ONLY
 from llava_serve.default_model.build import ModelSize
+from llava_serve.default_model.data import SAME_SHARE
 from llava_serve.default_model.eval import WorkerAnswerer, evaluate, started_worker
 from llava_serve.default_model.train import TrainConfig, parse_weights, train
 
@@ -23,6 +25,16 @@ def test_question_weights_are_checked_when_the_config_is_made() -> None:
         TrainConfig(question_weights="size=2")
     with pytest.raises(ValueError, match="'colour' is not KIND=NUMBER"):
         TrainConfig(question_weights="colour")
+    with pytest.raises(ValueError, match="are shares, from 0 to 1"):
+        TrainConfig(text_only=1.5)
+    with pytest.raises(ValueError, match="are shares, from 0 to 1"):
+        TrainConfig(varied_greetings=-0.1)
+    with pytest.raises(ValueError, match="are shares, from 0 to 1"):
+        TrainConfig(same_scenes=2)
+    assert (TrainConfig().text_only, TrainConfig().varied_greetings) == (TEXT_ONLY, 0.0)  # off by default
+    assert TrainConfig().same_scenes == SAME_SHARE
+    with pytest.raises(ValueError, match="only with --init-from"):
+        TrainConfig(grow_tower=2)
 
 
 def test_train_saves_checkpoints_and_continues_from_one(tmp_path: Path) -> None:
@@ -42,6 +54,10 @@ def test_train_saves_checkpoints_and_continues_from_one(tmp_path: Path) -> None:
                                                            second.model.language_model.parameters())]  # fmt: skip
     assert max(tower) == 0.0  # no vision stage, no heads: the tower stays frozen
     assert max(decoder) > 0.0  # the dialogue stage trained on
+    grown = tmp_path / "m3"
+    train(TrainConfig(init_from=out, grow_tower=1, vision_steps=1, steps=1, out=grown, **small), TINY)
+    third = LlavaForConditionalGeneration.from_pretrained(grown)
+    assert third.config.vision_config.num_hidden_layers == TINY.vision_layers + 1
 
 
 def test_eval_through_a_worker_it_starts() -> None:
