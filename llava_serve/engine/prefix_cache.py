@@ -106,6 +106,7 @@ class PrefixCache:
             return None
         anchor = [tokens[n - 1]]
         rest = self.decode(anchor + theirs)
+        whole: str | None = None  # the prompt's text, decoded once when a rewrite is first checked
         for q in range(len(mine), max(0, len(mine) - ANSWER_TRIES), -1):
             text = self.decode(anchor + mine[:q])
             if not rest.startswith(text):
@@ -114,7 +115,10 @@ class PrefixCache:
                 if self.image_token_id is not None and self.image_token_id in theirs[:j]:
                     continue
                 rewritten = tokens[:n] + mine[:q] + theirs[j:]
-                if len(rewritten) <= max_len and self.decode(rewritten) == self.decode(tokens):
+                if len(rewritten) > max_len:
+                    continue
+                whole = self.decode(tokens) if whole is None else whole
+                if self.decode(rewritten) == whole:
                     return rewritten
         return None
 

@@ -30,6 +30,7 @@ from llava_serve.engine.request import Request, Status
 from llava_serve.engine.step_costs import StepCosts
 
 MIN_CHUNK = 8  # a prompt always advances by at least this many tokens per step
+IMAGES_ONLY = -1  # _budget's answer when the step's allowance goes to a newcomer's images alone
 
 
 class RowStore(Protocol):
@@ -90,8 +91,7 @@ class Scheduler:
                 batch.prefill, batch.chunks = [req], [req.prompt_len - req.num_computed]
             return batch
         budget = self._budget()
-        if budget == 0 and self.running and (self.prefilling or self.waiting) and len(self.running) < self.max_running:
-            # the step's allowance goes to the next newcomer's images: it starts, reading no tokens yet
+        if budget == IMAGES_ONLY:  # the next newcomer starts, reading no tokens yet
             if not self.prefilling:
                 self._admit()
             batch.prefill, batch.chunks = [self.prefilling[0]], [0]
@@ -113,22 +113,22 @@ class Scheduler:
         return batch
 
     def _budget(self) -> int:
+        """Prompt tokens this step reads, or IMAGES_ONLY."""
         assert self.step_tokens is not None
         free = self.max_running - len(self.running)
         pending = min(free, len(self.prefilling) + len(self.waiting))
         if pending == 0:
             return 0
         budget = min(self.max_step_tokens, self.step_tokens * pending)
+        first = self.prefilling[0] if self.prefilling else self.waiting[0]
         if not self.running:  # nothing to keep pace with: at least the whole first prompt
-            first = self.prefilling[0] if self.prefilling else self.waiting[0]
             return max(budget, first.prompt_len - first.num_computed)
         budget = max(MIN_CHUNK, budget - len(self.running))
         if self.costs is not None and pending < len(self.running):
-            first = self.prefilling[0] if self.prefilling else self.waiting[0]
             newcomer = int(first.prompt_embeds is None and not first.num_computed)  # its images run this step
             fits = self.costs.chunk_tokens(len(self.running), newcomer)
             if fits is not None and newcomer and fits < MIN_CHUNK:
-                return 0  # its images alone take the allowance (see schedule)
+                return IMAGES_ONLY  # its images alone take the allowance
             if fits is not None:  # like the token budget, an allowance per request waiting to start
                 more = (pending - 1) * (self.costs.chunk_tokens(len(self.running)) or 0)
                 budget = min(budget, max(MIN_CHUNK, fits + more))
