@@ -10,6 +10,7 @@ import time
 import torch
 
 from llava_serve.engine.base import EngineBase
+from llava_serve.engine.kernel_caches import bound_kernel_caches
 from llava_serve.engine.request import FinishReason, Request
 from llava_serve.engine.runners import build_runner
 from llava_serve.engine.sampler import sample
@@ -46,6 +47,7 @@ class BatchEngine(EngineBase):
         quantization: str | None = None,
     ) -> None:
         super().__init__(lm, max_running, max_waiting)
+        bound_kernel_caches(max_running)  # no effect where a kernel was made already (kernel_caches.py)
         self.inbox: queue.Queue[Request | None] = queue.Queue()
         self.runner = build_runner(
             lm, max_running, feature_cache_size, prepack, prefix_cache_bytes, runner, quantization

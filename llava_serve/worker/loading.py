@@ -27,10 +27,13 @@ def config_from_model_args(args: argparse.Namespace, **overrides: Any) -> Worker
 
 def load_model_and_engine(config: WorkerConfig) -> tuple[LoadedModel, EngineBase]:
     """The model and a built (not started) engine for it; ModelLoadError says what to fix."""
+    from llava_serve.engine.kernel_caches import bound_kernel_caches
     from llava_serve.engine.threads import run_in_fresh_thread
     from llava_serve.models.loader import load_model
     from llava_serve.models.options import read_config
     from llava_serve.models.support import check_engine_support
+
+    bound_kernel_caches(config.limit_model_concurrency)  # before any kernel is made (kernel_caches.py)
 
     def load() -> tuple[LoadedModel, EngineBase]:
         path = resolve_model_path(config.model_path)
