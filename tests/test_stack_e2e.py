@@ -163,31 +163,46 @@ def test_models_retrieve_and_openai_error_shapes(stack):
     with pytest.raises(openai.NotFoundError) as info:
         stack.models.retrieve("gpt-4")
     assert info.value.body["code"] == "model_not_found"
-    for method, path, status, code in (("GET", "/v1/nope", 404, "not_found"), ("GET", "/v1/chat/completions", 405,
-                                                                                 "method_not_allowed")):
-        resp = stack._client.request(method, str(stack.base_url).rstrip("/") + path.removeprefix("/v1"),
-                                     headers={"authorization": "Bearer k1"})
+    for method, path, status, code in (
+        ("GET", "/v1/nope", 404, "not_found"),
+        ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
+    ):
+        resp = stack._client.request(
+            method, str(stack.base_url).rstrip("/") + path.removeprefix("/v1"), headers={"authorization": "Bearer k1"}
+        )
         assert resp.status_code == status and resp.json()["error"]["code"] == code, resp.text
 
 
 def test_legacy_completions_raw_prompt_images_n_echo_and_stream(stack):
     prompt = "USER: <image>\nWhat is it? ASSISTANT:"
     url = data_url((30, 200, 30))
-    one = stack.completions.create(model="tiny-llava", prompt=prompt, max_tokens=8, temperature=0,
-                                   extra_body={"images": [url]})
+    one = stack.completions.create(
+        model="tiny-llava", prompt=prompt, max_tokens=8, temperature=0, extra_body={"images": [url]}
+    )
     assert one.object == "text_completion" and one.choices[0].finish_reason in ("stop", "length")
     assert one.usage is not None and 1 <= one.usage.completion_tokens <= 8
-    again = stack.completions.create(model="tiny-llava", prompt=prompt, max_tokens=8, temperature=0,
-                                     extra_body={"images": [url]})
+    again = stack.completions.create(
+        model="tiny-llava", prompt=prompt, max_tokens=8, temperature=0, extra_body={"images": [url]}
+    )
     assert again.choices[0].text == one.choices[0].text  # greedy: the same raw completion
-    echoed = stack.completions.create(model="tiny-llava", prompt=prompt, max_tokens=4, temperature=0, echo=True,
-                                      extra_body={"images": [url]})
+    echoed = stack.completions.create(
+        model="tiny-llava", prompt=prompt, max_tokens=4, temperature=0, echo=True, extra_body={"images": [url]}
+    )
     assert echoed.choices[0].text.startswith(prompt)
-    several = stack.completions.create(model="tiny-llava", prompt=["USER: hi ASSISTANT:", "USER: yo ASSISTANT:"],
-                                       max_tokens=5, temperature=1.0, n=2, seed=3)
+    several = stack.completions.create(
+        model="tiny-llava",
+        prompt=["USER: hi ASSISTANT:", "USER: yo ASSISTANT:"],
+        max_tokens=5,
+        temperature=1.0,
+        n=2,
+        seed=3,
+    )
     assert sorted(c.index for c in several.choices) == [0, 1, 2, 3]
-    chunks = list(stack.completions.create(model="tiny-llava", prompt=prompt, max_tokens=8, temperature=0,
-                                           stream=True, extra_body={"images": [url]}))
+    chunks = list(
+        stack.completions.create(
+            model="tiny-llava", prompt=prompt, max_tokens=8, temperature=0, stream=True, extra_body={"images": [url]}
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == one.choices[0].text
     with pytest.raises(openai.BadRequestError) as info:
         stack.completions.create(model="tiny-llava", prompt=prompt, max_tokens=4)  # the image is missing

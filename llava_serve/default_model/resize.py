@@ -58,7 +58,7 @@ def resize_model(model, image_size: int, patch_size: int) -> None:
     ).to(device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
         new_conv.weight.copy_(pi_resize_kernel(conv.weight.detach(), patch_size))
-        if conv.bias is not None:
+        if conv.bias is not None and new_conv.bias is not None:
             new_conv.bias.copy_(conv.bias)
     embeddings.patch_embedding = new_conv
     embeddings.image_size = image_size

@@ -186,6 +186,7 @@ def test_an_answer_is_matched_only_where_the_text_is_the_same() -> None:
 
 def test_a_lossy_answer_reuses_its_ids_only_if_the_whole_prompt_renders_the_same() -> None:
     """Bytes that are not UTF-8 stream as U+FFFD (id 7 here), which tokenizes back to other ids."""
+
     def lossy(ids: list[int]) -> str:  # ids 8, 9, 10 alone are invalid bytes and render as U+FFFD
         return "".join("\ufffd" if i in (8, 9, 10) else PIECES[i] for i in ids)
 

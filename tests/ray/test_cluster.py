@@ -172,6 +172,7 @@ def test_openai_sdk_and_the_llava_routes_answer(deployed: Deployed) -> None:
     assert httpx.post(deployed.url + "/list_models").json() == {"models": [deployed.model]}
     address = httpx.post(deployed.url + "/get_worker_address", json={"model": deployed.model}).json()["address"]
     assert address == deployed.url
+
     # the web demo's client (ClusterClient) pointed at the ingress as at a controller
     async def through_cluster_client() -> Frame:
         cluster = ClusterClient(deployed.url)

@@ -153,6 +153,7 @@ def create_app(url: str, word_delay: float, api_key: str | None = None) -> FastA
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request) -> Any:
         return _generate(state, await request.json())
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}

@@ -46,9 +46,7 @@ def worker_argv(model: Path, port: int, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def worker(tiny_llava):
     port = free_port()
-    argv = worker_argv(
-        tiny_llava, port, "--no-register", "--limit-model-concurrency", "4", "--max-queue", "4"
-    )
+    argv = worker_argv(tiny_llava, port, "--no-register", "--limit-model-concurrency", "4", "--max-queue", "4")
     with start_service(argv, port, ready_path="/ready", timeout=120) as proc:
         yield proc
 
@@ -211,10 +209,7 @@ def test_status_details_and_metrics(worker):
     count = requests.post(worker.url + "/count_token", json={"prompt": "hello there"}, timeout=5).json()
     assert count["count"] > 1 and count["error_code"] == 0
     metrics = requests.get(worker.url + "/metrics", timeout=5).text
-    assert (
-        "llava_worker_generated_tokens_total" in metrics
-        and "llava_worker_time_to_first_token_seconds" in metrics
-    )
+    assert "llava_worker_generated_tokens_total" in metrics and "llava_worker_time_to_first_token_seconds" in metrics
 
 
 def _registered(controller_url: str) -> list[str]:
@@ -282,9 +277,7 @@ def test_sigterm_drains_streams_and_leaves_the_controller(tiny_llava):
 
             def stream() -> None:
                 body = {"prompt": PROMPT, "images": [png_b64()], "max_new_tokens": 100000, "ignore_eos": True}
-                with requests.post(
-                    worker.url + "/worker_generate_stream", json=body, stream=True, timeout=60
-                ) as r:
+                with requests.post(worker.url + "/worker_generate_stream", json=body, stream=True, timeout=60) as r:
                     frames = [json.loads(c) for c in r.iter_lines(delimiter=b"\0") if c]
                 finals.append(frames[-1])
 
