@@ -52,7 +52,11 @@ def schema_of(spec: dict[str, Any]) -> dict[str, Any]:
 class Constraint:
     """One request's grammar state: masks a row of logits, consumes the token sampled from it."""
 
-    def __init__(self, spec: dict[str, Any], tokenizer: Any, param: str = "response_format") -> None:
+    def __init__(
+        self, spec: dict[str, Any], tokenizer: Any, param: str = "response_format", regex: str | None = None
+    ) -> None:
+        """The grammar of `spec` (a response_format), or with `regex` that regular expression
+        (in-process callers only, e.g. benchmarks/multiturn_ttft.py; the API takes JSON schemas)."""
         try:
             import llguidance
             import llguidance.torch
@@ -62,10 +66,15 @@ class Constraint:
             ) from None
         self._torch = llguidance.torch
         lltok = llg_tokenizer(tokenizer)
-        grammar = llguidance.grammar_from("json_schema", json.dumps(schema_of(spec)))
+        if regex is None:
+            grammar = llguidance.grammar_from("json_schema", json.dumps(schema_of(spec)))
+        else:
+            grammar = llguidance.grammar_from("regex", regex)
         error = llguidance.LLMatcher.validate_grammar(grammar, lltok)
         if error:
-            raise InvalidParameter(f"the JSON schema cannot be used: {error}", param=param)
+            raise InvalidParameter(
+                f"the {'JSON schema' if regex is None else 'regex'} cannot be used: {error}", param=param
+            )
         self.matcher = llguidance.LLMatcher(lltok, grammar)
         self.vocab = lltok.vocab_size
         self.bitmask = self._torch.allocate_token_bitmask(1, self.vocab)

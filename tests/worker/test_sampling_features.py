@@ -124,3 +124,30 @@ def test_a_schema_that_cannot_be_compiled_is_a_400(worker) -> None:  # type: ign
     resp = asyncio.run(client.post("/worker_chat_stream", json=body))
     frame = Frame.model_validate(resp.json())
     assert resp.status_code == 400 and frame.param == "response_format", frame
+
+
+def test_a_regex_constraint_holds_through_the_engine(worker) -> None:  # type: ignore[no-untyped-def]
+    """What benchmarks/multiturn_ttft.py --answer-regex gives the random model: answers of words."""
+    import queue
+    import re
+
+    from llava_serve.engine.constraint import Constraint
+
+    _, lm = worker
+    engine = BatchEngine(lm, max_running=2, max_waiting=4).start()
+    pattern = r" [a-z]{2,6}( [a-z]{2,6}){1,3}\."
+    try:
+        for seed in range(4):
+            outputs: queue.Queue[Any] = queue.Queue()
+            params = SamplingParams(temperature=1.0, seed=seed, max_new_tokens=64)
+            prompt = EncodedPrompt(input_ids=lm.tokenizer("USER: hi ASSISTANT:").input_ids)
+            req = Request(prompt=prompt, params=params, sink=outputs.put)
+            req.constraint = Constraint({}, lm.tokenizer, regex=pattern)
+            engine.submit(req)
+            out = outputs.get(timeout=120)
+            while not out.finished:
+                out = outputs.get(timeout=120)
+            assert out.finish_reason == "stop", out
+            assert re.fullmatch(pattern, out.text), out.text
+    finally:
+        engine.shutdown()
