@@ -101,7 +101,8 @@ def main() -> None:
         t2 = statistics.median(b for _, b in pairs) * 1000
         ratios = ", ".join(f"{b / a:.2f}" for a, b in pairs)
         read1, read2 = statistics.median(READ[0::2]), statistics.median(READ[1::2])
-        print(f"{label}: prompt tokens read (median): turn 1 {read1:g}, turn 2 {read2:g}")
+        print(f"{label}: prompt tokens read (median): turn 1 {read1:g}, turn 2 {read2:g}; turn 2 per conversation: "
+              + ", ".join(str(n) for n in READ[1::2]))  # fmt: skip
         print(f"{label}: TTFT turn 1 {t1:.0f} ms, turn 2 {t2:.0f} ms (median), turn2/turn1 per conversation: {ratios}")
 
 
