@@ -10,12 +10,21 @@ from pathlib import Path
 SIZES = ("bench", "small", "tiny")  # checked against hf.SIZES by a test; here so that --help needs no torch
 
 
-def build(kind: str, size_name: str, out: Path, seed: int = 0) -> Path:
+def build(
+    kind: str, size_name: str, out: Path, seed: int = 0, image_size: int | None = None, patch_size: int | None = None
+) -> Path:
+    """`image_size`/`patch_size` override the size's vision geometry (e.g. 336 and 14: LLaVA-1.5's
+    576 image tokens per image on the bench decoder)."""
+    import dataclasses
+
     from llava_serve.tools.checkpoints.hf import SIZES as BY_NAME
     from llava_serve.tools.checkpoints.hf import build_hf, build_internvl
     from llava_serve.tools.checkpoints.original import build_original
 
     size = BY_NAME[size_name]
+    size = dataclasses.replace(size, image_size=image_size or size.image_size, patch_size=patch_size or size.patch_size)
+    if size.image_size % size.patch_size:
+        raise ValueError(f"image size {size.image_size} is not a multiple of patch size {size.patch_size}")
     out.mkdir(parents=True, exist_ok=True)
     if kind in ("llava", "llava-next", "text"):
         build_hf(kind, size, out, seed)
@@ -35,8 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=None, help="vision input in pixels (default: the size's)")
+    parser.add_argument("--patch-size", type=int, default=None, help="vision patch in pixels (default: the size's)")
     args = parser.parse_args(argv)
-    path = build(args.kind, args.size, args.out, args.seed)
+    for name in ("image_size", "patch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        path = build(args.kind, args.size, args.out, args.seed, args.image_size, args.patch_size)
+    except ValueError as exc:
+        parser.error(str(exc))
     n_params = _count_params(path)
     print(f"wrote {args.kind}/{args.size} checkpoint to {path} ({n_params / 1e6:.1f}M parameters)")
     return 0
