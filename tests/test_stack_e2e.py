@@ -257,6 +257,39 @@ def test_penalties_and_json_schema(stack):
     assert obj.choices[0].finish_reason != "stop" or isinstance(json.loads(obj.choices[0].message.content), dict)
 
 
+def test_vllm_guided_choice_regex_and_json_through_the_openai_client(stack):
+    """vLLM's structured-output extensions, sent as vLLM's clients send them (extra_body)."""
+    import re
+
+    import jsonschema
+
+    kw = {"model": "tiny-llava", "messages": [{"role": "user", "content": "Pick one"}], "max_tokens": 40,
+          "temperature": 1.0, "n": 4}  # fmt: skip
+    choices = ["red square", "blue (circle)", "a.b|c"]  # regex metacharacters are matched literally
+    reply = stack.chat.completions.create(seed=3, extra_body={"guided_choice": choices}, **kw)
+    assert [c.message.content for c in reply.choices if c.message.content not in choices] == []
+    assert all(c.finish_reason == "stop" for c in reply.choices)
+    pattern = r"(yes|no), [0-9]{1,3} shapes"
+    reply = stack.chat.completions.create(seed=4, extra_body={"guided_regex": pattern}, **kw)
+    for c in reply.choices:
+        assert re.fullmatch(pattern, c.message.content), c.message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in stack.chat.completions.create(
+        stream=True, **{**kw, "n": 1}, extra_body={"guided_choice": choices}) if c.choices)  # fmt: skip
+    assert streamed in choices
+    reply = stack.chat.completions.create(extra_body={"guided_json": SHAPES}, **kw)
+    for c in reply.choices:
+        jsonschema.validate(json.loads(c.message.content), SHAPES)
+    with pytest.raises(openai.BadRequestError, match="set one of guided_choice, guided_regex") as info:
+        stack.chat.completions.create(extra_body={"guided_choice": ["a"], "guided_regex": "b"}, **kw)
+    assert info.value.body["param"] == "guided_regex"
+    with pytest.raises(openai.BadRequestError, match="non-empty"):
+        stack.chat.completions.create(extra_body={"guided_choice": ["a", ""]}, **kw)
+    with pytest.raises(openai.BadRequestError, match="regex"):
+        stack.chat.completions.create(extra_body={"guided_regex": "(unclosed"}, **kw)
+    reply = stack.chat.completions.create(**{**kw, "n": 1})  # and the API serves plain requests after them
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
 def test_forced_tool_calls_streaming_and_not(stack):
     import jsonschema
 

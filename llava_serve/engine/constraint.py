@@ -55,8 +55,9 @@ class Constraint:
     def __init__(
         self, spec: dict[str, Any], tokenizer: Any, param: str = "response_format", regex: str | None = None
     ) -> None:
-        """The grammar of `spec` (a response_format), or with `regex` that regular expression
-        (in-process callers only, e.g. benchmarks/multiturn_ttft.py; the API takes JSON schemas)."""
+        """The grammar of `spec`: a response_format ({type: json_object | json_schema}) or, for the
+        OpenAI API's guided_regex / guided_choice, {type: regex, pattern}; `regex` gives a pattern
+        directly (in-process callers, e.g. benchmarks/multiturn_ttft.py)."""
         try:
             import llguidance
             import llguidance.torch
@@ -66,6 +67,10 @@ class Constraint:
             ) from None
         self._torch = llguidance.torch
         lltok = llg_tokenizer(tokenizer)
+        if regex is None and spec.get("type") == "regex":  # vLLM's guided_regex / guided_choice
+            regex = spec.get("pattern")
+            if not isinstance(regex, str) or not regex:
+                raise InvalidParameter("a regex response_format needs a non-empty pattern", param=param)
         if regex is None:
             grammar = llguidance.grammar_from("json_schema", json.dumps(schema_of(spec)))
         else:

@@ -134,6 +134,11 @@ class ChatService:
             req.top_logprobs_asked()
         except ValueError as exc:
             raise InvalidParameter(str(exc), param="top_logprobs") from None
+        try:
+            req.guided()
+        except ValueError as exc:
+            param = next(k for k in ("guided_json", "guided_regex", "guided_choice") if getattr(req, k) is not None)
+            raise InvalidParameter(str(exc), param=param) from None
         unsupported = req.unsupported()
         if unsupported:
             raise InvalidRequest(f"{unsupported} is not supported by this server", param=unsupported)
@@ -176,7 +181,9 @@ def sampling_extensions(req: ChatCompletionRequest, plan: ToolPlan) -> dict[str,
     fields |= {"presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
     fields |= {"repetition_penalty": req.repetition_penalty, "logprobs": req.top_logprobs_asked()}
     fmt = req.response_format
-    if fmt is not None and fmt.type == "json_object":
+    if (guided := req.guided()) is not None:  # vLLM's guided_json / guided_regex / guided_choice
+        fields["response_format"] = guided
+    elif fmt is not None and fmt.type == "json_object":
         fields["response_format"] = {"type": "json_object"}
     elif fmt is not None and fmt.type == "json_schema":
         schema = fmt.json_schema.schema_ if fmt.json_schema is not None else {"type": "object"}

@@ -13,6 +13,13 @@ from llava_serve.protocol.worker import MAX_NEW_TOKENS
 # Sent by some clients; accepted only at a value that asks for nothing (`functions` is the old name of
 # `tools`, deprecated by OpenAI: clients that still send it are told to use `tools`).
 _UNSUPPORTED_UNLESS_EMPTY = ("functions", "function_call", "logit_bias")
+# what a regular expression must escape to match a string literally (regex syntax of llguidance)
+_REGEX_META = frozenset("\\.+*?()|[]{}^$#&-~")
+
+
+def regex_literal(text: str) -> str:
+    """`text` as a regular expression that matches exactly it."""
+    return "".join("\\" + ch if ch in _REGEX_META else ch for ch in text)
 
 
 class ImageURL(BaseModel):
@@ -115,6 +122,10 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)  # an extension, as vLLM names it
     response_format: ResponseFormat | None = None
+    # vLLM's structured-output extensions (extra_body): one of them, or response_format
+    guided_json: dict[str, Any] | None = None
+    guided_regex: str | None = Field(None, min_length=1, max_length=4096)
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=256)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     user: str | None = None
@@ -126,6 +137,29 @@ class ChatCompletionRequest(BaseModel):
         if stops is not None and (len(stops) > 4 or not all(stops)):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stops
+
+    @field_validator("guided_choice")
+    @classmethod
+    def _choices(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not all(v):
+            raise ValueError("guided_choice takes non-empty strings")
+        return v
+
+    def guided(self) -> dict[str, Any] | None:
+        """The worker's response_format for a vLLM-style guided_* field (None: none set); more than
+        one, or one with response_format, is a ValueError."""
+        asked = [k for k in ("guided_json", "guided_regex", "guided_choice") if getattr(self, k) is not None]
+        if asked and self.response_format is not None and self.response_format.type != "text":
+            asked.append("response_format")
+        if len(asked) > 1:
+            raise ValueError(f"set one of {', '.join(sorted(asked))}")
+        if self.guided_json is not None:
+            return {"type": "json_schema", "schema": self.guided_json}
+        if self.guided_regex is not None:
+            return {"type": "regex", "pattern": self.guided_regex}
+        if self.guided_choice is not None:
+            return {"type": "regex", "pattern": "|".join(regex_literal(c) for c in self.guided_choice)}
+        return None
 
     def unsupported(self) -> str | None:
         """Name of a parameter this server cannot honour, if the request sets one."""
