@@ -276,8 +276,9 @@ def test_vllm_guided_choice_regex_and_json_through_the_openai_client(stack):
     streamed = "".join(c.choices[0].delta.content or "" for c in stack.chat.completions.create(
         stream=True, **{**kw, "n": 1}, extra_body={"guided_choice": choices}) if c.choices)  # fmt: skip
     assert streamed in choices
-    reply = stack.chat.completions.create(extra_body={"guided_json": SHAPES}, **kw)
+    reply = stack.chat.completions.create(seed=5, extra_body={"guided_json": SHAPES}, **{**kw, "max_tokens": 160})
     for c in reply.choices:
+        assert c.finish_reason == "stop", c
         jsonschema.validate(json.loads(c.message.content), SHAPES)
     with pytest.raises(openai.BadRequestError, match="set one of guided_choice, guided_regex") as info:
         stack.chat.completions.create(extra_body={"guided_choice": ["a"], "guided_regex": "b"}, **kw)
@@ -286,6 +287,8 @@ def test_vllm_guided_choice_regex_and_json_through_the_openai_client(stack):
         stack.chat.completions.create(extra_body={"guided_choice": ["a", ""]}, **kw)
     with pytest.raises(openai.BadRequestError, match="regex"):
         stack.chat.completions.create(extra_body={"guided_regex": "(unclosed"}, **kw)
+    with pytest.raises(openai.BadRequestError, match="guided_choice is not supported") as info:  # not ignored
+        stack.completions.create(model="tiny-llava", prompt="USER: hi ASSISTANT:", extra_body={"guided_choice": ["a"]})
     reply = stack.chat.completions.create(**{**kw, "n": 1})  # and the API serves plain requests after them
     assert reply.choices[0].finish_reason in ("stop", "length")
 

@@ -264,8 +264,10 @@ class CompletionRequest(BaseModel):
 
     def unsupported(self) -> str | None:
         extra = self.model_extra or {}
-        for name in ("suffix", "logit_bias", "best_of"):
-            if extra.get(name) not in (None, {}, 1):
+        # structured output is a chat feature here: refused on raw completions rather than ignored
+        for name in ("suffix", "logit_bias", "best_of", "response_format", "guided_json", "guided_regex",
+                     "guided_choice"):  # fmt: skip
+            if extra.get(name) not in (None, {}, 1, {"type": "text"}):
                 return name
         return None
 
