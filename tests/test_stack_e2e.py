@@ -246,7 +246,7 @@ def test_penalties_and_json_schema(stack):
     import jsonschema
 
     reply = stack.chat.completions.create(
-        model="tiny-llava", messages=[{"role": "user", "content": "Shapes as JSON"}], temperature=1.0, n=4,
+        model="tiny-llava", messages=[{"role": "user", "content": "Shapes as JSON"}], temperature=1.0, n=4, seed=1,
         max_tokens=48, presence_penalty=0.5, frequency_penalty=0.5,
         response_format={"type": "json_schema", "json_schema": {"name": "shapes", "schema": SHAPES}},
     )  # fmt: skip
