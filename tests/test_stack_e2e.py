@@ -280,6 +280,11 @@ def test_vllm_guided_choice_regex_and_json_through_the_openai_client(stack):
     for c in reply.choices:
         assert c.finish_reason == "stop", c
         jsonschema.validate(json.loads(c.message.content), SHAPES)
+    text = stack.chat.completions.create(seed=5, extra_body={"guided_json": json.dumps(SHAPES)}, **{**kw, "n": 1,
+                                         "max_tokens": 160})  # fmt: skip
+    jsonschema.validate(json.loads(text.choices[0].message.content), SHAPES)  # the schema as JSON text too
+    with pytest.raises(openai.BadRequestError, match="guided_json is not valid JSON"):
+        stack.chat.completions.create(extra_body={"guided_json": "{not json"}, **kw)
     with pytest.raises(openai.BadRequestError, match="set one of guided_choice, guided_regex") as info:
         stack.chat.completions.create(extra_body={"guided_choice": ["a"], "guided_regex": "b"}, **kw)
     assert info.value.body["param"] == "guided_regex"

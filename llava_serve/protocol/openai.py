@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
@@ -123,7 +124,7 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)  # an extension, as vLLM names it
     response_format: ResponseFormat | None = None
     # vLLM's structured-output extensions (extra_body): one of them, or response_format
-    guided_json: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None  # a schema, or its JSON text (vLLM takes both)
     guided_regex: str | None = Field(None, min_length=1, max_length=4096)
     guided_choice: list[str] | None = Field(None, min_length=1, max_length=256)
     tools: list[Tool] | None = None
@@ -153,6 +154,14 @@ class ChatCompletionRequest(BaseModel):
             asked.append("response_format")
         if len(asked) > 1:
             raise ValueError(f"set one of {', '.join(sorted(asked))}")
+        if isinstance(self.guided_json, str):
+            try:
+                schema = json.loads(self.guided_json)
+            except ValueError:
+                raise ValueError("guided_json is not valid JSON") from None
+            if not isinstance(schema, dict):
+                raise ValueError("guided_json is a JSON schema (an object)")
+            return {"type": "json_schema", "schema": schema}
         if self.guided_json is not None:
             return {"type": "json_schema", "schema": self.guided_json}
         if self.guided_regex is not None:
