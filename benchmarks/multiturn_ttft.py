@@ -42,7 +42,7 @@ def ask(eng: BatchEngine, lm, messages: list[dict], image, tokens: int, regex: s
     params = SamplingParams(temperature=0.0, max_new_tokens=tokens)
     req = Request(prompt=prompt, params=params, sink=outputs.put)
     if regex is not None:
-        req.constraint = Constraint({}, lm.tokenizer, regex=regex)
+        req.constraint = Constraint({"type": "regex", "pattern": regex}, lm.tokenizer)
     prefixes = getattr(eng.runner, "prefixes", None)
     reused = prefixes.reused_tokens if prefixes is not None else 0
     start = time.perf_counter()

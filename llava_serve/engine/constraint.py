@@ -52,12 +52,9 @@ def schema_of(spec: dict[str, Any]) -> dict[str, Any]:
 class Constraint:
     """One request's grammar state: masks a row of logits, consumes the token sampled from it."""
 
-    def __init__(
-        self, spec: dict[str, Any], tokenizer: Any, param: str = "response_format", regex: str | None = None
-    ) -> None:
+    def __init__(self, spec: dict[str, Any], tokenizer: Any, param: str = "response_format") -> None:
         """The grammar of `spec`: a response_format ({type: json_object | json_schema}) or, for the
-        OpenAI API's guided_regex / guided_choice, {type: regex, pattern}; `regex` gives a pattern
-        directly (in-process callers, e.g. benchmarks/multiturn_ttft.py)."""
+        OpenAI API's guided_regex / guided_choice, {type: regex, pattern}."""
         try:
             import llguidance
             import llguidance.torch
@@ -67,10 +64,9 @@ class Constraint:
             ) from None
         self._torch = llguidance.torch
         lltok = llg_tokenizer(tokenizer)
-        if regex is None and spec.get("type") == "regex":  # vLLM's guided_regex / guided_choice
-            regex = spec.get("pattern")
-            if not isinstance(regex, str) or not regex:
-                raise InvalidParameter("a regex response_format needs a non-empty pattern", param=param)
+        regex = spec.get("pattern") if spec.get("type") == "regex" else None  # guided_regex / guided_choice
+        if spec.get("type") == "regex" and (not isinstance(regex, str) or not regex):
+            raise InvalidParameter("a regex response_format needs a non-empty pattern", param=param)
         if regex is None:
             grammar = llguidance.grammar_from("json_schema", json.dumps(schema_of(spec)))
         else:

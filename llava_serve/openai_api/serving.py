@@ -20,6 +20,7 @@ from llava_serve.openai_api.sse import StreamHeader, chunk, done, error_event
 from llava_serve.openai_api.tools import ToolPlan, as_text
 from llava_serve.protocol.frames import FinishReason, Frame, TokenLogprob
 from llava_serve.protocol.openai import (
+    GUIDED_FIELDS,
     AssistantMessage,
     ChatCompletion,
     ChatCompletionRequest,
@@ -137,7 +138,7 @@ class ChatService:
         try:
             req.guided()
         except ValueError as exc:
-            param = next(k for k in ("guided_json", "guided_regex", "guided_choice") if getattr(req, k) is not None)
+            param = next(k for k in GUIDED_FIELDS if getattr(req, k) is not None)
             raise InvalidParameter(str(exc), param=param) from None
         unsupported = req.unsupported()
         if unsupported:

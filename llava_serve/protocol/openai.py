@@ -14,6 +14,8 @@ from llava_serve.protocol.worker import MAX_NEW_TOKENS
 # Sent by some clients; accepted only at a value that asks for nothing (`functions` is the old name of
 # `tools`, deprecated by OpenAI: clients that still send it are told to use `tools`).
 _UNSUPPORTED_UNLESS_EMPTY = ("functions", "function_call", "logit_bias")
+# vLLM's structured-output extensions, in the order a conflict names them
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice")
 # what a regular expression must escape to match a string literally (regex syntax of llguidance)
 _REGEX_META = frozenset("\\.+*?()|[]{}^$#&-~")
 
@@ -149,7 +151,7 @@ class ChatCompletionRequest(BaseModel):
     def guided(self) -> dict[str, Any] | None:
         """The worker's response_format for a vLLM-style guided_* field (None: none set); more than
         one, or one with response_format, is a ValueError."""
-        asked = [k for k in ("guided_json", "guided_regex", "guided_choice") if getattr(self, k) is not None]
+        asked = [k for k in GUIDED_FIELDS if getattr(self, k) is not None]
         if asked and self.response_format is not None and self.response_format.type != "text":
             asked.append("response_format")
         if len(asked) > 1:
@@ -274,8 +276,7 @@ class CompletionRequest(BaseModel):
     def unsupported(self) -> str | None:
         extra = self.model_extra or {}
         # structured output is a chat feature here: refused on raw completions rather than ignored
-        for name in ("suffix", "logit_bias", "best_of", "response_format", "guided_json", "guided_regex",
-                     "guided_choice"):  # fmt: skip
+        for name in ("suffix", "logit_bias", "best_of", "response_format", *GUIDED_FIELDS):
             if extra.get(name) not in (None, {}, 1, {"type": "text"}):
                 return name
         return None

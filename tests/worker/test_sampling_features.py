@@ -142,7 +142,7 @@ def test_a_regex_constraint_holds_through_the_engine(worker) -> None:  # type: i
             params = SamplingParams(temperature=1.0, seed=seed, max_new_tokens=64)
             prompt = EncodedPrompt(input_ids=lm.tokenizer("USER: hi ASSISTANT:").input_ids)
             req = Request(prompt=prompt, params=params, sink=outputs.put)
-            req.constraint = Constraint({}, lm.tokenizer, regex=pattern)
+            req.constraint = Constraint({"type": "regex", "pattern": pattern}, lm.tokenizer)
             engine.submit(req)
             out = outputs.get(timeout=120)
             while not out.finished:
