@@ -5,7 +5,7 @@
 Times one call on each of `--weights` distinct 2816x1024 weights (distinct, so they stream from
 memory as a decode step's do): float32 and bfloat16 through `F.linear` and through oneDNN's packed
 kernel (what the decoder runner uses), weight-only int8 (`aten._weight_int8pack_mm`, per-row
-scales, float32 and bfloat16 input), and the project's int8 kernel (`cpu_gemv.q8_linear`, what
+scales, float32 and bfloat16 input), and the project's int8 kernel (`cpu_gemv.q_linear`, what
 `--quantization int8` runs; where it can be built). Prints ms per pass over all weights.
 """
 
@@ -43,9 +43,9 @@ def kernels(weights: list[torch.Tensor], rows: int) -> dict[str, Callable[[], ob
     scales_b = [s.bfloat16() for s in scales]
     pointwise = torch.ops.mkldnn._linear_pointwise
     own = {}
-    if cpu_gemv.int8_unavailable() is None:
+    if cpu_gemv.quantized_unavailable() is None:
         q8 = [cpu_gemv.q8_pack(w) for w in weights]
-        own["int8 llava-serve (VNNI)"] = lambda: [cpu_gemv.q8_linear(x, pw, s, None) for pw, s in q8]
+        own["int8 llava-serve (VNNI)"] = lambda: [cpu_gemv.q_linear(x, pw, s, s.numel(), None) for pw, s in q8]
     return own | {
         "float32 F.linear": lambda: [F.linear(x, w) for w in weights],
         "float32 packed": lambda: [pointwise(x, p, None, "none", [], "") for p in packed],

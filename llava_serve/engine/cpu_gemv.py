@@ -196,9 +196,11 @@ struct QuantRows {
   int64_t K = 0, G = 0, groups = 0;
 };
 
-static void quantize_rows(const float* X, int64_t M, int64_t K, QuantRows& out) {
+// each row's groups of G inputs (0: q8_group's) as int8; `offset`: the weights' unsigned offset (128
+// for int8, 8 for int4), taken back through c
+static void quantize_rows(const float* X, int64_t M, int64_t K, QuantRows& out, int64_t G0 = 0, int32_t offset = 128) {
   out.K = K;
-  out.G = q8_group(K);
+  out.G = G0 ? G0 : q8_group(K);
   out.groups = K / out.G;
   out.q.resize(M * K);
   out.s.resize(M * out.groups);
@@ -220,7 +222,7 @@ static void quantize_rows(const float* X, int64_t M, int64_t K, QuantRows& out) 
         sum = _mm512_add_epi32(sum, v);
       }
       out.s[m * out.groups + g] = scale;
-      out.c[m * out.groups + g] = 128 * _mm512_reduce_add_epi32(sum);
+      out.c[m * out.groups + g] = offset * _mm512_reduce_add_epi32(sum);
     }
 }
 
@@ -295,6 +297,107 @@ static void q8_matmul(const QuantRows& X, int64_t M, const uint8_t* Wp, const fl
   });
 }
 
+// ---- int4 weights (W4A8) ----
+// A weight [N, K] in groups of 32 k per output, as llama.cpp's q4_0: w ~ (u - 8) * d[n, g], u in
+// 0..15, d float16. Stored in blocks of 16 outputs: [ceil(N/32)*2][K/32][4][16][4] bytes, the low
+// nibble of byte j of output o in part L holding u for k = 32g + 8L + j, the high one k + 4: a 64-byte
+// load is two of the int8 layout's quads once its nibbles are split (and, shift), so vpdpbusd takes
+// them as it takes int8 weights. Inputs are quantized per row in groups of 32 too, each group's sums
+// taken in int32 and scaled by d[n, g] * xs[m, g]: y[m, n] = sum_g d[n, g] xs[m, g] (sum_k u xq - 8 sum_k xq).
+constexpr int64_t Q4_GROUP = 32;
+
+// MB rows x 32 outputs (two 16-output blocks W0, W1, their scales S0, S1 [K/32][16]) over all of K
+template <int MB>
+__attribute__((target("avx512vnni"))) static void q4_tile(const QuantRows& X, int64_t m0, const uint8_t* W0,
+                                                          const uint8_t* W1, const uint16_t* S0, const uint16_t* S1,
+                                                          int64_t n0, int64_t N, float* Y, int64_t ldy) {
+  const int64_t K = X.K, groups = X.groups;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 f0[MB], f1[MB];
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) f0[m] = f1[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i i0[MB], i1[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) i0[m] = i1[m] = _mm512_setzero_si512();
+    const uint8_t* a = W0 + g * Q4_GROUP * 8;
+    const uint8_t* b = W1 + g * Q4_GROUP * 8;
+    const int8_t* x = X.q.data() + m0 * K + g * Q4_GROUP;
+#pragma GCC unroll 4
+    for (int part = 0; part < 4; ++part) {
+      const __m512i va = _mm512_loadu_si512(a + part * 64), vb = _mm512_loadu_si512(b + part * 64);
+      const __m512i la = _mm512_and_si512(va, nibble), ha = _mm512_and_si512(_mm512_srli_epi16(va, 4), nibble);
+      const __m512i lb = _mm512_and_si512(vb, nibble), hb = _mm512_and_si512(_mm512_srli_epi16(vb, 4), nibble);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        int32_t lo, hi;
+        std::memcpy(&lo, x + m * K + part * 8, 4);
+        std::memcpy(&hi, x + m * K + part * 8 + 4, 4);
+        const __m512i xl = _mm512_set1_epi32(lo), xh = _mm512_set1_epi32(hi);
+        i0[m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(i0[m], la, xl), ha, xh);
+        i1[m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(i1[m], lb, xl), hb, xh);
+      }
+    }
+    const __m512 da = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(S0 + g * 16)));
+    const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(S1 + g * 16)));
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      const int64_t at = (m0 + m) * groups + g;
+      const __m512i c = _mm512_set1_epi32(X.c[at]);
+      const __m512 s = _mm512_set1_ps(X.s[at]);
+      f0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i0[m], c)), _mm512_mul_ps(da, s), f0[m]);
+      f1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i1[m], c)), _mm512_mul_ps(db, s), f1[m]);
+    }
+  }
+  const int64_t left = std::min<int64_t>(32, N - n0);
+  const __mmask16 k0 = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+  const __mmask16 k1 = left >= 32   ? (__mmask16)0xFFFF
+                       : left <= 16 ? (__mmask16)0
+                                    : (__mmask16)((1u << (left - 16)) - 1u);
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) {
+    _mm512_mask_storeu_ps(Y + (m0 + m) * ldy + n0, k0, f0[m]);
+    _mm512_mask_storeu_ps(Y + (m0 + m) * ldy + n0 + 16, k1, f1[m]);
+  }
+}
+
+// Y[M, N] (row stride ldy) = X[M, K] @ W.T for rows quantized in groups of 32 and a q4_pack weight
+static void q4_matmul(const QuantRows& X, int64_t M, const uint8_t* Wp, const uint16_t* scales, int64_t N, float* Y,
+                      int64_t ldy) {
+  const int64_t K = X.K, pairs = (N + 31) / 32, block = K * 8, block_scales = K / Q4_GROUP * 16;
+  at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint8_t* W0 = Wp + 2 * p * block;
+      const uint16_t* S0 = scales + 2 * p * block_scales;
+      const uint8_t* W1 = W0 + block;
+      const uint16_t* S1 = S0 + block_scales;
+      int64_t m = 0;
+      for (; m + 6 <= M; m += 6) q4_tile<6>(X, m, W0, W1, S0, S1, 32 * p, N, Y, ldy);
+      switch (M - m) {
+        case 5: q4_tile<5>(X, m, W0, W1, S0, S1, 32 * p, N, Y, ldy); break;
+        case 4: q4_tile<4>(X, m, W0, W1, S0, S1, 32 * p, N, Y, ldy); break;
+        case 3: q4_tile<3>(X, m, W0, W1, S0, S1, 32 * p, N, Y, ldy); break;
+        case 2: q4_tile<2>(X, m, W0, W1, S0, S1, 32 * p, N, Y, ldy); break;
+        case 1: q4_tile<1>(X, m, W0, W1, S0, S1, 32 * p, N, Y, ldy); break;
+        default: break;
+      }
+    }
+  });
+}
+
+// an integer weight's matmul, the kind told by its scales: float32 [N] for int8 (q8_pack), float16
+// [blocks, K/32, 16] for int4 (q4_pack); X [M, K] is quantized into `q` as that kind wants
+static void qmatmul(const float* X, int64_t M, int64_t K, const torch::Tensor& w, const torch::Tensor& scale,
+                    float* Y, int64_t N, int64_t ldy, QuantRows& q) {
+  if (scale.scalar_type() == torch::kHalf) {
+    quantize_rows(X, M, K, q, Q4_GROUP, 8);
+    q4_matmul(q, M, w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scale.data_ptr()), N, Y, ldy);
+  } else {
+    quantize_rows(X, M, K, q);
+    q8_matmul(q, M, w.data_ptr<uint8_t>(), scale.data_ptr<float>(), N, Y, ldy);
+  }
+}
+
 static bool has_vnni() {
   static const bool yes = [] {
     __builtin_cpu_init();
@@ -303,19 +406,24 @@ static bool has_vnni() {
   return yes;
 }
 
-// x [M, K] float32 @ the packed int8 weight (q8_pack) -> [M, N] float32
-torch::Tensor q8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t N) {
-  TORCH_CHECK(has_vnni(), "int8 weights need AVX512-VNNI");
+// x [M, K] float32 @ a packed integer weight -> [M, N] float32: int8 (q8_pack; scale float32 [N]) or
+// int4 (q4_pack; scale float16 [blocks, K/32, 16])
+torch::Tensor q_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t N) {
+  TORCH_CHECK(has_vnni(), "int8 and int4 weights need AVX512-VNNI");
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x: [M, K] contiguous float32");
-  TORCH_CHECK(packed.scalar_type() == torch::kByte && packed.is_contiguous(), "packed: uint8");
-  TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.numel() == N, "scale: float32 [N]");
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(q8_group(K) > 0 && packed.numel() == (N + 31) / 32 * 32 * K, "packed weight shape");
+  TORCH_CHECK(packed.scalar_type() == torch::kByte && packed.is_contiguous() && scale.is_contiguous(), "packed: uint8");
+  const int64_t M = x.size(0), K = x.size(1), padded = (N + 31) / 32 * 32;
+  if (scale.scalar_type() == torch::kHalf) {
+    TORCH_CHECK(K % Q4_GROUP == 0 && packed.numel() == padded * K / 2 && scale.numel() == padded * K / Q4_GROUP,
+                "int4 packed weight shape");
+  } else {
+    TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.numel() == N, "scale: float32 [N] or float16 groups");
+    TORCH_CHECK(q8_group(K) > 0 && packed.numel() == padded * K, "int8 packed weight shape");
+  }
   auto y = torch::empty({M, N}, x.options());
   pybind11::gil_scoped_release no_gil;
   QuantRows q;
-  quantize_rows(x.data_ptr<float>(), M, K, q);
-  q8_matmul(q, M, packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), N, y.data_ptr<float>(), N);
+  qmatmul(x.data_ptr<float>(), M, K, packed, scale, y.data_ptr<float>(), N, N, q);
   return y;
 }
 
@@ -487,11 +595,14 @@ static const W* ptr(const torch::Tensor& t) {
 
 using Tensors = std::vector<torch::Tensor>;
 
-// a linear weight's input width: [out, in], or int8 packed as [blocks, in / 4, 16, 4]
-static int64_t hidden_in(const torch::Tensor& w) { return w.dim() == 2 ? w.size(1) : w.size(1) * 4; }
+// a linear weight's input width: [out, in], int8 packed as [blocks, in / 4, 16, 4], int4 as
+// [blocks, in / 32, 4, 16, 4]
+static int64_t hidden_in(const torch::Tensor& w) {
+  return w.dim() == 2 ? w.size(1) : w.dim() == 4 ? w.size(1) * 4 : w.size(1) * Q4_GROUP;
+}
 
-// one linear of a one-row step: float32 and bfloat16 weights through the GEMV, int8 (packed by
-// q8_pack, with per-output scales) through q8_matmul on the row quantized as q8_linear does
+// one linear of a one-row step: float32 and bfloat16 weights through the GEMV, int8 and int4 (packed
+// by q8_pack / q4_pack, with their scales) through qmatmul on the row quantized as q_linear does
 struct RowLinear {
   QuantRows q;
   void operator()(const float* x, const torch::Tensor& w, const torch::Tensor* scale, float* y, int64_t out,
@@ -501,14 +612,13 @@ struct RowLinear {
     } else if (w.scalar_type() == torch::kBFloat16) {
       gemv_into(x, ptr<uint16_t>(w), y, out, in);
     } else {
-      quantize_rows(x, 1, in, q);
-      q8_matmul(q, 1, ptr<uint8_t>(w), scale->data_ptr<float>(), out, y, out);
+      qmatmul(x, 1, in, w, *scale, y, out, out, q);
     }
   }
 };
 
-// W: the norms' and the cache's dtype (float32 or bfloat16); each linear's weight is W or int8
-// with its scale in `scales` (four a layer: QKV, output, gate-up, down; empty without int8)
+// W: the norms' and the cache's dtype (float32 or bfloat16); each linear's weight is W or int8/int4
+// with its scale in `scales` (four a layer: QKV, output, gate-up, down; empty without them)
 template <typename W>
 static void decode_row_impl(float* X, const Tensors& in_norm, const Tensors& qkv_w, const Tensors& qkv_b,
                             const Tensors& o_w, const Tensors& post_norm, const Tensors& gate_up_w,
@@ -572,7 +682,7 @@ void decode_row(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::vector
   TORCH_CHECK(layers > 0 && x.is_contiguous() && x.dtype() == torch::kFloat32, "x: contiguous float32");
   TORCH_CHECK(cos.dtype() == torch::kFloat32 && sin.dtype() == torch::kFloat32, "cos/sin: float32");
   TORCH_CHECK(qkv_b.empty() || (int64_t)qkv_b.size() == layers, "qkv biases: none or one per layer");
-  TORCH_CHECK(scales.empty() || (int64_t)scales.size() == 4 * layers, "int8 scales: none or four per layer");
+  TORCH_CHECK(scales.empty() || (int64_t)scales.size() == 4 * layers, "int8/int4 scales: none or four per layer");
   TORCH_CHECK(pos < keys[0].size(2), "position beyond the cache");
   const auto dtype = keys[0].scalar_type();
   TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "cache: float32 or bfloat16");
@@ -583,8 +693,9 @@ void decode_row(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::vector
     for (auto* t : {&qkv_w[l], &o_w[l], &gate_up_w[l], &down_w[l]}) {
       TORCH_CHECK(t->is_contiguous(), "weights: contiguous");
       if (t->scalar_type() == torch::kByte) {
-        TORCH_CHECK(has_vnni() && !scales.empty() && scales[4 * l + which].dtype() == torch::kFloat32,
-                    "int8 weights: AVX512-VNNI and float32 scales");
+        const auto kind = scales.empty() ? torch::kByte : scales[4 * l + which].scalar_type();
+        TORCH_CHECK(has_vnni() && (kind == torch::kFloat32 || kind == torch::kHalf),
+                    "int8/int4 weights: AVX512-VNNI and their scales");
       } else {
         TORCH_CHECK(t->scalar_type() == dtype, "weights: the cache's dtype or int8");
       }
@@ -607,10 +718,10 @@ void decode_row(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::vector
                               S, pos, hidden, heads, kv_heads, d, (float)eps);
 }
 
-// One step of B rows through every layer of a decoder with int8 linear weights, the residual stream
+// One step of B rows through every layer of a decoder with int8 or int4 linear weights, the residual stream
 // x [B, hidden] (float32) updated in place: row b is a token at positions[b] of cache row
 // cache_rows[b], so decode rows (one each in their own cache row) and prompt chunks (consecutive
-// positions of one cache row, causal) share the step; each int8 matmul takes all B rows at once. A
+// positions of one cache row, causal) share the step; each integer matmul takes all B rows at once. A
 // batched step's ~8 calls a layer from Python (norms, matmuls, attention, SwiGLU, residual adds)
 // become one call a step. Norms, the QKV bias, the cache and cos/sin tables ([positions, d]): float32.
 void decode_rows_q8(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::vector<torch::Tensor> qkv_w,
@@ -621,10 +732,10 @@ void decode_rows_q8(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::ve
                     torch::Tensor sin, torch::Tensor positions, torch::Tensor cache_rows, int64_t heads,
                     int64_t kv_heads, double eps) {
   const int64_t layers = (int64_t)qkv_w.size();
-  TORCH_CHECK(has_vnni(), "int8 weights need AVX512-VNNI");
+  TORCH_CHECK(has_vnni(), "int8 and int4 weights need AVX512-VNNI");
   TORCH_CHECK(layers > 0 && x.dim() == 2 && x.is_contiguous() && x.dtype() == torch::kFloat32,
               "x: [B, hidden] contiguous float32");
-  TORCH_CHECK((int64_t)scales.size() == 4 * layers, "int8 scales: four per layer");
+  TORCH_CHECK((int64_t)scales.size() == 4 * layers, "int8/int4 scales: four per layer");
   TORCH_CHECK(qkv_b.empty() || (int64_t)qkv_b.size() == layers, "qkv biases: none or one per layer");
   TORCH_CHECK(cos.dtype() == torch::kFloat32 && sin.dtype() == torch::kFloat32 && cos.is_contiguous() &&
                   sin.is_contiguous(), "cos/sin: contiguous float32 tables");
@@ -632,7 +743,7 @@ void decode_rows_q8(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::ve
     for (auto* t : {&in_norm[l], &post_norm[l], &keys[l], &values[l]})
       TORCH_CHECK(t->is_contiguous() && t->scalar_type() == torch::kFloat32, "norms and cache: float32");
     for (auto* t : {&qkv_w[l], &o_w[l], &gate_up_w[l], &down_w[l]})
-      TORCH_CHECK(t->is_contiguous() && t->scalar_type() == torch::kByte, "weights: int8 (q8_pack)");
+      TORCH_CHECK(t->is_contiguous() && t->scalar_type() == torch::kByte, "weights: int8 or int4 (q8_pack, q4_pack)");
     if (!qkv_b.empty()) TORCH_CHECK(qkv_b[l].is_contiguous() && qkv_b[l].scalar_type() == torch::kFloat32, "bias");
   }
   const int64_t B = x.size(0), H = x.size(1), d = cos.size(1), qw = heads * d, kw = kv_heads * d;
@@ -659,8 +770,7 @@ void decode_rows_q8(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::ve
   auto norm_rows = [&](const torch::Tensor& w) { norm_rows_into(X, w.data_ptr<float>(), h.data(), B, H, (float)eps); };
   auto matmul = [&](const float* in, int64_t width, const torch::Tensor& w, const torch::Tensor& sc, float* out,
                     int64_t n) {
-    quantize_rows(in, B, width, qr);
-    q8_matmul(qr, B, w.data_ptr<uint8_t>(), sc.data_ptr<float>(), n, out, n);
+    qmatmul(in, B, width, w, sc, out, n, n, qr);
   };
   auto add_y = [&]() {
     for (int64_t i = 0; i < B * H; ++i) X[i] += y[i];
@@ -721,7 +831,7 @@ def kernel() -> Any | None:
             functions=[
                 "gemv",
                 "decode_row",
-                "q8_linear",
+                "q_linear",
                 "rms_norm_rows",
                 "silu_mul",
                 "decode_rows_attention",
@@ -762,8 +872,8 @@ def decode_row(
     module.decode_row(x, *weights, kv.keys, kv.values, cos, sin, pos, heads, kv_heads, eps)
 
 
-def int8_unavailable() -> str | None:
-    """Why int8 weights cannot run here (None: they can): the compiled kernels and AVX512-VNNI."""
+def quantized_unavailable() -> str | None:
+    """Why int8 and int4 weights cannot run here (None: they can): the compiled kernels and AVX512-VNNI."""
     reason = wanted()
     if reason is None and "avx512_vnni" not in _cpu_flags():
         reason = "this CPU has no AVX512-VNNI"
@@ -785,7 +895,7 @@ def _cpu_flags() -> set[str]:
 
 
 def q8_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A float weight [N, K] as int8 per output channel for `q8_linear` and `decode_row`: (packed
+    """A float weight [N, K] as int8 per output channel for `q_linear` and `decode_row`: (packed
     uint8 [ceil(N / 32) * 2, K / 4, 16, 4] holding q + 128, float32 scales [N]) with
     weight ~ q * scale[:, None], |q| <= 127. K must be a multiple of 32."""
     n, k = weight.shape
@@ -808,12 +918,52 @@ def q8_dequantize(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q.to(torch.int16) - 128).float() * scale[:, None]
 
 
-def q8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] (float32) @ an int8 weight (q8_pack) -> [M, N]: x is quantized per row in groups of
-    128 (or 64, 32) inputs and multiplied in int32 with AVX512-VNNI (the kernel must be loaded)."""
+Q4_GROUP = 32  # inputs per int4 scale (llama.cpp's q4_0 block)
+
+
+def q4_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float weight [N, K] as int4 in groups of 32 inputs per output, scaled as llama.cpp's q4_0 is:
+    d = the group's value of largest magnitude / -8 (float16), u = round(w / d) + 8 clamped to 0..15,
+    so w ~ (u - 8) * d. Returns (packed uint8 [ceil(N / 32) * 2, K / 32, 4, 16, 4], two nibbles a
+    byte in the layout cpu_gemv's q4_tile reads; scales float16 [ceil(N / 32) * 2, K / 32, 16]).
+    K must be a multiple of 32."""
+    n, k = weight.shape
+    if k % Q4_GROUP:
+        raise ValueError(f"int4 weights need an input width that is a multiple of {Q4_GROUP} (got {k})")
+    padded, groups = (n + 31) // 32 * 32, k // Q4_GROUP
+    w = weight.detach().float().view(n, groups, Q4_GROUP)
+    extreme = w.gather(-1, w.abs().argmax(-1, keepdim=True))  # signed: it maps to -8 exactly
+    d = (extreme / -8).to(torch.float16)
+    d = torch.where(d == 0, torch.ones_like(d), d)  # an all-zero group (or one below float16's range)
+    u = (w / d.float()).round_().add_(8).clamp_(0, 15).to(torch.uint8)
+    if padded != n:
+        u = torch.cat([u, u.new_full((padded - n, groups, Q4_GROUP), 8)])
+        d = torch.cat([d, d.new_ones((padded - n, groups, 1))])
+    halves = u.view(padded, groups, 4, 2, 4)  # output, group, part, low/high, j
+    nibbles = halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)  # [padded, groups, 4, 4]
+    packed = nibbles.view(padded // 16, 16, groups, 4, 4).permute(0, 2, 3, 1, 4).contiguous()
+    scales = d.view(padded // 16, 16, groups).permute(0, 2, 1).contiguous()
+    return packed, scales
+
+
+def q4_dequantize(packed: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
+    """The float32 weight [n, K] that a q4_pack weight stands for (tests, checks)."""
+    blocks, groups = packed.shape[:2]
+    nibbles = packed.permute(0, 3, 1, 2, 4).reshape(blocks * 16, groups, 4, 1, 4)
+    u = torch.cat([nibbles & 15, nibbles >> 4], dim=3).reshape(blocks * 16, groups, Q4_GROUP)
+    d = scales.permute(0, 2, 1).reshape(blocks * 16, groups, 1).float()
+    return ((u.to(torch.int16) - 8).float() * d).reshape(blocks * 16, groups * Q4_GROUP)[:n]
+
+
+def q_linear(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x [M, K] (float32) @ an int8 (q8_pack) or int4 (q4_pack) weight of n outputs -> [M, n]: x is
+    quantized per row in groups (int8: 128, 64 or 32 inputs; int4: 32) and multiplied in int32 with
+    AVX512-VNNI (the kernel must be loaded)."""
     module = kernel()
     assert module is not None
-    y = module.q8_linear(x.contiguous(), packed, scale, scale.numel())
+    y = module.q_linear(x.contiguous(), packed, scale, n)
     return y if bias is None else y.add_(bias)
 
 

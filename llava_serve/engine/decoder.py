@@ -63,8 +63,8 @@ class DecoderForward:
         # kernel does their rotary and cache write, and norms and SwiGLU of every row are compiled
         # too: ~10 torch ops a layer, each 10-100 us at 16 rows, become three calls
         self.kernel_attention = weights.row_step and weights.embed.dtype == torch.float32
-        # int8: every step with several rows (decode rows and prompt chunks) runs in one compiled call
-        self.int8_steps = weights.int8 and self.row_step is not None
+        # int8 / int4: every step with several rows (decode rows and prompt chunks) runs in one compiled call
+        self.quantized_steps = weights.quantization is not None and self.row_step is not None
 
     @torch.inference_mode()
     def __call__(self, tokens: list[int], positions: list[int], chunks: list[PromptChunk]) -> torch.Tensor:
@@ -73,7 +73,7 @@ class DecoderForward:
         if self.row_step is not None and len(tokens) == 1 and not chunks:
             x = self.row_step(tokens[0], positions[0], self.kv, self.cos, self.sin)
             return self.w.lm_head(self._norm(x, self.w.norm))
-        if self.int8_steps and self.row_step is not None:
+        if self.quantized_steps and self.row_step is not None:
             x = self._embed(tokens, chunks).to(torch.float32, copy=True)  # updated in place
             all_pos, cache_rows = list(positions), list(range(len(tokens)))
             for chunk in chunks:
@@ -274,7 +274,7 @@ class RowStep:
         linears = [lin for layer in layers for lin in _linears(layer)]
         dtype = w.embed.dtype
         floats = all(t.dtype == dtype for t in tensors) and all(
-            lin.weight.dtype == dtype or (w.int8 and lin.scale is not None) for lin in linears
+            lin.weight.dtype == dtype or (w.quantization is not None and lin.scale is not None) for lin in linears
         )
         tensors += [lin.weight for lin in linears]
         return (
@@ -292,7 +292,7 @@ class RowStep:
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> None:
-        """A step of several rows (int8 weights: cpu_gemv.decode_rows_q8), in place on x [N, hidden]
+        """A step of several rows (int8 / int4 weights: cpu_gemv.decode_rows_q8), in place on x [N, hidden]
         (float32): row i is at positions[i] of cache row cache_rows[i]."""
         w = self.w
         rows = (torch.tensor(positions), torch.tensor(cache_rows))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from llava_serve.engine import cpu_gemv
+from llava_serve.models import options as models_options
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ FAMILIES = {"llama", "mistral", "qwen2"}
 # a one-row step streams them from memory) use the compiled one-row GEMV (cpu_gemv.py)
 GEMV_MIN_BYTES = 64 << 20
 # what build_decoder_weights(quantization=...) takes (None: the checkpoint's own dtype)
-QUANTIZATIONS: tuple[str | None, ...] = (None, "int8")
+QUANTIZATIONS: tuple[str | None, ...] = (None, *models_options.QUANTIZATIONS)
 # rope types whose frequencies do not depend on the sequence length (dynamic/longrope do)
 STATIC_ROPE = {"default", "linear", "llama3"}
 
@@ -44,15 +45,16 @@ class Linear:
     it the other way (prepack.py). In bfloat16 the packed kernel is the fast one at every row count
     (AVX-512 BF16: 1 row 4.7 ms packed vs 56 ms `F.linear`)."""
 
-    weight: torch.Tensor  # [out, in]; int8 weights: packed by cpu_gemv.q8_pack (uint8)
+    weight: torch.Tensor  # [out, in]; int8 / int4 weights: packed by cpu_gemv.q8_pack / q4_pack (uint8)
     bias: torch.Tensor | None = None
     packed: torch.Tensor | None = None
     row_kernel: bool = False  # one-row calls go to cpu_gemv's compiled kernel
-    scale: torch.Tensor | None = None  # int8 weights: float32 [out], weight ~ q * scale
+    scale: torch.Tensor | None = None  # int8: float32 [out], weight ~ q * scale; int4: float16 group scales
+    outputs: int = 0  # int8 / int4 weights: the output width (the packed weight's is padded)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is not None:
-            return cpu_gemv.q8_linear(x, self.weight, self.scale, self.bias)
+            return cpu_gemv.q_linear(x, self.weight, self.scale, self.outputs, self.bias)
         if self.row_kernel and x.shape[0] == 1:
             return cpu_gemv.gemv(x, self.weight, self.bias)
         if self.packed is None:
@@ -62,9 +64,12 @@ class Linear:
     def pack(self, rows_hint: int) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, max(rows_hint, 2))
 
-    def quantize(self) -> None:
-        """int8 per output channel (cpu_gemv.q8_pack); the float weight is let go."""
-        self.weight, self.scale = cpu_gemv.q8_pack(self.weight)
+    def quantize(self, kind: str) -> None:
+        """int8 per output channel (cpu_gemv.q8_pack) or int4 in groups of 32 (q4_pack); the float
+        weight is let go."""
+        self.outputs = self.weight.shape[0]
+        pack = cpu_gemv.q4_pack if kind == "int4" else cpu_gemv.q8_pack
+        self.weight, self.scale = pack(self.weight)
         self.packed = None
         self.row_kernel = False
 
@@ -93,7 +98,7 @@ class DecoderWeights:
     head_dim: int
     intermediate: int
     row_step: bool = False  # one-row decode steps run every layer in one call of cpu_gemv.decode_row
-    int8: bool = False  # the layers' linear weights are int8 (QUANTIZATIONS); lm_head stays float
+    quantization: str | None = None  # the layers' linear weights are int8 or int4 (QUANTIZATIONS); lm_head stays float
 
     @property
     def num_layers(self) -> int:
@@ -127,34 +132,35 @@ def unsupported_reason(model: Any) -> str | None:
     if any(type(m) is not torch.nn.Linear for m in [*linears, head]):
         return "quantized or adapted linear layers"
     if any(m.weight.is_meta for m in linears):
-        return "an engine with int8 weights has taken its float weights (load the model again)"
+        return "an engine with int8 or int4 weights has taken its float weights (load the model again)"
     if head.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"weights in {head.weight.dtype}"
     return None
 
 
-def int8_unsupported_reason(model: Any) -> str | None:
-    """None when the decoder's layers can run with int8 weights here; else why not."""
+def quantization_unsupported_reason(model: Any) -> str | None:
+    """None when the decoder's layers can run with int8 or int4 weights here; else why not."""
     reason = unsupported_reason(model)
     if reason is not None:
         return f"the decoder runner cannot run it ({reason})"
     config, decoder, head = text_parts(model)
     if head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
-        return f"int8 weights run on the CPU from float32 checkpoints loaded in float32 (got {head.weight.dtype})"
+        return f"int8 and int4 weights run on the CPU from checkpoints loaded in float32 (got {head.weight.dtype})"
     widths = {
         config.hidden_size,
         config.intermediate_size,
         config.num_attention_heads * decoder.layers[0].self_attn.head_dim,
     }
     if any(w % 32 for w in widths):
-        return f"int8 weights need layer widths that are multiples of 32 (got {sorted(widths)})"
-    return cpu_gemv.int8_unavailable()
+        return f"int8 and int4 weights need layer widths that are multiples of 32 (got {sorted(widths)})"
+    return cpu_gemv.quantized_unavailable()
 
 
 def build_decoder_weights(model: Any, prepack_rows: int = 0, quantization: str | None = None) -> DecoderWeights:
     """Fuse the decoder's weights (call `unsupported_reason` first); prepack for `prepack_rows` > 1;
-    `quantization="int8"` (check `int8_unsupported_reason` first): the layers' linear weights become
-    int8, and the transformers modules lose theirs (the model runs only through the runner then)."""
+    `quantization="int8"` or `"int4"` (check `quantization_unsupported_reason` first): the layers'
+    linear weights become integers, and the transformers modules lose theirs (the model runs only
+    through the runner then)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; use one of {QUANTIZATIONS[1:]}")
     config, decoder, head = text_parts(model)
@@ -181,10 +187,10 @@ def build_decoder_weights(model: Any, prepack_rows: int = 0, quantization: str |
         head_dim=attn.head_dim,
         intermediate=config.intermediate_size,
     )
-    if quantization == "int8":
-        _quantize(weights, decoder)
+    if quantization is not None:
+        _quantize(weights, decoder, quantization)
         _off_the_checkpoint(model, weights)
-        log.info("the decoder's layers run with int8 weights (%d layers)", len(layers))
+        log.info("the decoder's layers run with %s weights (%d layers)", quantization, len(layers))
         return weights
     bf16 = head.weight.dtype == torch.bfloat16
     if (prepack_rows > 1 or bf16) and _can_prepack(head.weight):
@@ -206,13 +212,14 @@ def build_decoder_weights(model: Any, prepack_rows: int = 0, quantization: str |
     return weights
 
 
-def _quantize(weights: DecoderWeights, decoder: Any) -> None:
-    """int8 layer weights: vpdpbusd takes 64 int8 products an instruction where an FMA takes 16
-    float32 ones, and a one-row step reads a quarter of the bytes. lm_head stays float32 (as
-    bitsandbytes' --load-8bit keeps it) and is prepacked like float32 models' weights."""
+def _quantize(weights: DecoderWeights, decoder: Any, kind: str) -> None:
+    """int8 or int4 layer weights: vpdpbusd takes 64 int8 products an instruction where an FMA takes
+    16 float32 ones, and a one-row step reads a quarter (int8) or about an eighth (int4: 4.5 bits a
+    weight with its scales) of the bytes. lm_head stays float32 (as bitsandbytes' --load-8bit and
+    --load-4bit keep it) and is prepacked like float32 models' weights."""
     for layer in weights.layers:
         for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
-            lin.quantize()
+            lin.quantize(kind)
     head = weights.lm_head
     if _can_prepack(head.weight):
         head.pack(2)
@@ -223,7 +230,7 @@ def _quantize(weights: DecoderWeights, decoder: Any) -> None:
         for module in layer.modules():
             if isinstance(module, torch.nn.Linear):
                 module.weight = torch.nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
-    weights.int8 = True
+    weights.quantization = kind
     weights.row_step = True
 
 

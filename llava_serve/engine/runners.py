@@ -14,7 +14,7 @@ from llava_serve.engine.decoder_runner import DecoderRunner
 from llava_serve.engine.decoder_weights import (
     QUANTIZATIONS,
     build_decoder_weights,
-    int8_unsupported_reason,
+    quantization_unsupported_reason,
     unsupported_reason,
 )
 from llava_serve.engine.prepack import prepack_linears
@@ -42,8 +42,8 @@ def build_runner(
         raise ModelLoadError(f"unknown runner {kind!r}; use one of {', '.join(RUNNER_KINDS)}")
     if quantization is not None:
         if quantization not in QUANTIZATIONS:
-            raise ModelLoadError(f"unknown --quantization {quantization!r}; use int8")
-        problem = "it needs the decoder runner" if kind == "transformers" else int8_unsupported_reason(lm.model)
+            raise ModelLoadError(f"unknown --quantization {quantization!r}; use int8 or int4")
+        problem = "it needs the decoder runner" if kind == "transformers" else quantization_unsupported_reason(lm.model)
         if problem is not None:
             raise ModelLoadError(f"--quantization {quantization} cannot be used for {lm.name}: {problem}")
         weights = build_decoder_weights(lm.model, quantization=quantization)

@@ -12,6 +12,10 @@ from llava_serve.errors import ModelLoadError
 if TYPE_CHECKING:  # torch loads when a device is resolved, not when flags are parsed
     import torch
 
+# the batch engine's own integer weights (--quantization; engine/decoder_weights.py), beside
+# bitsandbytes' --load-8bit / --load-4bit
+QUANTIZATIONS = ("int8", "int4")
+
 
 @dataclass(frozen=True)
 class LoadOptions:

@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--engines",
         default="batch,generate",
         help="workers to start: batch, generate (none: peers only); ENGINE@N runs it with OMP_NUM_THREADS=N, "
-        "ENGINE:DTYPE with --dtype DTYPE, ENGINE:int8 with --quantization int8 (e.g. batch,batch:bfloat16,batch:int8)",
+        "ENGINE:DTYPE with --dtype DTYPE, ENGINE:int8 / ENGINE:int4 with --quantization "
+        "(e.g. batch,batch:int8,batch:int4)",
     )
     p.add_argument("--no-static", action="store_true", help="skip the static model.generate batch")
     p.add_argument("--limit-model-concurrency", type=int, default=32, help="passed to every worker alike")
@@ -83,8 +84,8 @@ def ensure_model(args: argparse.Namespace) -> Path:
 
 
 class Worker(Child):
-    """`spec` is batch or generate, optionally :DTYPE (the worker's --dtype, or int8 for --quantization
-    int8) and @N (OMP_NUM_THREADS=N), e.g. batch:bfloat16, batch:int8 or generate@1."""
+    """`spec` is batch or generate, optionally :DTYPE (the worker's --dtype, or int8 / int4 for
+    --quantization) and @N (OMP_NUM_THREADS=N), e.g. batch:bfloat16, batch:int8 or generate@1."""
 
     def __init__(self, spec: str, model: Path, args: argparse.Namespace) -> None:
         self.port = free_port()
@@ -95,8 +96,8 @@ class Worker(Child):
         argv = ["llava_serve.model_worker", "--no-register", "--host", "127.0.0.1", "--port", str(self.port)]
         argv += ["--model-path", str(model), "--engine", engine, "--device", args.device, "--log-level", "warning"]
         argv += ["--limit-model-concurrency", str(args.limit_model_concurrency), "--max-queue", str(args.max_queue)]
-        if dtype == "int8":  # the batch engine's int8 weights
-            argv += ["--quantization", "int8"]
+        if dtype in ("int8", "int4"):  # the batch engine's integer weights
+            argv += ["--quantization", dtype]
         elif dtype:
             argv += ["--dtype", dtype]
         env = {"OMP_NUM_THREADS": threads} if threads else None

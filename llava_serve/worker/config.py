@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from llava_serve.common.attest import SECRET_ENV
 from llava_serve.common.connections import ConnectionLimits, add_connection_args, pop_connection_limits
 from llava_serve.models.images import ImageLimits
+from llava_serve.models.options import QUANTIZATIONS as QUANTIZATION_CHOICES
 from llava_serve.models.options import LoadOptions
 
 
@@ -26,7 +27,7 @@ class WorkerConfig:
     dtype: str | None = None
     load_8bit: bool = False
     load_4bit: bool = False
-    quantization: str | None = None  # "int8": the batch engine's int8 weights (CPU, AVX512-VNNI)
+    quantization: str | None = None  # "int8" / "int4": the batch engine's integer weights (CPU, AVX512-VNNI)
     vision_tower: str | None = None
     conv_template: str | None = None
     trust_remote_code: bool = False
@@ -57,16 +58,17 @@ class WorkerConfig:
             raise ValueError("--max-queue must be >= 0")
         if self.engine not in ("batch", "generate"):
             raise ValueError("--engine must be 'batch' or 'generate'")
-        if self.quantization not in (None, "int8"):
-            raise ValueError("--quantization must be int8")
+        if self.quantization not in (None, *QUANTIZATION_CHOICES):
+            raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATION_CHOICES)}")
+        flag = f"--quantization {self.quantization}"
         if self.quantization and self.engine != "batch":
-            raise ValueError("--quantization int8 runs in the batch engine (--engine batch)")
+            raise ValueError(f"{flag} runs in the batch engine (--engine batch)")
         if self.quantization and (self.load_8bit or self.load_4bit):
-            raise ValueError("--quantization int8 and --load-8bit/--load-4bit are exclusive; pick one")
+            raise ValueError(f"{flag} and --load-8bit/--load-4bit are exclusive; pick one")
         if self.quantization and self.dtype not in (None, "float32"):
-            raise ValueError("--quantization int8 quantizes float32 weights; drop --dtype (or use --dtype float32)")
+            raise ValueError(f"{flag} quantizes float32 weights; drop --dtype (or use --dtype float32)")
         if self.quantization and self.device not in ("auto", "cpu"):
-            raise ValueError("--quantization int8 runs on the CPU (--device cpu)")
+            raise ValueError(f"{flag} runs on the CPU (--device cpu)")
         if self.threads < 0:
             raise ValueError("--threads must be >= 0")
         if self.heart_beat_interval <= 0:
@@ -133,10 +135,11 @@ def add_model_args(parser: argparse.ArgumentParser, several: bool = False) -> No
     quant.add_argument("--load-4bit", action="store_true")
     quant.add_argument(
         "--quantization",
-        choices=["int8"],
+        choices=QUANTIZATION_CHOICES,
         default=None,
-        help="int8: the decoder's weights in int8, run by the batch engine's compiled kernels "
-        "(CPU with AVX512-VNNI; Llama/Mistral/Qwen2 decoders; docs/models.md)",
+        help="int8 (per output channel) or int4 (groups of 32, as llama.cpp's q4_0): the decoder's weights "
+        "run by the batch engine's compiled kernels (CPU with AVX512-VNNI; Llama/Mistral/Qwen2 decoders; "
+        "docs/models.md)",
     )
     parser.add_argument("--vision-tower", default=None, help="local vision tower folder (original LLaVA)")
     parser.add_argument("--conv-template", default=None, help="override the conversation template")

@@ -63,7 +63,7 @@ def tokenizer():
     return build_tokenizer(SIZES["tiny"].vocab)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8", "int4"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_one_row_steps_in_one_kernel_call_match_the_layer_by_layer_path(
     built, tokenizer, family, dtype, monkeypatch
@@ -72,9 +72,9 @@ def test_one_row_steps_in_one_kernel_call_match_the_layer_by_layer_path(
     every position of three requests (grouped-query heads; Qwen2's QKV bias), then against
     transformers through the engine. In bfloat16 the kernel keeps the residual stream and its sums
     in float32 where the layer-by-layer path rounds after every op, hence the wider tolerance. With
-    int8 weights both paths quantize each linear's input the same way (q8_linear)."""
-    if dtype == "int8" and cpu_gemv.int8_unavailable():
-        pytest.skip(f"int8 weights: {cpu_gemv.int8_unavailable()}")
+    int8 or int4 weights both paths quantize each linear's input the same way (q_linear)."""
+    if isinstance(dtype, str) and cpu_gemv.quantized_unavailable():
+        pytest.skip(f"{dtype} weights: {cpu_gemv.quantized_unavailable()}")
     monkeypatch.setattr(decoder_weights, "GEMV_MIN_BYTES", 0)
     lm = tiny_lm(tokenizer, family)
     quantization = dtype if isinstance(dtype, str) else None
@@ -86,7 +86,7 @@ def test_one_row_steps_in_one_kernel_call_match_the_layer_by_layer_path(
     )
     forward = eng.runner.forward
     assert forward.row_step is not None
-    assert forward.w.int8 == (quantization == "int8")
+    assert forward.w.quantization == quantization
     assert forward.w.heads != forward.w.kv_heads  # the tiny config has grouped-query heads
     calls = 0
     row_step = forward.row_step
@@ -114,7 +114,7 @@ def test_one_row_steps_in_one_kernel_call_match_the_layer_by_layer_path(
             torch.testing.assert_close(a[0, :, : pos + 1], b[0, :, : pos + 1], **tol)
         return fused
 
-    compared.rows = row_step.rows  # type: ignore[attr-defined]  # int8 prompt steps: one call too
+    compared.rows = row_step.rows  # type: ignore[attr-defined]  # int8/int4 prompt steps: one call too
     forward.row_step = compared
     reqs = [request(p, n) for p, n in zip(prompts(3, base=6), [7, 5, 9])]
     seen = [s for req in reqs for s in drive(eng, {0: [req]})]  # one at a time: decode-only steps
@@ -157,13 +157,14 @@ def test_decode_rows_through_the_attention_kernel_match_transformers(built, toke
 
 
 int8 = pytest.mark.skipif(
-    cpu_gemv.wanted() is None and cpu_gemv.int8_unavailable() is not None,
-    reason=f"int8 weights: {cpu_gemv.wanted() or cpu_gemv.int8_unavailable()}",
+    cpu_gemv.wanted() is None and cpu_gemv.quantized_unavailable() is not None,
+    reason=f"int8 / int4 weights: {cpu_gemv.wanted() or cpu_gemv.quantized_unavailable()}",
 )
+KINDS = pytest.mark.parametrize("kind", ["int8", "int4"])
 
 
 def quantized_rows(x: torch.Tensor, group: int) -> torch.Tensor:
-    """x as q8_linear sees it: each row's groups of `group` inputs scaled to [-127, 127] and rounded
+    """x as q_linear sees it: each row's groups of `group` inputs scaled to [-127, 127] and rounded
     (half to even), then scaled back."""
     g = x.view(x.shape[0], -1, group)
     amax = g.abs().amax(-1, keepdim=True)
@@ -174,7 +175,7 @@ def quantized_rows(x: torch.Tensor, group: int) -> torch.Tensor:
 @int8
 @pytest.mark.parametrize(("out", "inp", "rows", "group"), [(96, 128, 1, 128), (37, 96, 7, 32), (70, 64, 13, 64)])
 def test_int8_linear_is_the_int8_weight_times_the_row_quantized_input(built, out, inp, rows, group) -> None:
-    """q8_linear against the same arithmetic in torch: the packed weight dequantized, the input
+    """q_linear against the same arithmetic in torch: the packed weight dequantized, the input
     quantized per row in groups (128, 64 or 32 wide, the largest that divides the width); outputs
     not a multiple of 32 (padding), rows not a multiple of the kernel's six."""
     gen = torch.Generator().manual_seed(out + inp)
@@ -185,25 +186,61 @@ def test_int8_linear_is_the_int8_weight_times_the_row_quantized_input(built, out
     dequantized = cpu_gemv.q8_dequantize(packed, scale)
     assert (dequantized - w).abs().max() <= scale.max() / 2 + 1e-6  # round to nearest
     expected = F.linear(quantized_rows(x, group), dequantized, b)
-    got = cpu_gemv.q8_linear(x, packed, scale, b)
+    got = cpu_gemv.q_linear(x, packed, scale, out, b)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     # and it is a usable approximation of the float layer (~1% of the output's range)
     assert (got - F.linear(x, w, b)).abs().max() < 0.02 * F.linear(x, w, b).abs().max()
 
 
+def q4_reference(w: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's q4_0 rounding of w [N, K], written plainly: per group of 32, d = the value of largest
+    magnitude / -8 (as float16), q = round(w / d) + 8 clamped to 0..15, back to (q - 8) * d."""
+    out = torch.empty_like(w)
+    for n in range(w.shape[0]):
+        for g in range(0, w.shape[1], 32):
+            group = w[n, g : g + 32]
+            d = float(torch.tensor(float(group[group.abs().argmax()]) / -8).half()) or 1.0
+            out[n, g : g + 32] = ((group / d).round() + 8).clamp(0, 15).sub(8) * d
+    return out
+
+
 @int8
+@pytest.mark.parametrize(("out", "inp", "rows"), [(96, 128, 1), (37, 96, 7), (70, 64, 13), (33, 256, 6)])
+def test_int4_linear_is_the_int4_weight_times_the_row_quantized_input(built, out, inp, rows) -> None:
+    """q_linear with a q4_pack weight against the same arithmetic in torch: the weight as q4_0 rounds
+    it (groups of 32 inputs), the input quantized per row in groups of 32; outputs not a multiple of
+    32 (padding), rows not a multiple of the kernel's six, an all-zero weight group."""
+    gen = torch.Generator().manual_seed(out * 3 + inp)
+    w, b = torch.randn(out, inp, generator=gen), torch.randn(out, generator=gen)
+    w[1, 32:64] = 0
+    x = torch.randn(rows, inp, generator=gen) * torch.linspace(0.1, 4, inp)
+    x[0, :32] = 0
+    packed, scale = cpu_gemv.q4_pack(w)
+    assert packed.numel() == (out + 31) // 32 * 32 * inp // 2  # two weights a byte
+    dequantized = cpu_gemv.q4_dequantize(packed, scale, out)
+    torch.testing.assert_close(dequantized, q4_reference(w), atol=1e-6, rtol=1e-6)
+    expected = F.linear(quantized_rows(x, 32), dequantized, b)
+    got = cpu_gemv.q_linear(x, packed, scale, out, b)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # 4 bits on Gaussian weights: within ~15% of the float layer's output range (q4_0's error)
+    assert (got - F.linear(x, w, b)).abs().max() < 0.15 * F.linear(x, w, b).abs().max()
+
+
+@int8
+@KINDS
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_int8_engine_tracks_the_float_model_and_frees_its_float_weights(built, tokenizer, family) -> None:
-    """The batch engine with int8 weights (several rows a step, prompt chunks beside them): logits
-    stay within a few percent of transformers' float32 ones at every sampled position, the decoder's
-    float layer weights are gone from the transformers modules (meta tensors), lm_head is kept."""
+def test_integer_engine_tracks_the_float_model_and_frees_its_float_weights(built, tokenizer, family, kind) -> None:
+    """The batch engine with int8 or int4 weights (several rows a step, prompt chunks beside them):
+    logits stay near transformers' float32 ones at every sampled position (int8 within 2% of their
+    range, int4 within 10%), the decoder's float layer weights are gone from the transformers modules
+    (meta tensors), lm_head is kept."""
     reference = tiny_lm(tokenizer, family)
     lm = tiny_lm(tokenizer, family)
     eng = BatchEngine(
-        lm, max_running=3, max_waiting=8, step_tokens=12, adapt_threads=False, prefix_cache_bytes=0, quantization="int8"
+        lm, max_running=3, max_waiting=8, step_tokens=12, adapt_threads=False, prefix_cache_bytes=0, quantization=kind
     )
     w = eng.runner.forward.w
-    assert w.int8 and w.layers[0].qkv.weight.dtype == torch.uint8 and w.lm_head.scale is None
+    assert w.quantization == kind and w.layers[0].qkv.weight.dtype == torch.uint8 and w.lm_head.scale is None
     layer = lm.model.model.layers[0]
     assert layer.self_attn.q_proj.weight.is_meta and layer.mlp.down_proj.weight.is_meta
     assert not lm.model.lm_head.weight.is_meta
@@ -212,11 +249,13 @@ def test_int8_engine_tracks_the_float_model_and_frees_its_float_weights(built, t
     with torch.inference_mode():
         full = {id(r): reference.model(torch.tensor([r.prompt.input_ids + r.output_ids])).logits[0] for r in reqs}
     worst = max(float((got - full[id(r)][pos]).abs().max() / full[id(r)][pos].abs().max()) for r, pos, got in seen)
-    assert worst < 0.02, f"int8 logits are {worst:.1%} of the logits' range away from float32"
+    bound = 0.02 if kind == "int8" else 0.10
+    assert worst < bound, f"{kind} logits are {worst:.1%} of the logits' range away from float32"
 
 
 @int8
-def test_int8_is_refused_where_it_cannot_run(tokenizer) -> None:
+@KINDS
+def test_integer_weights_are_refused_where_they_cannot_run(tokenizer, kind) -> None:
     """A bfloat16 model, the transformers runner, a config flag combination: clear errors, no engine."""
     from llava_serve.engine.runners import build_runner
     from llava_serve.errors import ModelLoadError
@@ -225,22 +264,25 @@ def test_int8_is_refused_where_it_cannot_run(tokenizer) -> None:
     lm = tiny_lm(tokenizer, "llama")
     lm.model.to(torch.bfloat16)
     with pytest.raises(ModelLoadError, match="float32"):
-        build_runner(lm, 2, quantization="int8")
+        build_runner(lm, 2, quantization=kind)
     with pytest.raises(ModelLoadError, match="decoder runner"):
-        build_runner(tiny_lm(tokenizer, "llama"), 2, kind="transformers", quantization="int8")
+        build_runner(tiny_lm(tokenizer, "llama"), 2, kind="transformers", quantization=kind)
     with pytest.raises(ValueError, match="batch engine"):
-        WorkerConfig(quantization="int8", engine="generate")
+        WorkerConfig(quantization=kind, engine="generate")
     with pytest.raises(ValueError, match="exclusive"):
-        WorkerConfig(quantization="int8", load_8bit=True)
+        WorkerConfig(quantization=kind, load_4bit=True)
     with pytest.raises(ValueError, match="float32"):
-        WorkerConfig(quantization="int8", dtype="bfloat16")
+        WorkerConfig(quantization=kind, dtype="bfloat16")
     with pytest.raises(ValueError, match="CPU"):
-        WorkerConfig(quantization="int8", device="cuda")
+        WorkerConfig(quantization=kind, device="cuda")
+    with pytest.raises(ValueError, match="int8, int4"):
+        WorkerConfig(quantization="int2")
 
 
 @int8
-def test_an_int8_worker_lets_go_of_the_checkpoint_file_and_generates(built, tiny_llava, tmp_path) -> None:
-    """The worker's loading path with --quantization int8: the engine runs int8 layers, the float
+@KINDS
+def test_an_integer_worker_lets_go_of_the_checkpoint_file_and_generates(built, tiny_llava, tmp_path, kind) -> None:
+    """The worker's loading path with --quantization int8 / int4: the engine runs integer layers, the float
     tensors that stay were copied off the memory-mapped checkpoint (no mapping of its file is left,
     so the float32 pages fusing read are not held), and a request runs to its token limit."""
     import shutil
@@ -248,9 +290,9 @@ def test_an_int8_worker_lets_go_of_the_checkpoint_file_and_generates(built, tiny
     from llava_serve.worker.config import WorkerConfig
     from llava_serve.worker.loading import load_model_and_engine
 
-    folder = shutil.copytree(tiny_llava, tmp_path / "int8-checkpoint")  # a file only this model maps
-    lm, eng = load_model_and_engine(WorkerConfig(model_path=str(folder), device="cpu", quantization="int8"))
-    assert isinstance(eng, BatchEngine) and eng.runner.forward.w.int8
+    folder = shutil.copytree(tiny_llava, tmp_path / f"{kind}-checkpoint")  # a file only this model maps
+    lm, eng = load_model_and_engine(WorkerConfig(model_path=str(folder), device="cpu", quantization=kind))
+    assert isinstance(eng, BatchEngine) and eng.runner.forward.w.quantization == kind
     with open("/proc/self/maps") as maps:
         assert str(folder) not in maps.read()
     req = request(lm.tokenizer("a short prompt")["input_ids"], 6)
@@ -259,9 +301,10 @@ def test_an_int8_worker_lets_go_of_the_checkpoint_file_and_generates(built, tiny
 
 
 @int8
+@KINDS
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_int8_batched_steps_in_one_call_match_the_layer_by_layer_path(built, tokenizer, family) -> None:
-    """decode_rows_q8 (a step of several rows, decode rows and prompt chunks, through every int8
+def test_integer_batched_steps_in_one_call_match_the_layer_by_layer_path(built, tokenizer, family, kind) -> None:
+    """decode_rows_q8 (a step of several rows, decode rows and prompt chunks, through every int8 / int4
     layer in one call) against the layer-by-layer int8 path: two engines on the same weights, the
     same requests joining and leaving (Qwen2's QKV bias); both quantize each matmul's input the
     same way, so their logits agree to float32 rounding at every sampled position."""
@@ -274,9 +317,9 @@ def test_int8_batched_steps_in_one_call_match_the_layer_by_layer_path(built, tok
             step_tokens=12,
             adapt_threads=False,
             prefix_cache_bytes=0,
-            quantization="int8",
+            quantization=kind,
         )
-        eng.runner.forward.int8_steps = one_call
+        eng.runner.forward.quantized_steps = one_call
         eng.scheduler.costs = None  # the same chunks in both engines (not sized from their timings)
         return eng
 
