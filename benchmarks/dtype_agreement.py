@@ -1,9 +1,9 @@
-"""Greedy answers of the bundled model in bfloat16 or int8 weights against float32, through real workers.
+"""Greedy answers of the bundled model in bfloat16, int8 or int4 weights against float32, through real workers.
 
     python benchmarks/dtype_agreement.py [--n 200] [--seed 20000] [--split in-dist] [--model-path P]
         [--dtypes float32,bfloat16] [--concurrency 8]
 
-Starts one worker per dtype (`--dtype`, or `--quantization int8` for int8; the same checkpoint, not
+Starts one worker per dtype (`--dtype`, or `--quantization` for int8 and int4; the same checkpoint, not
 registered), asks every question of `llava-serve eval` (its images and questions, seed `--seed`,
 split `--split`) of each worker, greedy, and prints for each dtype its accuracy per question kind
 and for each non-reference dtype how many answers are the same text as the first dtype's (the
@@ -35,7 +35,7 @@ def free_port() -> int:
 
 def start_worker(path: Path, dtype: str, log_dir: Path, concurrency: int = 8) -> Service:
     port = free_port()
-    weights = ["--quantization", "int8"] if dtype == "int8" else ["--dtype", dtype]
+    weights = ["--quantization", dtype] if dtype in ("int8", "int4") else ["--dtype", dtype]
     argv = ["llava_serve.model_worker", "--model-path", str(path), *weights, "--host", "127.0.0.1",
             "--port", str(port), "--no-register", "--limit-model-concurrency", str(concurrency)]  # fmt: skip
     worker = start(f"worker-{dtype}", argv, port, "/ready", "127.0.0.1", log_dir)

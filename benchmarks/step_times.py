@@ -1,7 +1,7 @@
 """Decode-step times of one request over its whole length, in process (no HTTP, no worker).
 
     python benchmarks/step_times.py --model-path /tmp/bench-llava --tokens 256 --threads 2 \
-        [--dtype bfloat16 | --quantization int8]
+        [--dtype bfloat16 | --quantization int8 | --quantization int4]
 
 Steps one request (its own image and prompt) to the end, twice, and prints the median step time
 of each 32-step window: how a one-row step grows with the context. For an A/B of two versions of
@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default=None)
-    p.add_argument("--quantization", default=None, choices=["int8"])
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"])
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -299,20 +299,22 @@ static void q8_matmul(const QuantRows& X, int64_t M, const uint8_t* Wp, const fl
 
 // ---- int4 weights (W4A8) ----
 // A weight [N, K] in groups of 32 k per output, as llama.cpp's q4_0: w ~ (u - 8) * d[n, g], u in
-// 0..15, d float16. Stored in blocks of 16 outputs: [ceil(N/32)*2][K/32][4][16][4] bytes, the low
-// nibble of byte j of output o in part L holding u for k = 32g + 8L + j, the high one k + 4: a 64-byte
-// load is two of the int8 layout's quads once its nibbles are split (and, shift), so vpdpbusd takes
-// them as it takes int8 weights. Inputs are quantized per row in groups of 32 too, each group's sums
-// taken in int32 and scaled by d[n, g] * xs[m, g]: y[m, n] = sum_g d[n, g] xs[m, g] (sum_k u xq - 8 sum_k xq).
+// 0..15, d float16. Stored in pairs of 16-output blocks A, B: [ceil(N/32)][K/32][8][16][4] bytes,
+// byte j of output o in quad t of group g holding A's u for k = 32g + 4t + j in its low nibble and
+// B's in its high one. One 64-byte load is then a quad of both blocks: `and 0x0F` gives A's as the
+// int8 kernel lays them out, `and 0xF0` gives B's times 16 (no shift: B's sums are 16x, taken back
+// in its scale), and both multiply the same broadcast input quad. Scales: [ceil(N/32)][K/32][2][16].
+// Inputs are quantized per row in groups of 32 too, each group's sums taken in int32 and scaled by
+// d[n, g] * xs[m, g]: y[m, n] = sum_g d[n, g] xs[m, g] (sum_k u xq - 8 sum_k xq).
 constexpr int64_t Q4_GROUP = 32;
 
-// MB rows x 32 outputs (two 16-output blocks W0, W1, their scales S0, S1 [K/32][16]) over all of K
+// MB rows x 32 outputs (the pair at W, its scales S) over all of K
 template <int MB>
-__attribute__((target("avx512vnni"))) static void q4_tile(const QuantRows& X, int64_t m0, const uint8_t* W0,
-                                                          const uint8_t* W1, const uint16_t* S0, const uint16_t* S1,
-                                                          int64_t n0, int64_t N, float* Y, int64_t ldy) {
+__attribute__((target("avx512vnni"))) static void q4_tile(const QuantRows& X, int64_t m0, const uint8_t* W,
+                                                          const uint16_t* S, int64_t n0, int64_t N, float* Y,
+                                                          int64_t ldy) {
   const int64_t K = X.K, groups = X.groups;
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8((char)0xF0);
   __m512 f0[MB], f1[MB];
 #pragma GCC unroll 8
   for (int m = 0; m < MB; ++m) f0[m] = f1[m] = _mm512_setzero_ps();
@@ -320,33 +322,31 @@ __attribute__((target("avx512vnni"))) static void q4_tile(const QuantRows& X, in
     __m512i i0[MB], i1[MB];
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) i0[m] = i1[m] = _mm512_setzero_si512();
-    const uint8_t* a = W0 + g * Q4_GROUP * 8;
-    const uint8_t* b = W1 + g * Q4_GROUP * 8;
+    const uint8_t* w = W + g * Q4_GROUP * 16;
     const int8_t* x = X.q.data() + m0 * K + g * Q4_GROUP;
-#pragma GCC unroll 4
-    for (int part = 0; part < 4; ++part) {
-      const __m512i va = _mm512_loadu_si512(a + part * 64), vb = _mm512_loadu_si512(b + part * 64);
-      const __m512i la = _mm512_and_si512(va, nibble), ha = _mm512_and_si512(_mm512_srli_epi16(va, 4), nibble);
-      const __m512i lb = _mm512_and_si512(vb, nibble), hb = _mm512_and_si512(_mm512_srli_epi16(vb, 4), nibble);
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) {
+      const __m512i v = _mm512_loadu_si512(w + t * 64);
+      const __m512i a = _mm512_and_si512(v, low), b = _mm512_and_si512(v, high);
 #pragma GCC unroll 8
       for (int m = 0; m < MB; ++m) {
-        int32_t lo, hi;
-        std::memcpy(&lo, x + m * K + part * 8, 4);
-        std::memcpy(&hi, x + m * K + part * 8 + 4, 4);
-        const __m512i xl = _mm512_set1_epi32(lo), xh = _mm512_set1_epi32(hi);
-        i0[m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(i0[m], la, xl), ha, xh);
-        i1[m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(i1[m], lb, xl), hb, xh);
+        int32_t quad;
+        std::memcpy(&quad, x + m * K + t * 4, 4);
+        const __m512i xb = _mm512_set1_epi32(quad);
+        i0[m] = _mm512_dpbusd_epi32(i0[m], a, xb);
+        i1[m] = _mm512_dpbusd_epi32(i1[m], b, xb);
       }
     }
-    const __m512 da = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(S0 + g * 16)));
-    const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(S1 + g * 16)));
+    const __m512 da = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(S + g * 32)));
+    const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(S + g * 32 + 16)));
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
       const int64_t at = (m0 + m) * groups + g;
-      const __m512i c = _mm512_set1_epi32(X.c[at]);
-      const __m512 s = _mm512_set1_ps(X.s[at]);
-      f0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i0[m], c)), _mm512_mul_ps(da, s), f0[m]);
-      f1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i1[m], c)), _mm512_mul_ps(db, s), f1[m]);
+      const float s = X.s[at];
+      f0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i0[m], _mm512_set1_epi32(X.c[at]))),
+                              _mm512_mul_ps(da, _mm512_set1_ps(s)), f0[m]);
+      f1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i1[m], _mm512_set1_epi32(16 * X.c[at]))),
+                              _mm512_mul_ps(db, _mm512_set1_ps(s * 0.0625f)), f1[m]);
     }
   }
   const int64_t left = std::min<int64_t>(32, N - n0);
@@ -364,21 +364,19 @@ __attribute__((target("avx512vnni"))) static void q4_tile(const QuantRows& X, in
 // Y[M, N] (row stride ldy) = X[M, K] @ W.T for rows quantized in groups of 32 and a q4_pack weight
 static void q4_matmul(const QuantRows& X, int64_t M, const uint8_t* Wp, const uint16_t* scales, int64_t N, float* Y,
                       int64_t ldy) {
-  const int64_t K = X.K, pairs = (N + 31) / 32, block = K * 8, block_scales = K / Q4_GROUP * 16;
+  const int64_t K = X.K, pairs = (N + 31) / 32, pair = K * 16, pair_scales = K / Q4_GROUP * 32;
   at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      const uint8_t* W0 = Wp + 2 * p * block;
-      const uint16_t* S0 = scales + 2 * p * block_scales;
-      const uint8_t* W1 = W0 + block;
-      const uint16_t* S1 = S0 + block_scales;
+      const uint8_t* W = Wp + p * pair;
+      const uint16_t* S = scales + p * pair_scales;
       int64_t m = 0;
-      for (; m + 6 <= M; m += 6) q4_tile<6>(X, m, W0, W1, S0, S1, 32 * p, N, Y, ldy);
+      for (; m + 6 <= M; m += 6) q4_tile<6>(X, m, W, S, 32 * p, N, Y, ldy);
       switch (M - m) {
-        case 5: q4_tile<5>(X, m, W0, W1, S0, S1, 32 * p, N, Y, ldy); break;
-        case 4: q4_tile<4>(X, m, W0, W1, S0, S1, 32 * p, N, Y, ldy); break;
-        case 3: q4_tile<3>(X, m, W0, W1, S0, S1, 32 * p, N, Y, ldy); break;
-        case 2: q4_tile<2>(X, m, W0, W1, S0, S1, 32 * p, N, Y, ldy); break;
-        case 1: q4_tile<1>(X, m, W0, W1, S0, S1, 32 * p, N, Y, ldy); break;
+        case 5: q4_tile<5>(X, m, W, S, 32 * p, N, Y, ldy); break;
+        case 4: q4_tile<4>(X, m, W, S, 32 * p, N, Y, ldy); break;
+        case 3: q4_tile<3>(X, m, W, S, 32 * p, N, Y, ldy); break;
+        case 2: q4_tile<2>(X, m, W, S, 32 * p, N, Y, ldy); break;
+        case 1: q4_tile<1>(X, m, W, S, 32 * p, N, Y, ldy); break;
         default: break;
       }
     }
@@ -386,7 +384,7 @@ static void q4_matmul(const QuantRows& X, int64_t M, const uint8_t* Wp, const ui
 }
 
 // an integer weight's matmul, the kind told by its scales: float32 [N] for int8 (q8_pack), float16
-// [blocks, K/32, 16] for int4 (q4_pack); X [M, K] is quantized into `q` as that kind wants
+// [pairs, K/32, 2, 16] for int4 (q4_pack); X [M, K] is quantized into `q` as that kind wants
 static void qmatmul(const float* X, int64_t M, int64_t K, const torch::Tensor& w, const torch::Tensor& scale,
                     float* Y, int64_t N, int64_t ldy, QuantRows& q) {
   if (scale.scalar_type() == torch::kHalf) {
@@ -407,7 +405,7 @@ static bool has_vnni() {
 }
 
 // x [M, K] float32 @ a packed integer weight -> [M, N] float32: int8 (q8_pack; scale float32 [N]) or
-// int4 (q4_pack; scale float16 [blocks, K/32, 16])
+// int4 (q4_pack; scale float16 [pairs, K/32, 2, 16])
 torch::Tensor q_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t N) {
   TORCH_CHECK(has_vnni(), "int8 and int4 weights need AVX512-VNNI");
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x: [M, K] contiguous float32");
@@ -596,7 +594,7 @@ static const W* ptr(const torch::Tensor& t) {
 using Tensors = std::vector<torch::Tensor>;
 
 // a linear weight's input width: [out, in], int8 packed as [blocks, in / 4, 16, 4], int4 as
-// [blocks, in / 32, 4, 16, 4]
+// [pairs, in / 32, 8, 16, 4]
 static int64_t hidden_in(const torch::Tensor& w) {
   return w.dim() == 2 ? w.size(1) : w.dim() == 4 ? w.size(1) * 4 : w.size(1) * Q4_GROUP;
 }
@@ -924,9 +922,9 @@ Q4_GROUP = 32  # inputs per int4 scale (llama.cpp's q4_0 block)
 def q4_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A float weight [N, K] as int4 in groups of 32 inputs per output, scaled as llama.cpp's q4_0 is:
     d = the group's value of largest magnitude / -8 (float16), u = round(w / d) + 8 clamped to 0..15,
-    so w ~ (u - 8) * d. Returns (packed uint8 [ceil(N / 32) * 2, K / 32, 4, 16, 4], two nibbles a
-    byte in the layout cpu_gemv's q4_tile reads; scales float16 [ceil(N / 32) * 2, K / 32, 16]).
-    K must be a multiple of 32."""
+    so w ~ (u - 8) * d. Returns (packed uint8 [ceil(N / 32), K / 32, 8, 16, 4]: per 32 outputs and
+    quad of inputs, the first 16 outputs' u in the low nibbles and the next 16's in the high ones, as
+    q4_tile reads them; scales float16 [ceil(N / 32), K / 32, 2, 16]). K must be a multiple of 32."""
     n, k = weight.shape
     if k % Q4_GROUP:
         raise ValueError(f"int4 weights need an input width that is a multiple of {Q4_GROUP} (got {k})")
@@ -939,20 +937,20 @@ def q4_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if padded != n:
         u = torch.cat([u, u.new_full((padded - n, groups, Q4_GROUP), 8)])
         d = torch.cat([d, d.new_ones((padded - n, groups, 1))])
-    halves = u.view(padded, groups, 4, 2, 4)  # output, group, part, low/high, j
-    nibbles = halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)  # [padded, groups, 4, 4]
-    packed = nibbles.view(padded // 16, 16, groups, 4, 4).permute(0, 2, 3, 1, 4).contiguous()
-    scales = d.view(padded // 16, 16, groups).permute(0, 2, 1).contiguous()
+    # [pair, half (A / B), 16 outputs, group, quad, j] -> [pair, group, quad, 16 outputs, j]
+    halves = u.view(padded // 32, 2, 16, groups, 8, 4).permute(0, 1, 3, 4, 2, 5)
+    packed = (halves[:, 0] | (halves[:, 1] << 4)).contiguous()
+    scales = d.view(padded // 32, 2, 16, groups).permute(0, 3, 1, 2).contiguous()
     return packed, scales
 
 
 def q4_dequantize(packed: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
     """The float32 weight [n, K] that a q4_pack weight stands for (tests, checks)."""
-    blocks, groups = packed.shape[:2]
-    nibbles = packed.permute(0, 3, 1, 2, 4).reshape(blocks * 16, groups, 4, 1, 4)
-    u = torch.cat([nibbles & 15, nibbles >> 4], dim=3).reshape(blocks * 16, groups, Q4_GROUP)
-    d = scales.permute(0, 2, 1).reshape(blocks * 16, groups, 1).float()
-    return ((u.to(torch.int16) - 8).float() * d).reshape(blocks * 16, groups * Q4_GROUP)[:n]
+    pairs, groups = packed.shape[:2]
+    halves = torch.stack([packed & 15, packed >> 4], dim=1)  # [pair, half, group, quad, 16, j]
+    u = halves.permute(0, 1, 4, 2, 3, 5).reshape(pairs * 32, groups, Q4_GROUP)
+    d = scales.permute(0, 2, 3, 1).reshape(pairs * 32, groups, 1).float()
+    return ((u.to(torch.int16) - 8).float() * d).reshape(pairs * 32, groups * Q4_GROUP)[:n]
 
 
 def q_linear(

@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--peer-dir", type=Path, default=DEFAULT_PEER_DIR, help="where exported/converted models are kept")
     g.add_argument("--peer-threads", type=int, default=2, help="threads each peer computes with")
     g.add_argument(
-        "--openvino-variants", default="f32,int8", help="f32 and/or int8 (weight-only) IR; VARIANT@N: N threads"
+        "--openvino-variants", default="f32,int8", help="f32, int8 and/or int4 (weight-only) IR; VARIANT@N: N threads"
     )
     g.add_argument("--openvino-python", default=sys.executable, help="interpreter with openvino-genai")
     g.add_argument("--export-python", default=sys.executable, help="interpreter with optimum-intel / llama.cpp's needs")

@@ -1,8 +1,9 @@
 """OpenVINO GenAI as a peer: the bench checkpoint exported to IR, its continuous-batching pipeline
 driven in a child process (openvino_runner.py) with the same requests as the workers.
 
-Export: `optimum-cli export openvino --task image-text-to-text --weight-format fp32|int8`
-(optimum-intel), once per variant, kept under `--peer-dir`. optimum-intel 2.2 pins
+Export: `optimum-cli export openvino --task image-text-to-text --weight-format fp32|int8|int4`
+(optimum-intel; int4 as the workers' --quantization int4 rounds: symmetric, groups of 32, every
+layer NNCF lets be 4-bit), once per variant, kept under `--peer-dir`. optimum-intel 2.2 pins
 transformers < 5.6, so it usually lives in a venv of its own (`--export-python`); the pipeline
 itself needs only openvino-genai (`pip install -e .[peers]`, or `--openvino-python`).
 """
@@ -23,7 +24,12 @@ from llava_serve.tools.bench_child import OPENVINO_MARK, LineChild
 from llava_serve.tools.bench_client import LevelSummary, Sampler, StreamResult, summarize
 from llava_serve.tools.peers import split_variant
 
-VARIANTS = {"f32": "fp32", "int8": "int8"}  # our name -> optimum-cli --weight-format
+# our name -> optimum-cli's weight options
+VARIANTS = {
+    "f32": ["--weight-format", "fp32"],
+    "int8": ["--weight-format", "int8"],
+    "int4": ["--weight-format", "int4", "--sym", "--group-size", "32", "--ratio", "1.0"],
+}
 REPO_ROOT = str(Path(llava_serve.__file__).resolve().parent.parent)
 
 
@@ -66,7 +72,7 @@ def export(model: Path, out: Path, variant: str, python: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
     argv = [python, "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model", str(source)]
-    argv += ["--task", "image-text-to-text", "--weight-format", VARIANTS[variant], str(tmp)]
+    argv += ["--task", "image-text-to-text", *VARIANTS[variant], str(tmp)]
     log = out.with_name(f"export-{variant}.log")
     print(f"exporting the checkpoint to OpenVINO IR ({variant}, once; a few minutes): {log}", flush=True)
     with log.open("wb") as sink, tqdm(desc=f"OpenVINO export {variant}", unit=" lines", disable=None) as bar:
@@ -114,7 +120,7 @@ class OpenVinoRunner(LineChild):
         version = self.ready_info.get("version", "?")
         return (
             f"{self.engine}: OpenVINO GenAI {version} ContinuousBatchingPipeline in process (as OpenVINO Model "
-            f"Server drives it), IR from optimum-cli --weight-format {VARIANTS[self.variant]}, "
+            f"Server drives it), IR from optimum-cli {' '.join(VARIANTS[self.variant])}, "
             f"INFERENCE_PRECISION_HINT f32, KV cache f32, {self.threads} threads"
         )
 
