@@ -98,7 +98,7 @@ class DecoderWeights:
     head_dim: int
     intermediate: int
     row_step: bool = False  # one-row decode steps run every layer in one call of cpu_gemv.decode_row
-    quantization: str | None = None  # the layers' linear weights are int8 or int4 (QUANTIZATIONS); lm_head stays float
+    quantization: str | None = None  # the layers' linear weights are int8 or int4 (QUANTIZATIONS); lm_head int8
 
     @property
     def num_layers(self) -> int:
@@ -190,6 +190,7 @@ def build_decoder_weights(model: Any, prepack_rows: int = 0, quantization: str |
     if quantization is not None:
         _quantize(weights, decoder, quantization)
         _off_the_checkpoint(model, weights)
+        _quantize_head(weights, model)
         log.info("the decoder's layers run with %s weights (%d layers)", quantization, len(layers))
         return weights
     bf16 = head.weight.dtype == torch.bfloat16
@@ -215,15 +216,10 @@ def build_decoder_weights(model: Any, prepack_rows: int = 0, quantization: str |
 def _quantize(weights: DecoderWeights, decoder: Any, kind: str) -> None:
     """int8 or int4 layer weights: vpdpbusd takes 64 int8 products an instruction where an FMA takes
     16 float32 ones, and a one-row step reads a quarter (int8) or about an eighth (int4: 4.5 bits a
-    weight with its scales) of the bytes. lm_head stays float32 (as bitsandbytes' --load-8bit and
-    --load-4bit keep it) and is prepacked like float32 models' weights."""
+    weight with its scales) of the bytes. lm_head: _quantize_head."""
     for layer in weights.layers:
         for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
             lin.quantize(kind)
-    head = weights.lm_head
-    if _can_prepack(head.weight):
-        head.pack(2)
-    head.row_kernel = head.weight.is_contiguous()  # one-row calls: the compiled GEMV
     # the transformers modules held views of the float weights: point them at empty meta tensors so
     # the float copies are freed and any use outside the runner fails loudly instead of silently
     for layer in decoder.layers:
@@ -232,6 +228,18 @@ def _quantize(weights: DecoderWeights, decoder: Any, kind: str) -> None:
                 module.weight = torch.nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
     weights.quantization = kind
     weights.row_step = True
+
+
+def _quantize_head(weights: DecoderWeights, model: Any) -> None:
+    """lm_head as int8 per output channel, under int8 and int4 alike (llama.cpp keeps a q4_0 model's
+    output matrix in 6 bits, a q8_0 one's in 8): a 7B model's float32 lm_head (32k x 4096) is 0.5 GB,
+    read at every step, 12% of an int4 step's bytes. Its float copy is freed unless the embeddings
+    share it (tied weights)."""
+    _, decoder, head = text_parts(model)
+    tied = head.weight.data_ptr() == decoder.embed_tokens.weight.data_ptr()
+    weights.lm_head.quantize("int8")
+    if not tied:
+        head.weight = torch.nn.Parameter(torch.empty_like(head.weight, device="meta"), requires_grad=False)
 
 
 def _off_the_checkpoint(model: Any, weights: DecoderWeights) -> None:
@@ -247,8 +255,6 @@ def _off_the_checkpoint(model: Any, weights: DecoderWeights) -> None:
     weights.norm = decoder.norm.weight.detach()
     weights.lm_head.weight = head.weight.detach()
     weights.lm_head.bias = _detached(head.bias)
-    if weights.lm_head.packed is not None:
-        weights.lm_head.pack(2)
     for lw, layer in zip(weights.layers, decoder.layers, strict=True):
         lw.input_norm = layer.input_layernorm.weight.detach()
         lw.post_norm = layer.post_attention_layernorm.weight.detach()

@@ -233,17 +233,18 @@ def test_integer_engine_tracks_the_float_model_and_frees_its_float_weights(built
     """The batch engine with int8 or int4 weights (several rows a step, prompt chunks beside them):
     logits stay near transformers' float32 ones at every sampled position (int8 within 2% of their
     range, int4 within 10%), the decoder's float layer weights are gone from the transformers modules
-    (meta tensors), lm_head is kept."""
+    (meta tensors), lm_head is int8 (its float copy gone too, these models' embeddings being their own)."""
     reference = tiny_lm(tokenizer, family)
     lm = tiny_lm(tokenizer, family)
     eng = BatchEngine(
         lm, max_running=3, max_waiting=8, step_tokens=12, adapt_threads=False, prefix_cache_bytes=0, quantization=kind
     )
     w = eng.runner.forward.w
-    assert w.quantization == kind and w.layers[0].qkv.weight.dtype == torch.uint8 and w.lm_head.scale is None
+    assert w.quantization == kind and w.layers[0].qkv.weight.dtype == torch.uint8
+    assert w.lm_head.weight.dtype == torch.uint8 and w.lm_head.scale.dtype == torch.float32  # int8 per channel
     layer = lm.model.model.layers[0]
     assert layer.self_attn.q_proj.weight.is_meta and layer.mlp.down_proj.weight.is_meta
-    assert not lm.model.lm_head.weight.is_meta
+    assert lm.model.lm_head.weight.is_meta and not lm.model.get_input_embeddings().weight.is_meta
     reqs = [request(p, n) for p, n in zip(prompts(4, base=6), [9, 4, 12, 6])]
     seen = drive(eng, {0: reqs[:2], 3: reqs[2:]})
     with torch.inference_mode():
@@ -251,6 +252,27 @@ def test_integer_engine_tracks_the_float_model_and_frees_its_float_weights(built
     worst = max(float((got - full[id(r)][pos]).abs().max() / full[id(r)][pos].abs().max()) for r, pos, got in seen)
     bound = 0.02 if kind == "int8" else 0.10
     assert worst < bound, f"{kind} logits are {worst:.1%} of the logits' range away from float32"
+
+
+@int8
+def test_a_tied_lm_head_is_quantized_and_the_embeddings_keep_their_floats(built, tokenizer) -> None:
+    """With tied input and output embeddings, lm_head becomes int8 and the float matrix stays, as the
+    embeddings it is; logits still track float32."""
+    reference = tiny_lm(tokenizer, "llama", tie_word_embeddings=True)
+    reference.model.tie_weights()
+    lm = tiny_lm(tokenizer, "llama", tie_word_embeddings=True)
+    lm.model.tie_weights()
+    assert lm.model.lm_head.weight.data_ptr() == lm.model.get_input_embeddings().weight.data_ptr()
+    eng = BatchEngine(lm, max_running=2, max_waiting=4, adapt_threads=False, prefix_cache_bytes=0, quantization="int8")
+    w = eng.runner.forward.w
+    assert w.lm_head.weight.dtype == torch.uint8 and not lm.model.lm_head.weight.is_meta
+    torch.testing.assert_close(w.embed, reference.model.get_input_embeddings().weight)
+    reqs = [request(p, 5) for p in prompts(2, base=6)]
+    seen = drive(eng, {0: reqs})
+    with torch.inference_mode():
+        full = {id(r): reference.model(torch.tensor([r.prompt.input_ids + r.output_ids])).logits[0] for r in reqs}
+    worst = max(float((got - full[id(r)][pos]).abs().max() / full[id(r)][pos].abs().max()) for r, pos, got in seen)
+    assert worst < 0.02
 
 
 @int8
