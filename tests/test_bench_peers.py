@@ -182,3 +182,43 @@ def test_openvino_ir_gets_the_flat_preprocessor_config(tmp_path: Path) -> None:
     (tmp_path / "preprocessor_config.json").write_text("{}")  # the exporter's own file is left alone
     write_preprocessor_config(tmp_path)
     assert json.loads((tmp_path / "preprocessor_config.json").read_text()) == {}
+
+
+def test_q4_0_gguf_is_llama_quantize_of_the_f32_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The converter writes no q4_0: the f32 GGUF is converted (once) and handed to llama-quantize
+    with type Q4_0; without the binary the bench says where it should be."""
+    from llava_serve.tools.peers import llamacpp_convert as conv
+
+    made: list[tuple[str, str]] = []
+
+    def fake_text(model: Path, path: Path, variant: str, src: Path, python: str) -> None:
+        made.append(("text", variant))
+        path.write_bytes(b"GGUF " + variant.encode())
+
+    def fake_vision(model: Path, path: Path, variant: str, src: Path, python: str) -> None:
+        made.append(("vision", variant))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"GGUF mmproj")
+
+    calls: list[list[str]] = []
+
+    def fake_run(argv: list[str], log: Path, cwd: Path) -> None:
+        calls.append(argv)
+        Path(argv[2]).write_bytes(Path(argv[1]).read_bytes().replace(b"f32", b"q4_0"))
+
+    monkeypatch.setattr(conv, "_convert_text", fake_text)
+    monkeypatch.setattr(conv, "_convert_vision", fake_vision)
+    monkeypatch.setattr(conv, "_run", fake_run)
+    monkeypatch.setattr(conv, "classic_copy", lambda model, out: model)
+    out = tmp_path / "gguf"
+    with pytest.raises(SystemExit, match="llama-quantize not found"):
+        conv.convert(tmp_path, out, "q4_0", tmp_path, "python", tmp_path / "missing" / "llama-quantize")
+    quantize = tmp_path / "llama-quantize"
+    quantize.write_text("")
+    text, mmproj = conv.convert(tmp_path, out, "q4_0", tmp_path, "python", quantize)
+    assert made == [("text", "f32"), ("vision", "f32")]  # only the f32 file is converted
+    f32, _ = conv.gguf_paths(out, "f32")
+    assert calls == [[str(quantize), str(f32), str(text.with_suffix(".part")), "Q4_0"]]
+    assert text.read_bytes() == b"GGUF q4_0" and mmproj.is_file()
+    conv.convert(tmp_path, out, "q4_0", tmp_path, "python", quantize)  # done once
+    assert len(calls) == 1

@@ -50,7 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--export-python", default=sys.executable, help="interpreter with optimum-intel / llama.cpp's needs")
     g.add_argument("--llama-server", type=Path, help="a llama-server binary (llama.cpp)")
     g.add_argument("--llama-cpp-dir", type=Path, help="llama.cpp source tree: its GGUF converters")
-    g.add_argument("--llama-variants", default="f32,q8_0", help="f32 and/or q8_0 GGUF weights; VARIANT@N: N threads")
+    g.add_argument(
+        "--llama-variants", default="f32,q8_0", help="f32, q8_0 and/or q4_0 GGUF weights; VARIANT@N: N threads"
+    )
 
 
 def parse(args: argparse.Namespace, error) -> None:

@@ -1,6 +1,6 @@
 """llama.cpp's `llama-server` as a peer: the bench checkpoint as GGUF, driven over HTTP.
 
-One server per variant (f32, q8_0 weights), started as a user would for concurrent clients:
+One server per variant (f32, q8_0, q4_0 weights), started as a user would for concurrent clients:
 `-np N` slots with continuous batching (its default), `-t/-tb` threads, the KV cache in f32 as
 llava-serve's (llama.cpp's default is f16), and the same requests through its OpenAI-compatible
 `/v1/chat/completions`, streamed (openai_stream.py).
@@ -24,7 +24,7 @@ from llava_serve.tools.bench_workload import make_requests
 from llava_serve.tools.peers import split_variant
 from llava_serve.tools.peers.openai_stream import drive_chat
 
-VARIANTS = ("f32", "q8_0")
+VARIANTS = ("f32", "q8_0", "q4_0")
 SLOT_CONTEXT = 1024  # tokens per slot: a bench prompt (~100 text + 64 image) plus 128 new, with room
 
 
@@ -112,7 +112,8 @@ def start(args: argparse.Namespace, model: Path) -> list[LlamaServer]:
             why = missing_converter(args.llama_cpp_dir)
             if why:
                 raise SystemExit(f"{why} (GGUF files for {variant} not in {out_dir} yet)")
-            convert(model, out_dir, variant, args.llama_cpp_dir, args.export_python)
+            quantize = Path(args.llama_server).with_name("llama-quantize")
+            convert(model, out_dir, variant, args.llama_cpp_dir, args.export_python, quantize)
         text, mmproj = gguf_paths(out_dir, variant)
         servers.append(LlamaServer(spec, text, mmproj, args))
     return servers

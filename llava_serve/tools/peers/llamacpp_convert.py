@@ -2,7 +2,9 @@
 
 llama.cpp converts a transformers LLaVA in two parts (its docs/multimodal/llava.md):
 1. the language model: `convert_hf_to_gguf.py CHECKPOINT --outtype f32|q8_0` (it reads
-   `LlavaForConditionalGeneration` as a Llama and skips the vision weights);
+   `LlavaForConditionalGeneration` as a Llama and skips the vision weights); q4_0, which the
+   converter does not write, is `llama-quantize` of the f32 file (its defaults: Q4_0 layers, the
+   output matrix in Q6_K), the binary found beside `--llama-server`;
 2. the vision tower and projector: `tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py`,
    which wants a CLIP vision folder and a `llava.projector` file. Splitting the checkpoint into
    those two is the "surgery" step; `split_vision` below does it for a transformers checkpoint.
@@ -50,9 +52,23 @@ def missing_converter(llama_cpp_dir: Path | None) -> str | None:
     return None
 
 
-def convert(model: Path, out_dir: Path, variant: str, llama_cpp_dir: Path, python: str) -> tuple[Path, Path]:
-    """Both GGUF files of `variant` (f32 or q8_0), converted once and kept in `out_dir`."""
+# variants the converter does not write: llama-quantize's type for them, made from the f32 file
+QUANTIZE = {"q4_0": "Q4_0"}
+
+
+def convert(
+    model: Path, out_dir: Path, variant: str, llama_cpp_dir: Path, python: str, quantize: Path | None = None
+) -> tuple[Path, Path]:
+    """Both GGUF files of `variant` (f32, q8_0 or q4_0), converted once and kept in `out_dir`; q4_0
+    needs `quantize` (the llama-quantize binary)."""
     text, mmproj = gguf_paths(out_dir, variant)
+    if variant in QUANTIZE and not text.is_file():
+        if quantize is None or not quantize.is_file():
+            raise SystemExit(f"{variant} GGUF: llama-quantize not found ({quantize}); build it beside llama-server")
+        f32, _ = convert(model, out_dir, "f32", llama_cpp_dir, python)
+        tmp = text.with_suffix(".part")
+        _run([str(quantize), str(f32), str(tmp), QUANTIZE[variant]], text.with_suffix(".log"), llama_cpp_dir)
+        tmp.rename(text)
     steps = [(p, f) for p, f in ((text, _convert_text), (mmproj, _convert_vision)) if not p.is_file()]
     out_dir.mkdir(parents=True, exist_ok=True)
     if steps:
