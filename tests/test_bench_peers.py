@@ -168,6 +168,28 @@ def test_the_ratio_table_shows_every_engine_of_the_run_not_only_peers() -> None:
     assert "| 33.0 | 0.61 |" in ratio_table(rows)
 
 
+def test_the_like_for_like_table_pairs_engines_by_weight_precision() -> None:
+    """batch (f32) with the f32 peers, batch:int8 with openvino-int8 and llama.cpp-q8_0, batch:int4
+    with q4_0; engines of no precision class (bfloat16, generate) and peers without a partner are left out."""
+    from llava_serve.tools.bench_report import like_for_like_table, precision
+
+    assert [precision(e) for e in ("batch", "batch:int4@1", "llama.cpp-q4_0", "openvino-int8@2", "generate")] == [
+        "f32",
+        "int4",
+        "int4",
+        "int8",
+        None,
+    ]
+    rows = [row("batch", 1, 40.0), row("batch:int4", 1, 140.0), row("batch:bfloat16", 1, 70.0)]
+    rows += [row("openvino-f32", 1, 32.0), row("llama.cpp-q4_0", 1, 70.0), row("openvino-int8", 1, 72.0)]
+    lines = like_for_like_table(rows).splitlines()[2:]
+    assert lines == [
+        "| 1 | f32 | batch | 40.0 | openvino-f32 | 32.0 | 1.25 |",
+        "| 1 | int4 | batch:int4 | 140.0 | llama.cpp-q4_0 | 70.0 | 2.00 |",
+    ]
+    assert like_for_like_table([row("batch", 1, 40.0), row("generate", 1, 20.0)]) == ""
+
+
 def test_openvino_ir_gets_the_flat_preprocessor_config(tmp_path: Path) -> None:
     """OpenVINO GenAI reads preprocessor_config.json only; transformers 5 nests it in processor_config.json."""
     import json

@@ -95,6 +95,39 @@ def ratio_table(rows: Sequence[LevelSummary]) -> str:
     return "\n".join(lines)
 
 
+# the weights' precision of an engine name: llava-serve's worker specs and the peers' variants
+PRECISIONS = {"": "f32", "float32": "f32", "f32": "f32", "int8": "int8", "q8_0": "int8", "int4": "int4", "q4_0": "int4"}
+
+
+def precision(engine: str) -> str | None:
+    """f32 / int8 / int4 for `batch[:DTYPE][@N]`, `openvino-VARIANT[@N]` and `llama.cpp-VARIANT[@N]`;
+    None for other engines (generate, static, bfloat16)."""
+    name = engine.partition("@")[0]
+    if is_peer(name):
+        return PRECISIONS.get(name.partition("-")[2])
+    base, _, dtype = name.partition(":")
+    return PRECISIONS.get(dtype) if base == "batch" else None
+
+
+def like_for_like_table(rows: Sequence[LevelSummary]) -> str:
+    """Each llava-serve batch worker against each peer whose weights have the same precision (f32,
+    int8 = q8_0, int4 = q4_0): both medians and the ratio. Empty when the run has no such pair."""
+    lines = []
+    for level, tps in sorted(throughput(rows).items()):
+        ours = sorted(e for e in tps if not is_peer(e) and precision(e))
+        for mine in ours:
+            for peer in sorted(e for e in tps if is_peer(e) and precision(e) == precision(mine)):
+                ratio = tps[mine] / tps[peer] if tps[peer] else float("nan")
+                lines.append(
+                    f"| {level} | {precision(mine)} | {mine} | {_f(tps[mine])} | {peer} | {_f(tps[peer])} "
+                    f"| {_f(ratio, 2)} |"
+                )
+    if not lines:
+        return ""
+    head = "| clients | weights | llava-serve | tok/s | peer | tok/s | llava-serve / peer |"
+    return "\n".join([head, "|---:|---|---|---:|---|---:|---:|", *lines])
+
+
 def target_lines(rows: Sequence[LevelSummary]) -> list[str]:
     tps = throughput(rows)
     lines = []
@@ -126,6 +159,7 @@ def markdown(rows: Sequence[LevelSummary], meta: dict) -> str:
         *([""] if meta.get("peers") else []),
         ratio_table(rows),
         "",
+        *([like_for_like_table(rows), ""] if like_for_like_table(rows) else []),
         *target_lines(rows),
         "",
         results_table(rows),
