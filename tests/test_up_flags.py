@@ -19,6 +19,10 @@ def test_int8_and_the_other_model_flags_reach_the_worker() -> None:
     assert cmd[cmd.index("--device") + 1] == "cpu"
     assert "--trust-remote-code" in cmd
     assert "--quantization" not in worker_argv([])
+    cmd = worker_argv(["--quantization", "int4"])
+    assert cmd[cmd.index("--quantization") + 1] == "int4"
+    with pytest.raises(SystemExit):  # argparse: not one of int8, int4
+        worker_argv(["--quantization", "int2"])
 
 
 def test_a_bad_flag_combination_is_refused_before_anything_starts(capsys, monkeypatch) -> None:
