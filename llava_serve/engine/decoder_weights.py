@@ -144,8 +144,8 @@ def quantization_unsupported_reason(model: Any) -> str | None:
     if reason is not None:
         return f"the decoder runner cannot run it ({reason})"
     config, decoder, head = text_parts(model)
-    if head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
-        return f"int8 and int4 weights run on the CPU from checkpoints loaded in float32 (got {head.weight.dtype})"
+    if head.weight.device.type != "cpu":
+        return f"int8 and int4 weights run on the CPU (the model is on {head.weight.device})"
     widths = {
         config.hidden_size,
         config.intermediate_size,
@@ -171,8 +171,8 @@ def build_decoder_weights(model: Any, prepack_rows: int = 0, quantization: str |
         from llava_serve.models.quant import detach_from_checkpoint
 
         detach_from_checkpoint(model)
-    with torch.no_grad():
-        layers = [_fuse_layer(layer) for layer in decoder.layers]
+    with torch.no_grad():  # quantizing: each layer as it is fused, its float weights let go at once
+        layers = [_fuse_layer(layer, quantization) for layer in decoder.layers]
     attn = decoder.layers[0].self_attn
     weights = DecoderWeights(
         layers=layers,
@@ -188,9 +188,11 @@ def build_decoder_weights(model: Any, prepack_rows: int = 0, quantization: str |
         intermediate=config.intermediate_size,
     )
     if quantization is not None:
-        _quantize(weights, decoder, quantization)
+        weights.quantization = quantization
+        weights.row_step = True
         _off_the_checkpoint(model, weights)
         _quantize_head(weights, model)
+        _return_freed_memory()
         log.info("the decoder's layers run with %s weights (%d layers)", quantization, len(layers))
         return weights
     bf16 = head.weight.dtype == torch.bfloat16
@@ -213,21 +215,18 @@ def build_decoder_weights(model: Any, prepack_rows: int = 0, quantization: str |
     return weights
 
 
-def _quantize(weights: DecoderWeights, decoder: Any, kind: str) -> None:
-    """int8 or int4 layer weights: vpdpbusd takes 64 int8 products an instruction where an FMA takes
-    16 float32 ones, and a one-row step reads a quarter (int8) or about an eighth (int4: 4.5 bits a
-    weight with its scales) of the bytes. lm_head: _quantize_head."""
-    for layer in weights.layers:
-        for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
-            lin.quantize(kind)
-    # the transformers modules held views of the float weights: point them at empty meta tensors so
-    # the float copies are freed and any use outside the runner fails loudly instead of silently
-    for layer in decoder.layers:
-        for module in layer.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight = torch.nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
-    weights.quantization = kind
-    weights.row_step = True
+def _return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim): quantizing frees each
+    layer's float copies between the long-lived packed weights, and glibc keeps such holes mapped (an
+    int8 engine from the bench checkpoint: 909 MiB RSS after loading without this, 563 with it.)"""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _quantize_head(weights: DecoderWeights, model: Any) -> None:
@@ -244,11 +243,14 @@ def _quantize_head(weights: DecoderWeights, model: Any) -> None:
 
 def _off_the_checkpoint(model: Any, weights: DecoderWeights) -> None:
     """Copy the float tensors that stay (vision tower, embeddings, norms, lm_head) out of the memory-
-    mapped checkpoint and point the runner's weights at the copies. While any tensor viewed the
-    mapping, all of it stayed mapped, with every page fusing had read resident: an int8 worker on
-    the bench checkpoint held 592 MiB of float32 file pages besides its 154 MiB of int8 weights."""
+    mapped checkpoint, in float32 (a half-precision checkpoint is loaded as stored when quantizing),
+    and point the runner's weights at the copies. While any tensor viewed the mapping, all of it
+    stayed mapped, with every page fusing had read resident: an int8 worker on the bench checkpoint
+    held 592 MiB of float32 file pages besides its 154 MiB of int8 weights."""
     from llava_serve.models.quant import detach_from_checkpoint
 
+    if any(p.dtype != torch.float32 for p in model.parameters() if p.dtype.is_floating_point and not p.is_meta):
+        model.to(torch.float32)  # the kernels' norms, biases, embeddings and the vision tower: float32
     detach_from_checkpoint(model)
     _, decoder, head = text_parts(model)
     weights.embed = decoder.embed_tokens.weight.detach()
@@ -260,11 +262,18 @@ def _off_the_checkpoint(model: Any, weights: DecoderWeights) -> None:
         lw.post_norm = layer.post_attention_layernorm.weight.detach()
         lw.o.bias = _detached(layer.self_attn.o_proj.bias)
         lw.down.bias = _detached(layer.mlp.down_proj.bias)
+        if lw.qkv.bias is not None:  # the fused bias is the runner's own tensor
+            lw.qkv.bias = lw.qkv.bias.float()
 
 
-def _fuse_layer(layer: Any) -> LayerWeights:
+def _fuse_layer(layer: Any, quantization: str | None = None) -> LayerWeights:
+    """A layer's fused weights; with `quantization` its linears become int8 or int4 (`Linear.quantize`:
+    vpdpbusd takes 64 int8 products an instruction where an FMA takes 16 float32 ones, and a one-row
+    step reads a quarter, or about an eighth, of float32's bytes) and the transformers modules' float
+    weights are pointed at empty meta tensors, so this layer's floats are freed before the next is
+    fused and any use outside the runner fails loudly instead of silently."""
     attn, mlp = layer.self_attn, layer.mlp
-    return LayerWeights(
+    weights = LayerWeights(
         input_norm=layer.input_layernorm.weight.detach(),
         qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj]),
         o=Linear(attn.o_proj.weight.detach(), _detached(attn.o_proj.bias)),
@@ -272,6 +281,13 @@ def _fuse_layer(layer: Any) -> LayerWeights:
         gate_up=_fuse([mlp.gate_proj, mlp.up_proj]),
         down=Linear(mlp.down_proj.weight.detach(), _detached(mlp.down_proj.bias)),
     )
+    if quantization is not None:
+        for lin in (weights.qkv, weights.o, weights.gate_up, weights.down):
+            lin.quantize(quantization)
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight = torch.nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
+    return weights
 
 
 def _fuse(parts: list[torch.nn.Linear]) -> Linear:

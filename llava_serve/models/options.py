@@ -72,6 +72,31 @@ def resolve_dtype(device: torch.device, dtype: str | None) -> torch.dtype:
     return torch.float32
 
 
+SAFETENSORS_FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def stored_float_dtype(path: Path) -> str | None:
+    """The float dtype most of a checkpoint's weight bytes are stored in ("float32", "bfloat16",
+    "float16"), read from its first safetensors file's header; None without one (or an unreadable one)."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    sizes: dict[str, int] = {}
+    try:
+        with files[0].open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length < 100 << 20:
+                return None
+            header = json.loads(f.read(length))
+    except (OSError, ValueError):
+        return None
+    for name, entry in header.items():
+        if name != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_FLOATS:
+            start, end = entry.get("data_offsets", (0, 0))
+            sizes[entry["dtype"]] = sizes.get(entry["dtype"], 0) + end - start
+    return SAFETENSORS_FLOATS[max(sizes, key=lambda k: sizes[k])] if sizes else None
+
+
 def read_config(path: Path) -> dict:
     cfg = path / "config.json"
     if not cfg.is_file():

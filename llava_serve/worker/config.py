@@ -66,7 +66,7 @@ class WorkerConfig:
         if self.quantization and (self.load_8bit or self.load_4bit):
             raise ValueError(f"{flag} and --load-8bit/--load-4bit are exclusive; pick one")
         if self.quantization and self.dtype not in (None, "float32"):
-            raise ValueError(f"{flag} quantizes float32 weights; drop --dtype (or use --dtype float32)")
+            raise ValueError(f"{flag} quantizes from the checkpoint's own weights; drop --dtype (or use float32)")
         if self.quantization and self.device not in ("auto", "cpu"):
             raise ValueError(f"{flag} runs on the CPU (--device cpu)")
         if self.threads < 0:

@@ -30,7 +30,7 @@ def load_model_and_engine(config: WorkerConfig) -> tuple[LoadedModel, EngineBase
     from llava_serve.engine.kernel_caches import bound_kernel_caches
     from llava_serve.engine.threads import run_in_fresh_thread
     from llava_serve.models.loader import load_model
-    from llava_serve.models.options import read_config
+    from llava_serve.models.options import read_config, stored_float_dtype
     from llava_serve.models.support import check_engine_support
 
     bound_kernel_caches(config.limit_model_concurrency)  # before any kernel is made (kernel_caches.py)
@@ -40,7 +40,14 @@ def load_model_and_engine(config: WorkerConfig) -> tuple[LoadedModel, EngineBase
         folder = Path(path).expanduser()
         if (folder / "config.json").is_file():  # else load_model says what is wrong with the folder
             check_engine_support(read_config(folder), config.engine, path)
-        lm = load_model(config.load_options(path))
+        options = config.load_options(path)
+        if config.quantization and config.dtype is None and folder.is_dir():
+            # integer weights are made from the checkpoint's own floats, one layer at a time: a
+            # half-precision checkpoint is not widened to float32 first (a 7B model: 13 GB, not 26)
+            stored = stored_float_dtype(folder)
+            if stored in ("bfloat16", "float16"):
+                options = replace(options, dtype=stored)
+        lm = load_model(options)
         return lm, build_engine(config, lm)
 
     return run_in_fresh_thread(load)

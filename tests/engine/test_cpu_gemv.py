@@ -4,6 +4,9 @@ by torch afterwards); skipped only where the kernel cannot be used (no AVX-512, 
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -278,14 +281,15 @@ def test_a_tied_lm_head_is_quantized_and_the_embeddings_keep_their_floats(built,
 @int8
 @KINDS
 def test_integer_weights_are_refused_where_they_cannot_run(tokenizer, kind) -> None:
-    """A bfloat16 model, the transformers runner, a config flag combination: clear errors, no engine."""
+    """The transformers runner, a model another engine has taken the floats of, a config flag
+    combination: clear errors, no engine."""
     from llava_serve.engine.runners import build_runner
     from llava_serve.errors import ModelLoadError
     from llava_serve.worker.config import WorkerConfig
 
     lm = tiny_lm(tokenizer, "llama")
-    lm.model.to(torch.bfloat16)
-    with pytest.raises(ModelLoadError, match="float32"):
+    build_runner(lm, 2, quantization=kind)
+    with pytest.raises(ModelLoadError, match="taken its float weights"):
         build_runner(lm, 2, quantization=kind)
     with pytest.raises(ModelLoadError, match="decoder runner"):
         build_runner(tiny_lm(tokenizer, "llama"), 2, kind="transformers", quantization=kind)
@@ -320,6 +324,43 @@ def test_an_integer_worker_lets_go_of_the_checkpoint_file_and_generates(built, t
     req = request(lm.tokenizer("a short prompt")["input_ids"], 6)
     drive(eng, {0: [req]})
     assert len(req.output_ids) == 6
+
+
+@int8
+def test_a_half_precision_checkpoint_is_quantized_from_its_own_floats(built, tiny_llava, tmp_path, monkeypatch) -> None:
+    """--quantization on a bfloat16 checkpoint loads it as stored (never widened to float32 first),
+    quantizes the layers from it, and leaves what stays float (vision tower, embeddings, norms) in
+    float32 for the kernels; its logits track the same checkpoint quantized from float32."""
+    from transformers import AutoModelForImageTextToText
+
+    from llava_serve.models import loader
+    from llava_serve.models.options import stored_float_dtype
+    from llava_serve.worker import loading
+    from llava_serve.worker.config import WorkerConfig
+
+    half = tmp_path / "bf16"
+    AutoModelForImageTextToText.from_pretrained(tiny_llava, dtype=torch.bfloat16).save_pretrained(half)
+    for f in Path(tiny_llava).iterdir():
+        if not f.name.endswith((".safetensors", "config.json")) or f.name == "processor_config.json":
+            shutil.copy(f, half / f.name)
+    assert stored_float_dtype(half) == "bfloat16" and stored_float_dtype(Path(tiny_llava)) == "float32"
+    asked = []
+    real_load = loader.load_model
+    monkeypatch.setattr(loader, "load_model", lambda options: asked.append(options.dtype) or real_load(options))
+    lm, eng = loading.load_model_and_engine(WorkerConfig(model_path=str(half), device="cpu", quantization="int8"))
+    assert asked == ["bfloat16"]
+    floats = [p for p in lm.model.parameters() if p.dtype.is_floating_point and not p.is_meta]
+    assert floats and all(p.dtype == torch.float32 for p in floats) and lm.dtype == torch.float32
+    _, reference = loading.load_model_and_engine(
+        WorkerConfig(model_path=str(tiny_llava), device="cpu", quantization="int8")
+    )
+    results = []
+    for engine in (eng, reference):
+        req = request(lm.tokenizer("a short prompt")["input_ids"], 6)
+        results.append(drive(engine, {0: [req]}))
+    for (_, pos_a, got), (_, pos_b, expected) in zip(*results, strict=True):
+        assert pos_a == pos_b
+        assert (got - expected).abs().max() < 0.05 * expected.abs().max()  # bfloat16 rounding, then int8
 
 
 @int8
