@@ -1,5 +1,6 @@
-"""Compiled float32 kernels for decode steps on AVX-512 CPUs: a one-row GEMV, a whole one-row
-decoder step, and decode attention.
+"""Compiled kernels for decode steps on AVX-512 CPUs: a one-row float32/bfloat16 GEMV, a whole
+one-row decoder step, decode attention, and int8 / int4 weight matmuls (AVX512-VNNI) with the
+batched decoder step built on them (`--quantization`).
 
 At one row a decode step is the weight stream: every weight is read once to multiply one vector.
 PyTorch's kernels for it read float32 weights at 13-16 GB/s (MKL's GEMV under `F.linear`) and
@@ -24,8 +25,11 @@ fused QKV, rotary, the cache write, attention, output projection, SiLU MLP; deco
 so the ~350 small torch ops of the layer-by-layer path and their dispatch are gone from the
 step; `decode_rows_attention` is the rotary, cache write and attention of batched decode rows
 (one query per row, each over its own length of the slot cache), which torch's CPU flash kernel
-does slowly (it blocks queries for long query runs). They release the GIL while they run, so the
-worker's event loop keeps streaming.
+does slowly (it blocks queries for long query runs). With integer weights (`q8_pack`: int8 per
+output channel; `q4_pack`: int4 in groups of 32, as llama.cpp's q4_0) every matmul quantizes its
+input rows to int8 and multiplies with `vpdpbusd` (`q_linear`), in `decode_row` at one row and in
+`decode_rows_q8`, a step of any number of rows through every layer in one call. They release the
+GIL while they run, so the worker's event loop keeps streaming.
 """
 
 from __future__ import annotations
