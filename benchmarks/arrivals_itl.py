@@ -1,7 +1,7 @@
 """ITL of running streams while image requests keep arriving: what chunked prefill is for.
 
     python benchmarks/arrivals_itl.py --model-path M --step-tokens 0,32,64 --seconds 12 \
-        [--quantization int8] [--rounds 3]
+        [--quantization int8|int4] [--rounds 3]
 
 For each setting of the engine's `step_tokens` (0 = never chunk: a newcomer's whole prompt in one
 step, what the engine did before), in-process: 8 streams decode alone for `--idle-seconds` once
@@ -93,7 +93,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=12)
     p.add_argument("--idle-seconds", type=float, default=8)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--quantization", default=None, choices=["int8"], help="the engine's int8 weights")
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"], help="the engine's integer weights")
     p.add_argument(
         "--rounds", type=int, default=1, help="rounds per setting (the machine is noisy): each, and the median ratio"
     )
