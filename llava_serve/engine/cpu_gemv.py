@@ -685,7 +685,8 @@ void decode_row(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::vector
   TORCH_CHECK(cos.dtype() == torch::kFloat32 && sin.dtype() == torch::kFloat32, "cos/sin: float32");
   TORCH_CHECK(qkv_b.empty() || (int64_t)qkv_b.size() == layers, "qkv biases: none or one per layer");
   TORCH_CHECK(scales.empty() || (int64_t)scales.size() == 4 * layers, "int8/int4 scales: none or four per layer");
-  TORCH_CHECK(pos < keys[0].size(2), "position beyond the cache");
+  TORCH_CHECK((int64_t)keys.size() == layers && (int64_t)values.size() == layers, "one cache tensor per layer");
+  TORCH_CHECK(pos >= 0 && pos < keys[0].size(2) && keys[0].size(0) > 0, "position beyond the cache (or no row)");
   const auto dtype = keys[0].scalar_type();
   TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "cache: float32 or bfloat16");
   for (int64_t l = 0; l < layers; ++l) {
@@ -738,6 +739,7 @@ void decode_rows_q8(torch::Tensor x, std::vector<torch::Tensor> in_norm, std::ve
   TORCH_CHECK(layers > 0 && x.dim() == 2 && x.is_contiguous() && x.dtype() == torch::kFloat32,
               "x: [B, hidden] contiguous float32");
   TORCH_CHECK((int64_t)scales.size() == 4 * layers, "int8/int4 scales: four per layer");
+  TORCH_CHECK((int64_t)keys.size() == layers && (int64_t)values.size() == layers, "one cache tensor per layer");
   TORCH_CHECK(qkv_b.empty() || (int64_t)qkv_b.size() == layers, "qkv biases: none or one per layer");
   TORCH_CHECK(cos.dtype() == torch::kFloat32 && sin.dtype() == torch::kFloat32 && cos.is_contiguous() &&
                   sin.is_contiguous(), "cos/sin: contiguous float32 tables");

@@ -7,7 +7,7 @@ import argparse
 import math
 from pathlib import Path
 
-SIZES = ("bench", "small", "tiny")  # checked against hf.SIZES by a test; here so that --help needs no torch
+SIZES = ("1b", "bench", "small", "tiny")  # checked against hf.SIZES by a test; here so that --help needs no torch
 
 
 def build(

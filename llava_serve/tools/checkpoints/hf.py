@@ -136,6 +136,7 @@ class Size:
     image_size: int
     patch_size: int
     context: int = 2048
+    pad_vocab: bool = False  # the tokenizer padded with unused tokens to `vocab` (the BPE learns ~570)
 
 
 SIZES = {
@@ -143,11 +144,16 @@ SIZES = {
     "small": Size(256, 688, 4, 8, 4, 1024, 64, 2, 4, 64, 16, 2048),
     # ~170M parameters: a 1024x2816 MLP, 64 image tokens per image
     "bench": Size(1024, 2816, 12, 16, 16, 2048, 256, 4, 4, 128, 16, 2048),
+    # TinyLlama-1.1B's decoder (a LLaVA-family small LM: 22 layers x 2048, grouped-query heads, a
+    # 32000-token vocabulary, so lm_head weighs what it does in real checkpoints) with the bench's
+    # small vision tower: a real-sized step for the integer kernels (benchmarks, not tests)
+    "1b": Size(2048, 5632, 22, 32, 4, 32000, 256, 4, 4, 128, 16, 2048, pad_vocab=True),
 }
 
 
-def build_tokenizer(vocab_size: int, seed: int = 0) -> Any:
-    """A byte-level BPE trained on a generated corpus: any text encodes, multi-byte chars split."""
+def build_tokenizer(vocab_size: int, seed: int = 0, pad: bool = False) -> Any:
+    """A byte-level BPE trained on a generated corpus: any text encodes, multi-byte chars split;
+    `pad`: unused `<extra_N>` tokens appended up to `vocab_size` (the corpus teaches ~570)."""
     import random
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -172,6 +178,8 @@ def build_tokenizer(vocab_size: int, seed: int = 0) -> Any:
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
     fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if pad and len(fast) < vocab_size:
+        fast.add_tokens([f"<extra_{i}>" for i in range(vocab_size - len(fast))], special_tokens=True)
     fast.chat_template = VICUNA_CHAT_TEMPLATE
     return fast
 
@@ -234,7 +242,7 @@ def build_hf(kind: str, size: Size, out: Path, seed: int) -> None:
 
     steps = tqdm(total=4, desc=f"build {kind}/{out.name}", disable=not sys.stderr.isatty())
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(size.vocab, seed)
+    tokenizer = build_tokenizer(size.vocab, seed, pad=size.pad_vocab)
     vocab = len(tokenizer)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     steps.update()
