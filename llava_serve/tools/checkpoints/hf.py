@@ -179,7 +179,7 @@ def build_tokenizer(vocab_size: int, seed: int = 0, pad: bool = False) -> Any:
     )
     fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if pad and len(fast) < vocab_size:
-        fast.add_tokens([f"<extra_{i}>" for i in range(vocab_size - len(fast))], special_tokens=True)
+        fast.add_tokens([f"<extra_{i}>" for i in range(vocab_size - len(fast))])  # not special: they decode to text
     fast.chat_template = VICUNA_CHAT_TEMPLATE
     return fast
 
