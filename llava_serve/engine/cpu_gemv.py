@@ -52,6 +52,7 @@ SOURCE = r"""
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 // Weights and the KV cache are float or bfloat16 (bits in a uint16_t); arithmetic is float32.
@@ -230,6 +231,39 @@ static void quantize_rows(const float* X, int64_t M, int64_t K, QuantRows& out, 
     }
 }
 
+// the masks of a 32-output tile's two 16-lane halves at output n0 of N (the last tile may be short)
+static inline void tile_masks(int64_t n0, int64_t N, __mmask16& k0, __mmask16& k1) {
+  const int64_t left = std::min<int64_t>(32, N - n0);
+  k0 = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+  k1 = left >= 32 ? (__mmask16)0xFFFF : left <= 16 ? (__mmask16)0 : (__mmask16)((1u << (left - 16)) - 1u);
+}
+
+// MB rows of a 32-output tile (two 16-lane halves f0, f1 per row) into Y at row m0, output n0
+template <int MB>
+static inline void store_tile(const __m512* f0, const __m512* f1, float* Y, int64_t ldy, int64_t m0, int64_t n0,
+                              __mmask16 k0, __mmask16 k1) {
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) {
+    _mm512_mask_storeu_ps(Y + (m0 + m) * ldy + n0, k0, f0[m]);
+    _mm512_mask_storeu_ps(Y + (m0 + m) * ldy + n0 + 16, k1, f1[m]);
+  }
+}
+
+// M rows in tiles of 6, then one of the rest: tile(std::integral_constant<int, MB>(), m0) for each
+template <typename Tile>
+static inline void by_row_tiles(int64_t M, Tile&& tile) {
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) tile(std::integral_constant<int, 6>(), m);
+  switch (M - m) {
+    case 5: tile(std::integral_constant<int, 5>(), m); break;
+    case 4: tile(std::integral_constant<int, 4>(), m); break;
+    case 3: tile(std::integral_constant<int, 3>(), m); break;
+    case 2: tile(std::integral_constant<int, 2>(), m); break;
+    case 1: tile(std::integral_constant<int, 1>(), m); break;
+    default: break;
+  }
+}
+
 // MB rows x 32 outputs (two 16-output blocks W0, W1) over all of K
 template <int MB>
 __attribute__((target("avx512vnni"))) static void q8_tile(const QuantRows& X, int64_t m0, const uint8_t* W0,
@@ -266,17 +300,15 @@ __attribute__((target("avx512vnni"))) static void q8_tile(const QuantRows& X, in
       f1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i1[m], c)), s, f1[m]);
     }
   }
-  const int64_t left = std::min<int64_t>(32, N - n0);
-  const __mmask16 k0 = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-  const __mmask16 k1 = left >= 32   ? (__mmask16)0xFFFF
-                       : left <= 16 ? (__mmask16)0
-                                    : (__mmask16)((1u << (left - 16)) - 1u);
+  __mmask16 k0, k1;
+  tile_masks(n0, N, k0, k1);
   const __m512 s0 = _mm512_maskz_loadu_ps(k0, scale + n0), s1 = _mm512_maskz_loadu_ps(k1, scale + n0 + 16);
 #pragma GCC unroll 8
   for (int m = 0; m < MB; ++m) {
-    _mm512_mask_storeu_ps(Y + (m0 + m) * ldy + n0, k0, _mm512_mul_ps(f0[m], s0));
-    _mm512_mask_storeu_ps(Y + (m0 + m) * ldy + n0 + 16, k1, _mm512_mul_ps(f1[m], s1));
+    f0[m] = _mm512_mul_ps(f0[m], s0);
+    f1[m] = _mm512_mul_ps(f1[m], s1);
   }
+  store_tile<MB>(f0, f1, Y, ldy, m0, n0, k0, k1);
 }
 
 // Y[M, N] (row stride ldy) = X[M, K] @ W.T for quantized rows X and a packed weight
@@ -287,16 +319,9 @@ static void q8_matmul(const QuantRows& X, int64_t M, const uint8_t* Wp, const fl
     for (int64_t p = p0; p < p1; ++p) {
       const uint8_t* W0 = Wp + (2 * p) * K * 16;
       const uint8_t* W1 = W0 + K * 16;
-      int64_t m = 0;
-      for (; m + 6 <= M; m += 6) q8_tile<6>(X, m, W0, W1, scale, 32 * p, N, Y, ldy);
-      switch (M - m) {
-        case 5: q8_tile<5>(X, m, W0, W1, scale, 32 * p, N, Y, ldy); break;
-        case 4: q8_tile<4>(X, m, W0, W1, scale, 32 * p, N, Y, ldy); break;
-        case 3: q8_tile<3>(X, m, W0, W1, scale, 32 * p, N, Y, ldy); break;
-        case 2: q8_tile<2>(X, m, W0, W1, scale, 32 * p, N, Y, ldy); break;
-        case 1: q8_tile<1>(X, m, W0, W1, scale, 32 * p, N, Y, ldy); break;
-        default: break;
-      }
+      by_row_tiles(M, [&](auto mb, int64_t m) {
+        q8_tile<decltype(mb)::value>(X, m, W0, W1, scale, 32 * p, N, Y, ldy);
+      });
     }
   });
 }
@@ -353,16 +378,9 @@ __attribute__((target("avx512vnni"))) static void q4_tile(const QuantRows& X, in
                               _mm512_mul_ps(db, _mm512_set1_ps(s * 0.0625f)), f1[m]);
     }
   }
-  const int64_t left = std::min<int64_t>(32, N - n0);
-  const __mmask16 k0 = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-  const __mmask16 k1 = left >= 32   ? (__mmask16)0xFFFF
-                       : left <= 16 ? (__mmask16)0
-                                    : (__mmask16)((1u << (left - 16)) - 1u);
-#pragma GCC unroll 8
-  for (int m = 0; m < MB; ++m) {
-    _mm512_mask_storeu_ps(Y + (m0 + m) * ldy + n0, k0, f0[m]);
-    _mm512_mask_storeu_ps(Y + (m0 + m) * ldy + n0 + 16, k1, f1[m]);
-  }
+  __mmask16 k0, k1;
+  tile_masks(n0, N, k0, k1);
+  store_tile<MB>(f0, f1, Y, ldy, m0, n0, k0, k1);
 }
 
 // Y[M, N] (row stride ldy) = X[M, K] @ W.T for rows quantized in groups of 32 and a q4_pack weight
@@ -373,16 +391,7 @@ static void q4_matmul(const QuantRows& X, int64_t M, const uint8_t* Wp, const ui
     for (int64_t p = p0; p < p1; ++p) {
       const uint8_t* W = Wp + p * pair;
       const uint16_t* S = scales + p * pair_scales;
-      int64_t m = 0;
-      for (; m + 6 <= M; m += 6) q4_tile<6>(X, m, W, S, 32 * p, N, Y, ldy);
-      switch (M - m) {
-        case 5: q4_tile<5>(X, m, W, S, 32 * p, N, Y, ldy); break;
-        case 4: q4_tile<4>(X, m, W, S, 32 * p, N, Y, ldy); break;
-        case 3: q4_tile<3>(X, m, W, S, 32 * p, N, Y, ldy); break;
-        case 2: q4_tile<2>(X, m, W, S, 32 * p, N, Y, ldy); break;
-        case 1: q4_tile<1>(X, m, W, S, 32 * p, N, Y, ldy); break;
-        default: break;
-      }
+      by_row_tiles(M, [&](auto mb, int64_t m) { q4_tile<decltype(mb)::value>(X, m, W, S, 32 * p, N, Y, ldy); });
     }
   });
 }
