@@ -143,6 +143,7 @@ def target_lines(rows: Sequence[LevelSummary]) -> list[str]:
 
 
 def markdown(rows: Sequence[LevelSummary], meta: dict) -> str:
+    like_for_like = like_for_like_table(rows)
     parts = [
         "# llava-serve bench",
         "",
@@ -159,7 +160,7 @@ def markdown(rows: Sequence[LevelSummary], meta: dict) -> str:
         *([""] if meta.get("peers") else []),
         ratio_table(rows),
         "",
-        *([like_for_like_table(rows), ""] if like_for_like_table(rows) else []),
+        *([like_for_like, ""] if like_for_like else []),
         *target_lines(rows),
         "",
         results_table(rows),
