@@ -238,7 +238,7 @@ def _quantize_head(weights: DecoderWeights, model: Any) -> None:
     tied = head.weight.data_ptr() == decoder.embed_tokens.weight.data_ptr()
     weights.lm_head.quantize("int8")
     if not tied:
-        head.weight = torch.nn.Parameter(torch.empty_like(head.weight, device="meta"), requires_grad=False)
+        _let_go(head)
 
 
 def _off_the_checkpoint(model: Any, weights: DecoderWeights) -> None:
@@ -270,8 +270,7 @@ def _fuse_layer(layer: Any, quantization: str | None = None) -> LayerWeights:
     """A layer's fused weights; with `quantization` its linears become int8 or int4 (`Linear.quantize`:
     vpdpbusd takes 64 int8 products an instruction where an FMA takes 16 float32 ones, and a one-row
     step reads a quarter, or about an eighth, of float32's bytes) and the transformers modules' float
-    weights are pointed at empty meta tensors, so this layer's floats are freed before the next is
-    fused and any use outside the runner fails loudly instead of silently."""
+    weights are let go (`_let_go`), so this layer's floats are freed before the next is fused."""
     attn, mlp = layer.self_attn, layer.mlp
     weights = LayerWeights(
         input_norm=layer.input_layernorm.weight.detach(),
@@ -286,8 +285,14 @@ def _fuse_layer(layer: Any, quantization: str | None = None) -> LayerWeights:
             lin.quantize(quantization)
         for module in layer.modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight = torch.nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
+                _let_go(module)
     return weights
+
+
+def _let_go(linear: torch.nn.Linear) -> None:
+    """Point a transformers Linear whose weight the runner now holds as integers at an empty meta
+    tensor: its float copy is freed, and any use outside the runner fails loudly, not silently."""
+    linear.weight = torch.nn.Parameter(torch.empty_like(linear.weight, device="meta"), requires_grad=False)
 
 
 def _fuse(parts: list[torch.nn.Linear]) -> Linear:
