@@ -42,3 +42,17 @@ def test_an_image_size_that_is_not_a_multiple_of_the_patch_is_refused(tmp_path: 
         )
     assert exit_info.value.code == 2 and "not a multiple of patch size 8" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_padded_vocabulary_reaches_its_size_and_its_extra_tokens_decode_to_text() -> None:
+    """The `1b` size pads the BPE's ~570 tokens to 32000 with unused ones (so lm_head has a real
+    size); a random model samples them, so they must decode to text, not vanish as special tokens."""
+    from llava_serve.tools.checkpoints.hf import SIZES, build_tokenizer
+
+    assert SIZES["1b"].pad_vocab and not SIZES["bench"].pad_vocab  # the bench checkpoint keeps its vocabulary
+    plain = build_tokenizer(1200)
+    padded = build_tokenizer(1200, pad=True)
+    assert len(plain) < 1200 == len(padded)
+    extra = len(padded) - 1
+    assert padded.decode([extra], skip_special_tokens=True) == f"<extra_{extra - len(plain)}>"
+    assert padded("a cat")["input_ids"] == plain("a cat")["input_ids"]  # text encodes as before
