@@ -1,16 +1,20 @@
-"""A checkpoint's vision tower converted to another input size and patch size, same patch grid.
+"""A checkpoint's vision tower converted to another input size and patch size.
 
-    python -m llava_serve.default_model.resize SRC DST --image-size 144 --patch-size 24
+    python -m llava_serve.default_model.resize SRC DST --image-size 144 --patch-size 24   # same 6x6 grid
+    python -m llava_serve.default_model.resize SRC DST --image-size 216 --patch-size 24   # a 9x9 grid
 
 FlexiViT's PI-resize (Beyer et al., 2023): the patch-embedding kernel (a conv with kernel = stride =
 patch size) is resized from p x p to q x q so that a patch upsampled by q / p gives the same
 embedding as the original patch: with ``B`` the (q*q, p*p) matrix of the bilinear upsampling,
 the new kernel is ``pinv(B.T) @ w``, the least-norm ``w'`` with ``B.T @ w' = w`` (exact for
-upsampling, since B has full column rank). The position embeddings are kept as they are, so the
-grid (``image_size / patch_size`` patches a side) must stay the same; the model config (vision
-``image_size`` and ``patch_size``) and the image processor (``size`` and ``crop_size``) and the
-processor's ``patch_size`` are updated, so the folder loads with plain transformers and sends the
-decoder the same number of image tokens.
+upsampling, since B has full column rank). On the same grid (``image_size / patch_size`` patches a
+side) the position embeddings are kept as they are and the decoder gets the same number of image
+tokens. On another grid they are resampled bicubically, as ViTs are fine-tuned at a higher
+resolution (what transformers' ``interpolate_pos_encoding`` computes at every call, done once), and
+the decoder gets grid x grid image tokens: a model converted so needs training to read them. The
+model config (vision ``image_size`` and ``patch_size``, ``image_seq_length``), the image processor
+(``size`` and ``crop_size``) and the processor's ``patch_size`` are updated, so the folder loads with
+plain transformers.
 """
 
 from __future__ import annotations
@@ -41,17 +45,34 @@ def pi_resize_kernel(kernel: torch.Tensor, new: int) -> torch.Tensor:
     return (flat @ pinv.T).reshape(out_ch, in_ch, new, new).to(kernel.dtype)
 
 
+def resample_positions(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1 + g*g, d) position embeddings (CLS first) -> (1 + grid*grid, d): the patches' bicubically."""
+    old = round((table.shape[0] - 1) ** 0.5)
+    if old * old != table.shape[0] - 1:
+        raise ValueError(f"{table.shape[0] - 1} patch positions are not a square grid")
+    patches = table[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).to(torch.float64)
+    resized = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([table[:1], resized.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)])
+
+
 def resize_model(model, image_size: int, patch_size: int) -> None:
     """In place: a ``LlavaForConditionalGeneration``'s CLIP tower made to read ``image_size`` px in
-    ``patch_size`` px patches, on the same grid (position embeddings unchanged)."""
+    ``patch_size`` px patches (position embeddings resampled if the grid changes)."""
     vision = model.config.vision_config
-    grid = vision.image_size // vision.patch_size
-    if image_size % patch_size or image_size // patch_size != grid:
-        raise ValueError(
-            f"{image_size} px in {patch_size} px patches is not the checkpoint's {grid}x{grid} grid "
-            f"({vision.image_size} px, patch {vision.patch_size})"
-        )
+    if image_size % patch_size:
+        raise ValueError(f"{image_size} px is not a whole number of {patch_size} px patches")
     embeddings = model.model.vision_tower.embeddings
+    grid = image_size // patch_size
+    if grid != vision.image_size // vision.patch_size:
+        table = embeddings.position_embedding.weight.detach()
+        positions = torch.nn.Embedding(1 + grid * grid, table.shape[1]).to(device=table.device, dtype=table.dtype)
+        with torch.no_grad():
+            positions.weight.copy_(resample_positions(table, grid))
+        embeddings.position_embedding = positions
+        embeddings.num_patches = grid * grid
+        embeddings.num_positions = 1 + grid * grid
+        embeddings.position_ids = torch.arange(1 + grid * grid, device=table.device).expand((1, -1))
+        model.config.image_seq_length = grid * grid
     conv = embeddings.patch_embedding
     new_conv = torch.nn.Conv2d(
         conv.in_channels, conv.out_channels, patch_size, stride=patch_size, bias=conv.bias is not None

@@ -13,8 +13,8 @@ it, as LLaVA does). ``--init-from`` continues from a checkpoint (with ``--vision
 tower gets fresh heads and a vision stage first): the shipped model is a chain of such continuations
 from a model first trained on easier pictures (docs/default_model.md). ``--image-size`` and
 ``--patch-size`` other than the checkpoint's convert its tower first (resize.py: FlexiViT's
-PI-resize of the patch kernel, the same patch grid, so the same number of image tokens), and
-training draws its pictures at that size.
+PI-resize of the patch kernel; on another patch grid the position embeddings are resampled and the
+decoder gets that many more or fewer image tokens), and training draws its pictures at that size.
 Reproducible for a given seed, thread count and torch build. Writes a complete checkpoint folder
 (weights, config, tokenizer, processor, chat template) that loads with plain transformers;
 ``--save-every N`` also writes OUT-stepN folders along the way. ``--easy-steps N`` draws the vision

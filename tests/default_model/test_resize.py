@@ -1,5 +1,6 @@
 """resize.py: a tower converted to a larger input and patch sees an upsampled picture as the original
-saw the original, and the converted folder loads and generates with plain transformers."""
+saw the original; on another grid its positions are resampled as transformers interpolates them; the
+converted folder loads and generates with plain transformers."""
 
 from __future__ import annotations
 
@@ -47,8 +48,41 @@ def test_converted_tower_sees_an_upsampled_picture_as_the_original_saw_the_origi
         after = model.model.vision_tower(upsampled).last_hidden_state
     assert after.shape == before.shape  # the same grid: 9 patches and CLS
     assert ((after - before).norm() / before.norm()).item() < 0.05
-    with pytest.raises(ValueError, match="grid"):
-        resize_model(model, 96, 24)  # 4x4 patches, not the checkpoint's 3x3
+    with pytest.raises(ValueError, match="whole number"):
+        resize_model(model, 100, 24)
+
+
+def test_another_grid_resamples_the_positions_as_transformers_interpolates_them(tmp_path: Path) -> None:
+    """3x3 -> 6x6 patches: the converted tower at its own size computes what transformers'
+    interpolate_pos_encoding makes of the original at that size; the folder sends 36 image tokens."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    original = build_model(SMALL, tokenizer, seed=0).eval()
+    model = build_model(SMALL, tokenizer, seed=0).eval()
+    resize_model(model, 96, 16)
+    embeddings = model.model.vision_tower.embeddings
+    assert embeddings.position_embedding.weight.shape == (37, SMALL.vision_hidden)
+    assert model.config.image_seq_length == 36 and model.config.vision_config.image_size == 96
+    torch.testing.assert_close(embeddings.position_embedding.weight[0],
+                               original.model.vision_tower.embeddings.position_embedding.weight[0])  # fmt: skip
+    pixels = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        interpolated = original.model.vision_tower(pixels, interpolate_pos_encoding=True).last_hidden_state
+        converted = model.model.vision_tower(pixels).last_hidden_state
+    assert converted.shape == (2, 37, SMALL.vision_hidden)
+    torch.testing.assert_close(converted, interpolated, rtol=1e-4, atol=1e-4)
+
+    processor = build_processor(SMALL, tokenizer)
+    resize_processor(processor, 96, 16)
+    save_checkpoint(model, processor, tmp_path / "g6")
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "g6").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "g6")
+    scene = Scene(120, 90, (246, 244, 240), (Shape("square", "green", 0.5, 0.5, 0.3, 0.4),))
+    inputs = processor(text="USER: <image>\nWhat? ASSISTANT:", images=[render(scene)], return_tensors="pt")
+    assert int((inputs["input_ids"] == loaded.config.image_token_id).sum()) == 36
+    with torch.inference_mode():
+        assert loaded.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] > inputs["input_ids"].shape[1]
 
 
 def test_converted_folder_loads_with_plain_transformers_and_generates(tmp_path: Path) -> None:
