@@ -22,7 +22,13 @@ from transformers import LlavaProcessor
 from llava_serve.default_model.build import ModelSize
 from llava_serve.default_model.data import SAME_SHARE, Scene, render, sample_scene
 from llava_serve.default_model.questions import QA, random_qa, text_only_qa
-from llava_serve.default_model.vision_aux import centre_labels, count_targets, patch_labels, region_labels
+from llava_serve.default_model.vision_aux import (
+    centre_labels,
+    count_targets,
+    density_targets,
+    patch_labels,
+    region_labels,
+)
 
 IGNORE_INDEX = -100
 # Conversations of 1-4 question/answer turns: later turns reuse the prompt and the picture's 36 tokens,
@@ -158,7 +164,7 @@ def image_seq_length(processor: LlavaProcessor) -> int:
 def image_batches(
     seed: int, processor: LlavaProcessor, size: ModelSize, batch_size: int, easy_batches: int = 0
 ) -> Iterator[tuple[torch.Tensor, ...]]:
-    """(pixel_values, patch, region and centre labels, counts) of fresh scenes, for the vision tower alone.
+    """(pixel_values, patch, region and centre labels, counts, densities) of fresh scenes, for the tower alone.
 
     A curriculum over the first ``easy_batches`` batches: a picture is drawn plain (``render`` without a
     style: the reference colours, solid, on a light background) with a chance falling from 1 to 0
@@ -175,13 +181,14 @@ def image_batches(
 
 
 def vision_targets(scenes: list[Scene], size: ModelSize) -> tuple[torch.Tensor, ...]:
-    """Per-patch shape classes, per-patch shape positions, shape-centre flags and per-picture counts
-    (see vision_aux)."""
+    """Per-patch shape classes, per-patch shape positions, shape-centre flags, per-picture counts and
+    per-patch count densities (see vision_aux)."""
     labels = torch.stack([patch_labels(s, size.image_size, size.patch_size) for s in scenes])
     regions = torch.stack([region_labels(s, patch) for s, patch in zip(scenes, labels, strict=True)])
     centres = torch.stack([centre_labels(s, size.image_size, size.patch_size) for s in scenes])
     counts = torch.stack([count_targets(s) for s in scenes])
-    return labels, regions, centres, counts
+    densities = torch.stack([density_targets(s, size.image_size, size.patch_size) for s in scenes])
+    return labels, regions, centres, counts, densities
 
 
 def answer_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, processor: LlavaProcessor) -> torch.Tensor:

@@ -73,11 +73,11 @@ class Trainer:
         )
         bar = tqdm(range(cfg.vision_steps), desc="vision", mininterval=2.0)
         for step in bar:
-            pixels, labels, regions, centres, counts = (t.to(cfg.device) for t in next(batches))
+            pixels, *targets = (t.to(cfg.device) for t in next(batches))
             with self._autocast():
                 tower(pixel_values=pixels)
-                out = heads.losses(tap.features, labels, regions, centres, counts if cfg.count_weight else None)
-            loss = vision_loss(out, cfg.count_weight)
+                out = heads.losses(tap.features, *self._head_targets(targets))
+            loss = vision_loss(out, cfg.count_weight, cfg.density_weight)
             _step(optimizer, loss, learning_rate(cfg.vision_lr, step, cfg.vision_steps, cfg))
             bar.set_postfix(kind=f"{out['kind_acc']:.3f}", shape=f"{out['shape_acc']:.3f}")
             if step % 100 == 0 or step == cfg.vision_steps - 1:
@@ -102,10 +102,8 @@ class Trainer:
                 loss = self.model(**{k: v.to(cfg.device) for k, v in batch.items()}).loss
                 total = loss
                 if heads is not None and self.tap is not None and self.tap.features is not None and targets is not None:
-                    labels, regions, centres, counts = (t.to(cfg.device) for t in targets)
-                    counts = counts if cfg.count_weight else None
-                    aux = heads.losses(self.tap.features, labels, regions, centres, counts)
-                    total = loss + cfg.aux_weight * vision_loss(aux, cfg.count_weight)
+                    aux = heads.losses(self.tap.features, *self._head_targets([t.to(cfg.device) for t in targets]))
+                    total = loss + cfg.aux_weight * vision_loss(aux, cfg.count_weight, cfg.density_weight)
             _step(optimizer, total, learning_rate(cfg.lr, step, cfg.steps, cfg))
             ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
             bar.set_postfix(loss=f"{ema:.4f}")
@@ -117,6 +115,12 @@ class Trainer:
         self.model.model.vision_tower.requires_grad_(True)
         if self.tap is not None:
             self.tap.close()
+
+    def _head_targets(self, targets: list[torch.Tensor]) -> tuple:
+        """vision_targets' tensors as VisionHeads.losses takes them: counts and densities only when weighted."""
+        labels, regions, centres, counts, densities = targets
+        return (labels, regions, centres, counts if self.cfg.count_weight else None,
+                densities if self.cfg.density_weight else None)  # fmt: skip
 
     def _autocast(self):
         """bfloat16 matmuls (weights, optimizer state and losses stay float32): a quarter faster on a
@@ -131,9 +135,10 @@ class Trainer:
             yield collate(chunk, self.processor), targets
 
 
-def vision_loss(out: dict[str, torch.Tensor], count_weight: float = 0.0) -> torch.Tensor:
+def vision_loss(out: dict[str, torch.Tensor], count_weight: float = 0.0, density_weight: float = 0.0) -> torch.Tensor:
     loss = out["colour"] + out["kind"] + out["centre"] + out["shape"] + out["region"]
-    return loss + count_weight * out["count"] if "count" in out else loss
+    loss = loss + count_weight * out["count"] if "count" in out else loss
+    return loss + density_weight * out["density"] if "density" in out else loss
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:

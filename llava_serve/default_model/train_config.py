@@ -20,9 +20,12 @@ Reproducible for a given seed, thread count and torch build. Writes a complete c
 ``--save-every N`` also writes OUT-stepN folders along the way. ``--easy-steps N`` draws the vision
 stage's first N steps' pictures plain, fewer as they go (a curriculum); ``--count-weight W`` adds
 count targets to the tower's heads (vision_aux.count_targets). Both are off by default: neither
-helped in the runs of docs/default_model.md ("Round 4"). ``--text-only F`` sets the share of dialogues
-with no picture (default 0.05); ``--varied-greetings P`` rewords each of their questions with chance P
-(a greeting before another question, lower case, other punctuation; default 0: training's own list).
+helped in the runs of docs/default_model.md ("Round 4"). ``--density-weight W`` adds per-patch
+count densities (vision_aux.density_targets: each shape a bump of mass one around its centre, the
+patches' sums the counts), its loss weighted W, in both stages (off by default).
+``--text-only F`` sets the share of dialogues with no picture (default 0.05); ``--varied-greetings
+P`` rewords each of their questions with chance P (a greeting before another question, lower case,
+other punctuation; default 0: training's own list).
 ``--same-scenes P``: the share of the dialogue stage's pictures of two or more shapes that are all one
 kind and colour ("three blue circles"; default 0.1, as always).
 ``--grow-tower N`` (with ``--init-from``) appends N encoder layers to the checkpoint's tower, each
@@ -55,6 +58,7 @@ class TrainConfig:
     aux_weight: float = 0.5  # > 0: the tower keeps training in stage two, with its stage-one losses
     easy_steps: int = 0  # a curriculum: plain pictures over the first N vision steps, fewer as they go
     count_weight: float = 0.0  # > 0: the tower's heads also learn every count of the picture, on each patch
+    density_weight: float = 0.0  # > 0: ... and per-patch count densities that sum to the counts (vision_aux)
     init_from: Path | None = None  # continue from this checkpoint (then usually --vision-steps 0)
     grow_tower: int = 0  # > 0 (with --init-from): N more tower layers, starting as the identity (resize.grow_tower)
     image_size: int = 0  # the tower's input in px; 0: the checkpoint's (from scratch: build.ModelSize's, 96)
@@ -76,8 +80,8 @@ class TrainConfig:
             raise ValueError("--text-only, --varied-greetings and --same-scenes are shares, from 0 to 1")
         if self.grow_tower < 0 or (self.grow_tower and self.init_from is None):
             raise ValueError("--grow-tower N: N >= 0, and only with --init-from (a tower to grow)")
-        if self.easy_steps < 0 or self.count_weight < 0:
-            raise ValueError("--easy-steps and --count-weight must not be negative")
+        if self.easy_steps < 0 or self.count_weight < 0 or self.density_weight < 0:
+            raise ValueError("--easy-steps, --count-weight and --density-weight must not be negative")
         if self.steps < 1 or self.vision_steps < 0 or self.batch_size < 1 or self.vision_batch_size < 1:
             raise ValueError("steps and batch sizes must be positive, vision_steps not negative")
         if (self.image_size > 0) != (self.patch_size > 0) or self.image_size < 0 or self.patch_size < 0:

@@ -12,7 +12,12 @@ three heads on its patch features (the features the projector reads):
 - on every patch, how many shapes the picture holds, and how many of each kind and of each colour
   (``count_targets``): the number a count question asks for, readable from any image token, which
   the tower must work out by attending across the picture (the decoder alone learnt to count
-  poorly: docs/default_model.md).
+  poorly: docs/default_model.md);
+- a density map per patch (``density_targets``, as crowd counting does): each shape adds a small
+  Gaussian bump of total mass one around its centre, in eleven channels (all shapes, each kind,
+  each colour), so that a count is the sum of a local quantity over the image tokens: each patch
+  says only how much of a shape's centre lies in it, and the heads' loss also asks the sums to be
+  the counts.
 
 The heads are used only in training and are not part of the saved checkpoint.
 """
@@ -92,6 +97,27 @@ def count_targets(scene: Scene) -> torch.Tensor:
     return torch.tensor([len(scene.shapes), *kinds, *colours]).clamp(max=MAX_COUNT)
 
 
+DENSITY_SIGMA = 0.5  # of a patch: the spread of a shape's unit mass around its centre
+
+
+def density_targets(scene: Scene, image_size: int, patch_size: int) -> torch.Tensor:
+    """(patches, N_COUNTS): each shape's unit mass spread over the patches as a Gaussian around its centre
+    (``DENSITY_SIGMA`` patches wide, folded back inside the picture), added to the total channel and to
+    its kind's and its colour's (the channel order of ``count_targets``); every channel sums to its count."""
+    side, dx, dy = _square_canvas(scene)
+    grid = image_size // patch_size
+    edges = torch.arange(grid + 1, dtype=torch.float64)
+    out = torch.zeros(grid, grid, N_COUNTS, dtype=torch.float64)
+    for shape in scene.shapes:
+        col = (dx + shape.cx * scene.width) / side * grid
+        row = (dy + shape.cy * scene.height) / side * grid
+        mass = [torch.diff(torch.special.ndtr((edges - at) / DENSITY_SIGMA)) for at in (row, col)]
+        bump = torch.outer(*(m / m.sum() for m in mass))
+        for channel in (0, 1 + SHAPES.index(shape.kind), 1 + len(SHAPES) + list(COLOURS).index(shape.colour)):
+            out[..., channel] += bump
+    return out.reshape(grid * grid, N_COUNTS).float()
+
+
 class VisionHeads(torch.nn.Module):
     def __init__(self, hidden: int) -> None:
         super().__init__()
@@ -102,6 +128,7 @@ class VisionHeads(torch.nn.Module):
         self.shape = torch.nn.Linear(hidden, N_CLASSES)
         self.region = torch.nn.Linear(hidden, 1 + len(POSITIONS))
         self.count = torch.nn.Linear(hidden, N_COUNTS * (MAX_COUNT + 1))
+        self.density = torch.nn.Linear(hidden, N_COUNTS)
 
     def losses(
         self,
@@ -110,9 +137,11 @@ class VisionHeads(torch.nn.Module):
         regions: torch.Tensor,
         centres: torch.Tensor,
         counts: torch.Tensor | None = None,
+        densities: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """``features``: the tower's last hidden state (CLS first); ``counts``: count_targets per picture
-        (None: no count loss); returns losses and accuracies."""
+        (None: no count loss); ``densities``: density_targets per picture (None: no density loss);
+        returns losses and accuracies."""
         x = self.norm(features[:, 1:])
         colour_target = torch.where(labels > 0, (labels - 1) // len(SHAPES) + 1, 0)
         colour_logits = self.colour(x)
@@ -142,6 +171,11 @@ class VisionHeads(torch.nn.Module):
             target = counts.unsqueeze(1).expand(-1, logits.shape[1], -1)
             out["count"] = F.cross_entropy(logits.flatten(0, 2), target.flatten())
             out["count_acc"] = (logits[:, :, 0].mean(1).argmax(-1) == counts[:, 0]).float().mean().detach()
+        if densities is not None:  # per patch and channel, and their sums: the counts
+            predicted = F.relu(self.density(x).float())  # exactly 0 on the background: 81 small errors add up
+            sums, wanted = predicted.sum(1), densities.sum(1)
+            out["density"] = 10 * F.mse_loss(predicted, densities) + F.smooth_l1_loss(sums, wanted)
+            out["density_acc"] = (sums[:, 0].round() == wanted[:, 0].round()).float().mean().detach()
         return out
 
 

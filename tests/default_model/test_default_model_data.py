@@ -37,6 +37,7 @@ from llava_serve.default_model.vision_aux import (
     centre_labels,
     class_of,
     count_targets,
+    density_targets,
     patch_labels,
 )
 
@@ -137,6 +138,26 @@ def test_count_targets_give_the_total_and_each_kind_and_colour() -> None:
     assert "count" not in heads.losses(features, labels, torch.zeros_like(labels), torch.zeros(1, 36))
 
 
+def test_density_targets_sum_to_the_counts_around_each_centre() -> None:
+    import torch
+
+    squares = (Shape("square", "blue", 0.2, 0.5, 0.2, 0.2), Shape("square", "blue", 0.97, 0.5, 0.2, 0.2))
+    scene = Scene(300, 150, (250, 250, 250), (*squares, Shape("circle", "red", 0.5, 0.2, 0.2, 0.2)))
+    density = density_targets(scene, image_size=216, patch_size=24)
+    assert density.shape == (81, N_COUNTS) and (density >= 0).all()
+    torch.testing.assert_close(density.sum(0), count_targets(scene).float())  # also the one against the edge
+    grid = density[:, 1 + SHAPES.index("circle")].view(9, 9)
+    # 300x150 padded to 300x300: the circle's centre (0.5, 0.2) is at (x 0.5, y 0.35) of the square: row 3, col 4
+    assert grid.argmax().item() == 3 * 9 + 4 and grid[3, 4] > 0.3 and grid[:, :2].sum() < 1e-3
+    assert density[:, 1 + len(SHAPES) + list(COLOURS).index("green")].abs().sum() == 0
+    heads = VisionHeads(8)
+    labels = torch.stack([patch_labels(scene, 216, 24)])
+    out = heads.losses(torch.randn(1, 82, 8), labels, torch.zeros_like(labels), torch.zeros(1, 81), None, density[None])
+    assert out["density"].item() > 0 and out["density_acc"].item() in (0.0, 1.0) and "count" not in out
+    out["density"].backward()
+    assert heads.density.weight.grad is not None and heads.density.weight.grad.abs().sum() > 0
+
+
 def test_the_vision_curriculum_starts_plain_and_ends_varied() -> None:
     from llava_serve.default_model import batches as b
 
@@ -157,7 +178,7 @@ def test_the_vision_curriculum_starts_plain_and_ends_varied() -> None:
         stream = b.image_batches(1, processor, ModelSize(), 8, easy_batches=4)
         for _ in range(5):
             batch = next(stream)
-    assert len(batch) == 5 and batch[-1].shape == (8, N_COUNTS)
+    assert len(batch) == 6 and batch[-2].shape == (8, N_COUNTS) and batch[-1].shape == (8, 36, N_COUNTS)
     assert all(calls[:8]) and not any(calls[-8:])  # batch 0 all plain, batch 4 none
 
 

@@ -55,7 +55,8 @@ def test_train_saves_checkpoints_and_continues_from_one(tmp_path: Path) -> None:
     assert max(tower) == 0.0  # no vision stage, no heads: the tower stays frozen
     assert max(decoder) > 0.0  # the dialogue stage trained on
     grown = tmp_path / "m3"
-    train(TrainConfig(init_from=out, grow_tower=1, vision_steps=1, steps=1, out=grown, **small), TINY)
+    train(TrainConfig(init_from=out, grow_tower=1, vision_steps=1, steps=1, density_weight=1.0, count_weight=1.0,
+                      out=grown, **small), TINY)  # fmt: skip
     third = LlavaForConditionalGeneration.from_pretrained(grown)
     assert third.config.vision_config.num_hidden_layers == TINY.vision_layers + 1
 
@@ -94,3 +95,8 @@ def test_continuing_at_another_image_and_patch_size_converts_the_checkpoint(tmp_
     assert (model.config.vision_config.image_size, model.config.vision_config.patch_size) == (48, 24)
     assert model.model.vision_tower.embeddings.patch_embedding.weight.shape[-2:] == (24, 24)
     assert AutoProcessor.from_pretrained(more).image_processor.size == {"height": 48, "width": 48}
+    finer = tmp_path / "m3"  # another grid: 2x2 -> 3x3 patches of 24 px, trained with count densities
+    train(TrainConfig(init_from=more, image_size=72, patch_size=24, vision_steps=1, steps=1, density_weight=1.0,
+                      out=finer, **small), TINY)  # fmt: skip
+    model = LlavaForConditionalGeneration.from_pretrained(finer)
+    assert model.config.image_seq_length == 9 and model.model.vision_tower.embeddings.num_patches == 9
